@@ -1,0 +1,138 @@
+"""The Mercury checkpoint: one backbone + meta-parameters for one or more keep ratios.
+
+Files (same stem):
+- `NAME.safetensors`: `backbone.<timm key>` tensors and `meta.<K>.<param>` tensors, one group
+  per kept-token count K;
+- `NAME.json`: {"format": "mercury-checkpoint/1", "config": MercuryConfig (backbone part and
+  method settings), "keep_tokens": [K, ...], "calibration": {...free-form report...}}.
+
+Self-contained on purpose: `export` needs nothing else, and a checkpoint copied to another
+machine still works.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, MercuryConfig
+from .mercury import Mercury, build_mercury
+
+FORMAT = "mercury-checkpoint/1"
+
+
+def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
+    p = Path(path)
+    stem = p.with_suffix("") if p.suffix in (".json", ".safetensors") else p
+    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+
+def save_mercury(path: str | Path, models: list[Mercury], calibration: dict | None = None) -> tuple[Path, Path]:
+    """Save several Mercury wrappers that share one backbone (one per keep ratio)."""
+    from safetensors.torch import save_file
+
+    if not models:
+        raise ValueError("nothing to save")
+    backbone = models[0].backbone
+    if any(m.backbone is not backbone for m in models):
+        raise ValueError("all models in one checkpoint must share the backbone")
+    tensors = {f"backbone.{k}": v.detach().contiguous() for k, v in backbone.state_dict().items()}
+    for m in models:
+        for k, v in m.recon.state_dict().items():
+            tensors[f"meta.{m.keep}.{k}"] = v.detach().contiguous()
+    cfg = copy.deepcopy(models[0].cfg)
+    cfg.checkpoint, cfg.pretrained, cfg.keep_ratio, cfg.keep_tokens = None, False, None, None
+    weights, meta = checkpoint_paths(path)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(weights))
+    meta.write_text(json.dumps({"format": FORMAT, "config": cfg.to_dict(),
+                                "keep_tokens": list(dict.fromkeys(m.keep for m in models)),
+                                "calibration": calibration or {}}, indent=1))
+    return weights, meta
+
+
+def is_mercury_checkpoint(path: str | Path) -> bool:
+    _, meta = checkpoint_paths(path)
+    try:
+        return json.loads(meta.read_text()).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def read_checkpoint_json(path: str | Path) -> dict:
+    _, meta = checkpoint_paths(path)
+    try:
+        info = json.loads(meta.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read Mercury checkpoint {meta}: {e}") from e
+    if info.get("format") != FORMAT:
+        raise ConfigError(f"{meta} is not a Mercury checkpoint (format {info.get('format')!r}); "
+                          "run `mercury-onnx calibrate` to make one")
+    return info
+
+
+def load_mercury(path: str | Path, keep_tokens: list[int] | None = None, **overrides) -> list[Mercury]:
+    """Mercury wrappers (sharing one backbone) for the stored keep counts, or those asked for."""
+    from safetensors.torch import load_file
+
+    weights, _ = checkpoint_paths(path)
+    info = read_checkpoint_json(path)
+    stored = info["keep_tokens"]
+    wanted = stored if keep_tokens is None else keep_tokens
+    missing = [k for k in wanted if k not in stored]
+    if missing:
+        raise ConfigError(f"{weights.name} has meta-parameters for K={stored}, not for K={missing}; "
+                          "calibrate those keep ratios first")
+    try:
+        tensors = load_file(str(weights))
+    except Exception as e:
+        raise ConfigError(f"cannot read {weights}: {e}") from e
+    base = MercuryConfig.from_dict({**info["config"], **overrides})
+    bb_sd = {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
+    backbone = None
+    models = []
+    for k in wanted:
+        cfg = copy.deepcopy(base)
+        cfg.keep_tokens = k
+        if backbone is None:
+            m = build_mercury(cfg)
+            m.backbone.load_state_dict(bb_sd)
+            backbone = m.backbone
+        else:
+            m = build_mercury(cfg, backbone)
+        prefix = f"meta.{k}."
+        m.recon.load_state_dict({n.removeprefix(prefix): v for n, v in tensors.items() if n.startswith(prefix)})
+        models.append(m.eval())
+    return models
+
+
+def mercury_from_any(source: str, keep_tokens: list[int] | None = None,
+                     keep_ratios: list[float] | None = None, **overrides) -> list[Mercury]:
+    """Mercury checkpoint path, a backbone JSON (../shared/models/*.json), or a timm name."""
+    if is_mercury_checkpoint(source):
+        if keep_ratios is None:
+            return load_mercury(source, keep_tokens, **overrides)
+        models = load_mercury(source, None, **overrides)
+        n = models[0].num_patches
+        wanted = [MercuryConfig(keep_ratio=r).num_keep(n) for r in keep_ratios]
+        by_k = {m.keep: m for m in models}
+        missing = [k for k in wanted if k not in by_k]
+        if missing:
+            raise ConfigError(f"{source} has meta-parameters for K={sorted(by_k)} "
+                              f"(keep ratios {[round(k / n, 4) for k in sorted(by_k)]}), not for K={missing}")
+        return [by_k[k] for k in wanted]
+    if source.endswith(".json"):
+        base = MercuryConfig.from_checkpoint_json(source, **overrides)
+    else:
+        base = MercuryConfig(timm_model=source, **overrides)
+    ratios = keep_ratios or [base.keep_ratio or 0.5]
+    models, backbone = [], None
+    for r in ratios:
+        cfg = copy.deepcopy(base)
+        cfg.keep_ratio, cfg.keep_tokens = r, None
+        m = build_mercury(cfg, backbone)
+        backbone = m.backbone
+        models.append(m)
+    return models

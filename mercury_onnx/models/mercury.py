@@ -1,0 +1,163 @@
+"""Mercury over a timm VisionTransformer: forward_head (device) and forward_tail (cloud).
+
+What is modified in the timm model, and why (ToMe-style, no fork):
+- The Attention of each block whose CLS attention we need (the pruning block, and for the
+  Janus-like baseline every pruning block) gets its class swapped to `CLSAttention`. It
+  computes attention explicitly instead of with fused SDPA, because the fused kernel never
+  materialises the attention matrix, and stores the CLS row averaged over heads.
+  Numerically it is timm's unfused path.
+- Nothing else. The split follows timm's forward_features chain
+  (patch_embed -> _pos_embed -> patch_drop -> norm_pre -> blocks -> norm -> forward_head);
+  Mercury only cuts `blocks` in two and puts pruning + reconstruction in the cut.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from timm.layers import Attention
+
+from . import pruning as P
+from .config import ConfigError, MercuryConfig
+from .loading import create_backbone
+from .reconstruction import build_reconstruction
+
+
+class CLSAttention(Attention):
+    """timm Attention that also keeps `cls_attn` (B, N): CLS -> patch attention, head-averaged."""
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        B, N, C = x.shape
+        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)                                          # (B, H, N, hd)
+        q, k = self.q_norm(q), self.k_norm(k)
+        attn = (q * self.scale) @ k.transpose(-2, -1)                    # (B, H, N, N)
+        if attn_mask is not None:
+            attn = attn + attn_mask
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        self.cls_attn = attn[:, :, 0, 1:].mean(1)                        # (B, N-1)
+        x = (attn @ v).transpose(1, 2).reshape(B, N, self.attn_dim)
+        x = self.norm(x)
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+
+def _patch_attention(block: nn.Module) -> None:
+    if not isinstance(block.attn, Attention):
+        raise ConfigError(f"block attention is {type(block.attn).__name__}, not timm's Attention; "
+                          "Mercury supports plain ViT/DeiT blocks")
+    block.attn.__class__ = CLSAttention
+
+
+class Mercury(nn.Module):
+    """A timm ViT split into device head and cloud tail with Mercury pruning in between.
+
+    forward_head(images (B,3,H,W)) -> tokens (B, 1+K, D), indices (B, K) ascending
+    forward_tail(tokens, indices) -> logits (B, classes)
+    forward(images) = forward_tail(*forward_head(images))
+    """
+
+    def __init__(self, backbone: nn.Module, cfg: MercuryConfig):
+        super().__init__()
+        self.backbone, self.cfg = backbone, cfg
+        m = backbone
+        if not hasattr(m, "blocks") or not hasattr(m, "patch_embed"):
+            raise ConfigError(f"{cfg.timm_model} is not a timm VisionTransformer")
+        gh, gw = m.patch_embed.grid_size
+        if gh != gw:
+            raise ConfigError(f"{cfg.timm_model}: token grid {gh}x{gw} is not square; regional "
+                              "pruning needs a sqrt(N) x sqrt(N) grid")
+        has_cls = getattr(m, "cls_token", None) is not None and getattr(m, "num_prefix_tokens", 1) == 1
+        if getattr(m, "dynamic_img_size", False):
+            raise ConfigError("dynamic_img_size models are not supported: K must be static")
+        self.depth = len(m.blocks)
+        cfg.validate(self.depth, gh, has_cls)
+        self.grid, self.num_patches, self.dim = gh, gh * gw, m.embed_dim
+        self.keep = cfg.num_keep(self.num_patches)
+        self.prune_at = cfg.prune_after_block
+        self.split = cfg.split
+        if cfg.pruning == "janus" and cfg.split_after_block is None:
+            self.split = min(self.depth, self.prune_at + cfg.janus_blocks - 1)
+        prune_blocks = range(self.prune_at - 1, self.split) if cfg.pruning == "janus" else [self.prune_at - 1]
+        for i in prune_blocks:
+            _patch_attention(m.blocks[i])
+        self.schedule = (P.janus_schedule(self.num_patches, self.keep, len(prune_blocks))
+                         if cfg.pruning == "janus" else [self.keep])
+
+        pos = m.pos_embed[0, -self.num_patches:] if m.pos_embed is not None else torch.zeros(self.num_patches, self.dim)
+        self.backbone_params = sum(p.numel() for p in m.parameters())
+        self.recon = build_reconstruction(
+            cfg.reconstruction, num_patches=self.num_patches, dim=self.dim, grid=self.grid,
+            num_heads=m.blocks[0].attn.num_heads, pos_embed=pos,
+            backbone_params=self.backbone_params, rank=cfg.meta_rank)
+        self._gen = torch.Generator().manual_seed(cfg.seed)
+
+    # ---------------------------------------------------------------- device
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        m = self.backbone
+        x = m.patch_embed(images)
+        x = m._pos_embed(x)
+        x = m.patch_drop(x)
+        return m.norm_pre(x)                                             # (B, 1+N, D)
+
+    def select(self, x: torch.Tensor, cls_attn: torch.Tensor, k: int) -> torch.Tensor:
+        """Which patch tokens to keep: (B, 1+N', D), (B, N') -> (B, K) ascending."""
+        cfg, b, n = self.cfg, x.shape[0], x.shape[1] - 1
+        if k >= n:
+            return torch.arange(n, device=x.device).unsqueeze(0).expand(b, n)
+        if cfg.pruning == "regional":
+            scores = P.semantic_score(x[:, 1:], cls_attn, cfg.score)
+            return P.regional_select(scores, k, self.grid, cfg.region_size)
+        if cfg.pruning in ("topk-attn", "topk-attn-fuse", "janus"):
+            return P.topk_select(cls_attn, k)
+        if cfg.pruning == "random":
+            return P.random_select(b, n, k, self._gen).to(x.device)
+        if cfg.pruning == "uniform":
+            return P.uniform_select(b, n, k).to(x.device)
+        raise ConfigError(f"unknown pruning {cfg.pruning!r}")
+
+    def forward_head(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        blocks = self.backbone.blocks
+        x = self.embed(images)
+        for blk in blocks[: self.prune_at]:
+            x = blk(x)
+        cls_attn = blocks[self.prune_at - 1].attn.cls_attn               # (B, N)
+        idx = self.select(x, cls_attn, self.schedule[0])                 # (B, K0)
+        tokens = P.gather_tokens(x, idx)                                 # (B, 1+K0, D)
+        fused = (P.fuse_pruned(x, idx, cls_attn)
+                 if self.cfg.pruning == "topk-attn-fuse" and idx.shape[1] < self.num_patches else None)
+        for step, blk in enumerate(blocks[self.prune_at: self.split], start=1):
+            if fused is not None:   # EViT: the fused token rides along as the last token
+                out = blk(torch.cat([tokens, fused], 1))
+                tokens, fused = out[:, :-1], out[:, -1:]
+            else:
+                tokens = blk(tokens)
+            if self.cfg.pruning == "janus":   # progressive: drop more after each device block
+                sub = P.topk_select(blk.attn.cls_attn, self.schedule[step])   # into current kept
+                idx = torch.gather(idx, 1, sub)
+                tokens = P.gather_tokens(tokens, sub)
+        if fused is not None:
+            tokens = torch.cat([tokens, fused], 1)                       # (B, 1+K+1, D)
+        return tokens, idx
+
+    # ---------------------------------------------------------------- cloud
+    def forward_tail(self, tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        m = self.backbone
+        x = self.recon(tokens, indices)                                  # (B, 1+N, D)
+        for blk in m.blocks[self.split:]:
+            x = blk(x)
+        x = m.norm(x)
+        return m.forward_head(x)                                         # (B, classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_tail(*self.forward_head(images))
+
+    # ---------------------------------------------------------------- facts
+    def num_meta_params(self) -> int:
+        return self.recon.num_meta_params()
+
+
+def build_mercury(cfg: MercuryConfig, backbone: nn.Module | None = None) -> Mercury:
+    """Backbone from cfg (or the one given, shared between several Mercury wrappers)."""
+    return Mercury(create_backbone(cfg) if backbone is None else backbone, cfg).eval()

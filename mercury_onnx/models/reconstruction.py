@@ -1,0 +1,167 @@
+"""Cloud-side reconstruction: (B, 1+K, D) kept tokens + (B, K) indices -> (B, 1+N, D).
+
+Received tokens go back to their positions with one scatter (ScatterElements in ONNX, no
+FLOPs); pruned positions get a fill. Mercury's fills are learned meta-parameters within the
+paper's budget (0.13% of the backbone). The baselines the paper compares against live here
+too, behind the same call.
+
+| name      | fill of a pruned position i                               | learned params     |
+|-----------|-----------------------------------------------------------|--------------------|
+| meta-pos  | U_i V + b  (low-rank per-position meta tokens)            | N r + r D + D      |
+| meta-ctx  | b + U_i V + (c A) C,  c = mean received patch token | D + N r + 3 r D    |
+| zero      | pos_embed_i (zero-padding + position embedding)           | 0                  |
+| duplicate | the spatially nearest received token                      | 0                  |
+| mask      | m + pos_embed_i (one MAE-style mask token)                | D                  |
+| generator | a transformer block's output over [received ; mask+pos]   | ~12 D^2 (!)        |
+| none      | nothing: the tail runs on the K+1 received tokens         | 0                  |
+
+Rank r is the largest that fits the budget unless given.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ConfigError, meta_budget
+
+
+def scatter_kept(fill: torch.Tensor, tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """fill (B, N, D) with tokens[:, 1:] put at idx; CLS prepended -> (B, 1+N, D)."""
+    d = tokens.shape[-1]
+    patches = fill.scatter(1, idx.unsqueeze(-1).expand(-1, -1, d), tokens[:, 1:])
+    return torch.cat([tokens[:, :1], patches], dim=1)
+
+
+class Reconstruction(nn.Module):
+    """Base: subclasses define fill(tokens, idx) -> (B, N, D). `learned` = needs calibration."""
+
+    learned = False
+
+    def __init__(self, num_patches: int, dim: int):
+        super().__init__()
+        self.num_patches, self.dim = num_patches, dim
+
+    def fill(self, tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return scatter_kept(self.fill(tokens, idx), tokens, idx)
+
+    def num_meta_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class NoReconstruction(Reconstruction):
+    def forward(self, tokens, idx):
+        return tokens
+
+
+class MetaPos(Reconstruction):
+    """Per-position meta tokens, low-rank so N of them fit the 0.13% budget."""
+
+    learned = True
+
+    def __init__(self, num_patches, dim, rank):
+        super().__init__(num_patches, dim)
+        self.pos_code = nn.Parameter(torch.zeros(num_patches, rank))    # (N, r)
+        self.basis = nn.Parameter(torch.randn(rank, dim) * 0.02)        # (r, D)
+        self.bias = nn.Parameter(torch.zeros(dim))                       # (D,)
+
+    def fill(self, tokens, idx):
+        meta = self.pos_code @ self.basis + self.bias                    # (N, D)
+        return meta.unsqueeze(0).expand(tokens.shape[0], -1, -1)
+
+
+class MetaCtx(MetaPos):
+    """Shared mask token + per-position low-rank term + a low-rank map of what was received
+    (the mean received patch token), so the fill adapts to the image."""
+
+    def __init__(self, num_patches, dim, rank):
+        super().__init__(num_patches, dim, rank)
+        self.ctx_down = nn.Parameter(torch.zeros(dim, rank))            # (D, r)
+        self.ctx_up = nn.Parameter(torch.randn(rank, dim) * 0.02)       # (r, D)
+
+    def fill(self, tokens, idx):
+        ctx = tokens[:, 1:].mean(1)                                      # (B, D)
+        adapt = (ctx @ self.ctx_down) @ self.ctx_up                      # (B, D)
+        meta = self.pos_code @ self.basis + self.bias                    # (N, D)
+        return meta.unsqueeze(0) + adapt.unsqueeze(1)                    # (B, N, D)
+
+
+class ZeroPos(Reconstruction):
+    def __init__(self, num_patches, dim, pos_embed):
+        super().__init__(num_patches, dim)
+        self.register_buffer("pos", pos_embed.detach().clone(), persistent=False)   # (N, D)
+
+    def fill(self, tokens, idx):
+        return self.pos.unsqueeze(0).expand(tokens.shape[0], -1, -1)
+
+
+class MaskToken(ZeroPos):
+    learned = True
+
+    def __init__(self, num_patches, dim, pos_embed):
+        super().__init__(num_patches, dim, pos_embed)
+        self.mask_token = nn.Parameter(torch.zeros(dim))
+
+    def fill(self, tokens, idx):
+        return (self.pos + self.mask_token).unsqueeze(0).expand(tokens.shape[0], -1, -1)
+
+
+class DuplicateNearest(Reconstruction):
+    def __init__(self, num_patches, dim, grid):
+        super().__init__(num_patches, dim)
+        yx = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij"), -1)
+        yx = yx.reshape(-1, 2).float()
+        dist = torch.cdist(yx, yx)                                       # (N, N)
+        dist = dist + torch.arange(num_patches) * 1e-4                   # break ties: lower index
+        self.register_buffer("dist", dist, persistent=False)
+
+    def fill(self, tokens, idx):
+        b, k = idx.shape
+        d = self.dist[:, idx].permute(1, 0, 2)                           # (B, N, K)
+        nearest = d.argmin(-1)                                           # (B, N) into kept
+        return torch.gather(tokens[:, 1:], 1, nearest.unsqueeze(-1).expand(-1, -1, self.dim))
+
+
+class Generator(MaskToken):
+    """One extra transformer block predicts the pruned tokens (the paper's 'generation' baseline;
+    ~12 D^2 parameters, far over the meta budget)."""
+
+    def __init__(self, num_patches, dim, pos_embed, num_heads):
+        super().__init__(num_patches, dim, pos_embed)
+        from timm.models.vision_transformer import Block
+        self.block = Block(dim, num_heads)
+
+    def forward(self, tokens, idx):
+        x = scatter_kept(super().fill(tokens, idx), tokens, idx)         # (B, 1+N, D)
+        pred = self.block(x)[:, 1:]                                      # (B, N, D)
+        return scatter_kept(pred, tokens, idx)
+
+
+def build_reconstruction(name: str, *, num_patches: int, dim: int, grid: int, num_heads: int,
+                         pos_embed: torch.Tensor, backbone_params: int,
+                         rank: int | None = None) -> Reconstruction:
+    """pos_embed: (N, D), the backbone's position embedding of the patch tokens."""
+    if name == "none":
+        return NoReconstruction(num_patches, dim)
+    if name == "zero":
+        return ZeroPos(num_patches, dim, pos_embed)
+    if name == "mask":
+        return MaskToken(num_patches, dim, pos_embed)
+    if name == "duplicate":
+        return DuplicateNearest(num_patches, dim, grid)
+    if name == "generator":
+        return Generator(num_patches, dim, pos_embed, num_heads)
+    if name in ("meta-pos", "meta-ctx"):
+        budget = meta_budget(backbone_params)
+        per_rank = num_patches + dim if name == "meta-pos" else num_patches + 3 * dim
+        fixed = dim                                                      # the bias / mask token
+        max_rank = (budget - fixed) // per_rank
+        rank = max_rank if rank is None else rank
+        if rank < 1 or rank > max_rank:
+            raise ConfigError(f"{name}: rank {rank} does not fit the meta-parameter budget "
+                              f"({budget} params = 0.13% of {backbone_params}); max rank {max_rank}")
+        cls = MetaPos if name == "meta-pos" else MetaCtx
+        return cls(num_patches, dim, rank)
+    raise ConfigError(f"unknown reconstruction {name!r}")
