@@ -84,6 +84,16 @@ def info(
         typer.echo(f"  vanilla FLOPs  {f['vanilla'] / 1e9:.4f} G")
 
 
+# Each area owns its commands (calibrate/train/eval; export; serve-tail/infer; bench/profile/demo).
+from .calib import commands as _calib_commands  # noqa: E402
+from .export import commands as _export_commands  # noqa: E402
+from .runtime import bench_commands as _bench_commands  # noqa: E402
+from .runtime import commands as _runtime_commands  # noqa: E402
+
+for _m in (_calib_commands, _export_commands, _runtime_commands, _bench_commands):
+    _m.register(app)
+
+
 def main() -> None:
     try:
         app()

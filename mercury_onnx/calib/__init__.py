@@ -1,0 +1,1 @@
+"""Learning from data: datasets, training, meta-parameter distillation, evaluation."""
