@@ -25,3 +25,14 @@ def cifar_test() -> Path:
     if not CIFAR_TEST.exists():
         pytest.skip(f"CIFAR-10 not found at {CIFAR_TEST}")
     return CIFAR_TEST
+
+
+# ---- export (issue 4): one export folder of the reference model per test session ----
+@pytest.fixture(scope="session")
+def ref_export(ref_json, cifar_test, tmp_path_factory) -> Path:
+    """Export folder (docs/FORMAT.md) of the reference model (uncalibrated meta-parameters):
+    keep ratios 0.5 (K=32) and 0.25 (K=16), fp32 + tok8 heads, fp32 tails, full.onnx."""
+    from mercury_onnx.export import export_model
+
+    return export_model(ref_json, tmp_path_factory.mktemp("ref_export") / "export", [0.5, 0.25],
+                        token_dtypes=["int8"], validate_data=cifar_test, validate_images=32, log=None)

@@ -67,3 +67,14 @@ def variant(manifest: dict, keep_ratio: float | None = None) -> dict:
         have = [v["keep_ratio"] for v in variants]
         raise ManifestError(f"no export for keep ratio {keep_ratio}; this folder has {have}")
     return best
+
+
+def write_manifest(export_dir: str | Path, manifest: dict, files: list[str]) -> Path:
+    """Write EXPORT_DIR/manifest.json with the sha256 of every file in `files` (names
+    relative to export_dir). The writer's half of load_manifest."""
+    export_dir = Path(export_dir)
+    manifest = {"format": FORMAT, **manifest,
+                "files": {name: sha256_file(export_dir / name) for name in sorted(files)}}
+    path = export_dir / MANIFEST
+    path.write_text(json.dumps(manifest, indent=1))
+    return path
