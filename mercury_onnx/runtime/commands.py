@@ -1,9 +1,107 @@
-"""CLI commands of this area, registered on the main typer app by mercury_onnx/cli.py.
+"""CLI commands of this area: serve-tail (cloud) and infer (device).
 
 Keep module-level imports light (no torch/timm/onnx): import inside each command.
 """
 from __future__ import annotations
 
+from typing import List, Optional
+
+import typer
+
+
+def serve_tail(
+    export_dir: str = typer.Argument(..., help="export folder (manifest.json + tail_k*.onnx)"),
+    host: str = typer.Option("127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)"),
+    port: int = typer.Option(8000),
+    provider: str = typer.Option("auto", help="auto | cuda | cpu (cuda fails if unavailable)"),
+    max_batch: int = typer.Option(16, help="most images per tail run (dynamic batching)"),
+    max_delay_ms: float = typer.Option(2.0, help="longest wait for a batch to fill"),
+    auth_token: Optional[str] = typer.Option(None, envvar="MERCURY_AUTH_TOKEN",
+                                             help="require 'Authorization: Bearer T'"),
+    max_body_mb: float = typer.Option(16.0, help="largest request body accepted"),
+    timeout_s: float = typer.Option(10.0, help="per-request timeout inside the server"),
+    threads: Optional[int] = typer.Option(None, help="ORT intra-op threads (default: ORT's)"),
+    tail_dtype: str = typer.Option("float32", help="float32 | float16 (the tail_fp16 export)"),
+    keep_ratio: List[float] = typer.Option([], "--keep-ratio", "-r", help="serve only these (default all)"),
+) -> None:
+    """Serve the tail over the KServe v2 / Open Inference Protocol REST API."""
+    from ..cli import fail
+    from ..export.manifest import ManifestError
+    from .tail import ProviderError
+
+    if max_batch < 1 or max_delay_ms < 0 or max_body_mb <= 0 or timeout_s <= 0:
+        fail("--max-batch must be >= 1, --max-delay-ms >= 0, --max-body-mb and --timeout-s > 0")
+    try:
+        from .server import create_app, run
+    except ImportError as e:
+        fail(f"serve-tail needs the [cloud] extra (fastapi, uvicorn): {e}")
+    try:
+        app = create_app(export_dir, provider=provider, max_batch=max_batch, max_delay_ms=max_delay_ms,
+                         auth_token=auth_token, max_body_mb=max_body_mb, timeout_s=timeout_s,
+                         threads=threads, tail_dtype=tail_dtype, keep_ratios=keep_ratio or None)
+    except (ManifestError, ProviderError) as e:
+        fail(str(e))
+    typer.echo(f"serving {', '.join(sorted(app.state.models))} from {export_dir} "
+               f"(model id {app.state.model_id}) at http://{host}:{port} "
+               f"[max batch {max_batch}, max delay {max_delay_ms:g} ms"
+               f"{', bearer token required' if auth_token else ''}]", err=True)
+    run(app, host, port, timeout_s)
+
+
+def infer(
+    images: List[str] = typer.Argument(..., help="image files (JPEG/PNG)"),
+    export: str = typer.Option(..., "--export", help="export folder (the same one the server has)"),
+    server: str = typer.Option(..., "--server", help="serve-tail or Triton URL, e.g. http://127.0.0.1:8000"),
+    keep_ratio: Optional[float] = typer.Option(None, "--keep-ratio", "-r", help="default: the first exported"),
+    token_dtype: str = typer.Option("fp16", help="fp16 | int8 (per-token scales) | fp32"),
+    fallback: str = typer.Option("local", help="local: run full.onnx here if the server fails; none: fail"),
+    timeout: float = typer.Option(5.0, help="seconds for each network step (connect, send, answer)"),
+    auth_token: Optional[str] = typer.Option(None, envvar="MERCURY_AUTH_TOKEN"),
+    threads: Optional[int] = typer.Option(None, help="ORT threads for the head"),
+) -> None:
+    """Run the head here, the tail on the server; print top-5 and where the time went."""
+    from ..cli import fail
+    from ..export.manifest import ManifestError
+    from .client import Client, RequestRejected, ServerError
+    from .preprocess import ImageError
+
+    if token_dtype not in ("fp16", "int8", "fp32"):
+        fail(f"--token-dtype {token_dtype!r}: use fp16, int8 or fp32")
+    if fallback not in ("local", "none"):
+        fail(f"--fallback {fallback!r}: use local or none")
+    if timeout <= 0:
+        fail("--timeout must be > 0")
+    try:
+        client = Client(export, server, keep_ratio, token_dtype, fallback, timeout, auth_token, threads)
+    except ManifestError as e:
+        fail(str(e))
+    try:
+        preds = client.predict(images)
+    except ImageError as e:
+        fail(str(e))
+    except (ServerError, RequestRejected) as e:
+        fail(f"{e} (no fallback: --fallback none)" if isinstance(e, ServerError) else str(e))
+    finally:
+        client.close()
+    for path, p in zip(images, preds):
+        typer.echo(f"{path}:")
+        for label, prob in p.top5:
+            typer.echo(f"  {prob:7.2%}  {label}")
+    b, p = preds[0].breakdown, preds[0]
+    if p.where == "local":
+        typer.secho(f"fallback: {p.note}", fg=typer.colors.YELLOW, err=True)
+        typer.echo(f"latency (batch of {len(preds)}): preprocess {b['preprocess']:.2f} ms, "
+                   f"full model locally {b['local_full']:.2f} ms, total {b['total']:.2f} ms")
+    else:
+        network = b["round_trip"] - b["server_tail"] - b["server_queue"]
+        typer.echo(f"latency (batch of {len(preds)}, keep ratio {client.variant['keep_ratio']}, "
+                   f"{token_dtype} tokens, {b['payload_bytes']} bytes sent): "
+                   f"preprocess {b['preprocess']:.2f} ms, head {b['head']:.2f} ms, "
+                   f"encode {b['encode']:.2f} ms, round trip {b['round_trip']:.2f} ms "
+                   f"(server tail {b['server_tail']:.2f} ms, queue {b['server_queue']:.2f} ms, "
+                   f"network + HTTP {network:.2f} ms), total {b['total']:.2f} ms")
+
 
 def register(app) -> None:
-    pass
+    app.command("serve-tail")(serve_tail)
+    app.command("infer")(infer)
