@@ -117,12 +117,22 @@ class Mercury(nn.Module):
             return P.uniform_select(b, n, k).to(x.device)
         raise ConfigError(f"unknown pruning {cfg.pruning!r}")
 
-    def forward_head(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_prefix(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blocks [0, prune_after_block): the part every pruning method shares.
+        -> x (B, 1+N, D), cls_attn (B, N). (Evaluation reuses it across methods.)"""
         blocks = self.backbone.blocks
         x = self.embed(images)
         for blk in blocks[: self.prune_at]:
             x = blk(x)
-        cls_attn = blocks[self.prune_at - 1].attn.cls_attn               # (B, N)
+        return x, blocks[self.prune_at - 1].attn.cls_attn
+
+    def forward_head(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.prune(*self.forward_prefix(images))
+
+    def prune(self, x: torch.Tensor, cls_attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """From the prefix output to what the device sends: select, gather, run the rest of the
+        device blocks (EViT / Janus-like baselines) -> tokens (B, 1+K, D), indices (B, K)."""
+        blocks = self.backbone.blocks
         idx = self.select(x, cls_attn, self.schedule[0])                 # (B, K0)
         tokens = P.gather_tokens(x, idx)                                 # (B, 1+K0, D)
         fused = (P.fuse_pruned(x, idx, cls_attn)
