@@ -114,7 +114,12 @@ def graph_flops(s: ModelSetup) -> dict:
 # ----------------------------------------------------------------------------- payloads
 def mercury_payload_bytes(k: int, dim: int, num_patches: int, token_dtype: str) -> int:
     """Bytes of one image's token payload, from the runtime codec's real encoding."""
-    from . import codec
+    try:
+        from . import codec
+    except ImportError:   # the same layout as docs/FORMAT.md "Token payload", computed
+        item = {"fp16": 2, "int8": 1, "fp32": 4}[token_dtype]
+        return (40 + (1 + k) * dim * item + (4 * (1 + k) if token_dtype == "int8" else 0)
+                + k * (2 if num_patches < 32768 else 4))
     tokens = np.zeros((1, 1 + k, dim), np.float32)
     idx = np.arange(k, dtype=np.int64)[None]
     return len(codec.encode(tokens, idx, model_id="0" * 16, keep_ratio=k / num_patches,

@@ -48,7 +48,11 @@ def resolve_cloud(spec: str, server: str | None, setup, progress=print):
             feeds = {"tokens": np.random.default_rng(0).standard_normal((1, 1 + k, d)).astype(np.float32),
                      "indices": np.arange(k, dtype=np.int64)[None] * (m["num_patches"] // k)}
             ms[v["tail"]["file"]] = time_graph(setup.export_dir / v["tail"]["file"], feeds)
-        cloud = CloudProfile("local", None, "measured: onnxruntime CPU on this machine, batch 1, median", ms)
+        from .bench import graph_flops
+        full_flops = graph_flops(setup)["full"]
+        cloud = CloudProfile("local", full_flops / (ms[m["full"]["file"]] * 1e-3) / 1e9,
+                             "measured: onnxruntime CPU on this machine, batch 1, median; graphs not "
+                             "exported (janus-like) scaled by FLOPs from full.onnx's time (modelled)", ms)
     else:
         raise BenchError(f"unknown --cloud {spec!r}: use rtx4090 (modelled) or local (measured here)")
     if server:

@@ -1,0 +1,104 @@
+"""bench end to end: the JSON contract, the arithmetic, and a tiny CLI run on a real export."""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from mercury_onnx.cli import app
+from mercury_onnx.runtime import bench as B
+from mercury_onnx.runtime.network import load_trace
+from mercury_onnx.runtime.profiles import pi_profile, rtx4090_cloud
+from tests.conftest import CIFAR_TEST, TRACES
+
+ROW_KEYS = {"trace", "method", "keep_ratio", "token_dtype", "latency_ms", "breakdown_ms", "payload_bytes",
+            "energy_mj", "top1", "measured"}
+needs_data = pytest.mark.skipif(not (TRACES.exists() and CIFAR_TEST.exists()), reason="shared data missing")
+
+
+def check_contract(report, traces):
+    assert isinstance(report["device"], str)
+    methods = {r["method"] for r in report["results"]}
+    assert methods == set(B.METHODS)
+    for r in report["results"]:
+        assert set(r) == ROW_KEYS and r["trace"] in traces
+        assert set(r["latency_ms"]) == {"p50", "p95", "mean"}
+        assert r["latency_ms"]["p50"] <= r["latency_ms"]["p95"]
+        assert isinstance(r["payload_bytes"], int) and isinstance(r["energy_mj"], float)
+        assert sum(r["breakdown_ms"].values()) == pytest.approx(r["latency_ms"]["mean"], rel=1e-6)
+        if r["method"] in ("mercury", "janus-like"):
+            assert r["token_dtype"] in ("fp16", "int8") and 0 < r["keep_ratio"] < 1
+        if r["method"] == "mobile-only":
+            assert r["payload_bytes"] == 0 and r["breakdown_ms"]["transmission"] == 0
+
+
+@needs_data
+def test_modelled_deit_b_on_the_pi():
+    setup = B.setup_from_name("deit_base_patch16_224", [0.25])
+    images = B.list_images(CIFAR_TEST, 8)
+    cfg = B.BenchConfig(traces=[load_trace("lte-driving"), load_trace("const:50mbps:30ms")], requests=200)
+    report, curves = B.run_bench(setup, pi_profile(), rtx4090_cloud(), images, cfg, [])
+    check_contract(report, {"lte-driving", "const:50mbps:30ms"})
+    rows = {(r["trace"], r["method"], r["token_dtype"]): r for r in report["results"]}
+    mob = rows[("lte-driving", "mobile-only", None)]
+    assert mob["latency_ms"]["mean"] == pytest.approx(5.06 * 407, rel=1e-6)   # the paper's Pi figure
+    m8 = rows[("const:50mbps:30ms", "mercury", "int8")]
+    # payload: 40 B header + 50 x 768 int8 + 50 f32 scales + 49 int16 indices
+    assert m8["payload_bytes"] == 40 + 50 * 768 + 50 * 4 + 49 * 2
+    b = m8["breakdown_ms"]
+    assert b["transmission"] == pytest.approx(m8["payload_bytes"] * 8 / 50e6 * 1e3)
+    assert b["rtt"] == pytest.approx(30.0) and b["cloud_compute"] < 1.0
+    assert m8["measured"] == ["payload_bytes"]
+    # the JPEG sizes are real encodings of the images at 224x224
+    jpeg = rows[("const:50mbps:30ms", "cloud-only-jpeg", None)]
+    sizes, _ = B.jpeg_sizes(images, (224, 224))
+    assert jpeg["payload_bytes"] == pytest.approx(sizes.mean(), rel=0.25)
+    assert set(curves["lte-driving"]) >= {"mobile-only", "mercury-adaptive"}
+
+
+def test_eval_json_lookup(tmp_path):
+    evals = [{"method": "vanilla", "pruning": "none", "reconstruction": "none", "keep_ratio": 1.0, "top1": 0.6},
+             {"method": "mercury", "pruning": "regional", "reconstruction": "meta-ctx", "keep_ratio": 0.25, "top1": 0.5},
+             {"method": "janus", "pruning": "janus", "reconstruction": "none", "keep_ratio": 0.25, "top1": 0.4}]
+    assert B.lookup_top1(evals, "cloud-only-jpeg", None, None) == 0.6
+    assert B.lookup_top1(evals, "mercury", 0.25, "int8") == 0.5
+    assert B.lookup_top1(evals, "janus-like", 0.25, "fp16") == 0.4
+    assert B.lookup_top1(evals, "mercury", 0.5, "fp16") is None
+    f = tmp_path / "bad.json"
+    f.write_text("[]")
+    with pytest.raises(B.BenchError, match="eval JSON"):
+        B.load_eval(f)
+
+
+@needs_data
+def test_bench_cli_on_the_reference_export(ref_export, tmp_path):
+    out, plots = tmp_path / "bench.json", tmp_path / "plots"
+    t = time.time()
+    r = CliRunner().invoke(app, ["bench", str(ref_export), "--device", "host", "--cloud", "local",
+                                 "-t", "lte-driving", "-t", "mahimahi:TMobile-LTE-short", "--requests", "60",
+                                 "--jpeg-images", "8", "--hq-size", "256", "--slo-ms", "80",
+                                 "--json", str(out), "--plot-dir", str(plots)])
+    assert r.exit_code == 0, r.output
+    assert time.time() - t < 120
+    report = json.loads(out.read_text())
+    check_contract(report, {"lte-driving", "mahimahi:TMobile-LTE-short"})
+    assert report["device"] == "host" and report["device_profile"]["measured_gflops"]
+    rows = [x for x in report["results"] if x["method"] in ("mobile-only", "mercury")]
+    assert all("device_compute" in x["measured"] for x in rows)      # measured on this host
+    assert all("cloud_compute" in x["measured"] for x in rows if x["method"] == "mercury")
+    assert report["planner"]["lte-driving"]["planner"]["slo_violation_rate"] is not None
+    assert (plots / "latency_cdf_lte-driving.png").stat().st_size > 1000
+    assert "speed-up" in r.output and "mercury-adaptive" in r.output
+
+
+def test_bench_cli_errors():
+    runner = CliRunner()
+    r = runner.invoke(app, ["bench"])
+    assert r.exit_code == 2 and "EXPORT_DIR or --model" in r.output
+    r = runner.invoke(app, ["bench", "--model", "deit_tiny_patch16_224", "-t", "6g"])
+    assert r.exit_code == 2 and "unknown trace" in r.output
+    r = runner.invoke(app, ["bench", "--model", "deit_tiny_patch16_224", "--device", "host"])
+    assert r.exit_code == 2 and "EXPORT_DIR" in r.output
