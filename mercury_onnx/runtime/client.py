@@ -149,9 +149,10 @@ class Client:
         self.export_dir, self.threads = Path(export_dir), threads
         self.manifest = load_manifest(export_dir)
         self.variant = variant(self.manifest, keep_ratio)
-        tok8 = token_dtype == "int8" and self.variant.get("head_tok8")
-        self.head = Head(export_dir, self.variant["keep_ratio"], kind="tok8" if tok8 else "fp32",
-                         threads=threads, manifest=self.manifest)
+        # a head that already emits the wire dtype saves the cast (tok8: int8 + scales; tok16: fp16)
+        kind = {"int8": "tok8", "fp16": "tok16"}.get(token_dtype)
+        kind = kind if kind and self.variant.get(f"head_{kind}") else "fp32"
+        self.head = Head(export_dir, self.variant["keep_ratio"], kind=kind, threads=threads, manifest=self.manifest)
         self.token_dtype, self.fallback = token_dtype, fallback
         self.model = model_name(self.variant["keep_tokens"])
         self.classes = self.manifest.get("classes") or []

@@ -13,7 +13,7 @@ import onnxruntime as ort
 
 from ..export.manifest import ManifestError, load_manifest, variant
 
-HEAD_KINDS = ("fp32", "int8", "tok8")
+HEAD_KINDS = ("fp32", "int8", "tok8", "tok16")   # tok8: int8 tokens + scales; tok16: fp16 tokens
 
 
 def device_session(path: str | Path, threads: int | None = None) -> ort.InferenceSession:
@@ -28,7 +28,7 @@ def device_session(path: str | Path, threads: int | None = None) -> ort.Inferenc
 
 
 class Head:
-    """head_k{K}[_int8|_tok8].onnx: images (B,3,H,W) -> {"tokens", "indices"[, "scales"]}."""
+    """head_k{K}[_int8|_tok8|_tok16].onnx: images (B,3,H,W) -> {"tokens", "indices"[, "scales"]}."""
 
     def __init__(self, export_dir: str | Path, keep_ratio: float | None = None, kind: str = "fp32",
                  threads: int | None = None, manifest: dict | None = None):

@@ -1,0 +1,101 @@
+"""Token payload: round trips (fp16, int8 + scales, fp32; int16/int32 indices) and every
+malformed payload rejected with a CodecError that says what is wrong."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from mercury_onnx.runtime import codec
+
+MID = "0123456789abcdef"
+
+
+def _sample(b=2, k=16, d=192, n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.standard_normal((b, 1 + k, d)).astype(np.float32) * 3
+    indices = np.sort(np.stack([rng.choice(n, k, replace=False) for _ in range(b)]), 1).astype(np.int64)
+    return tokens, indices
+
+
+@pytest.mark.parametrize("dtype,tol", [("fp32", 0), ("fp16", 2e-3), ("int8", 1 / 127)])
+def test_round_trip(dtype, tol):
+    tokens, indices = _sample()
+    data = codec.encode(tokens, indices, model_id=MID, keep_ratio=0.25, num_patches=64, token_dtype=dtype)
+    h, t, i = codec.decode(data, expect_model_id=MID)
+    assert (h.token_dtype, h.index_dtype, h.batch, h.keep, h.dim, h.num_patches) == (dtype, "int16", 2, 16, 192, 64)
+    assert h.model_id == MID and abs(h.keep_ratio - 0.25) < 1e-7
+    np.testing.assert_array_equal(i, indices)
+    assert i.dtype == np.int64 and t.dtype == np.float32
+    # fp16: relative error; int8: at most half a quantisation step of each token's max
+    bound = tol * np.abs(tokens).max(-1, keepdims=True) if dtype == "int8" else tol * np.abs(tokens) + 1e-6
+    assert (np.abs(t - tokens) <= bound + 1e-6).all()
+    itemsize = {"fp32": 4, "fp16": 2, "int8": 1}[dtype]
+    assert len(data) == codec.HEADER_SIZE + 2 * 17 * 192 * itemsize + 2 * 16 * 2 + (2 * 17 * 4 if dtype == "int8" else 0)
+
+
+def test_int32_indices_for_large_grids():
+    tokens, indices = _sample(b=1, k=4, d=8, n=40000)
+    indices = np.array([[3, 100, 33000, 39999]])
+    data = codec.encode(tokens, indices, model_id=MID, keep_ratio=0.1, num_patches=40000)
+    h, _, i = codec.decode(data)
+    assert h.index_dtype == "int32" and (i == indices).all()
+
+
+def test_tok8_head_output_passes_through():
+    tokens, indices = _sample()
+    q, s = codec.quantize_int8(tokens)
+    data = codec.encode(q, indices, model_id=MID, keep_ratio=0.25, num_patches=64, token_dtype="int8", scales=s)
+    _, p = codec.decode_packed(data)
+    assert (p.tokens == q).all() and (p.scales == s).all()
+
+
+def _bad(data: bytes, match: str, **kw):
+    with pytest.raises(codec.CodecError, match=match):
+        codec.decode(data, **kw)
+
+
+def test_malformed_payloads_are_rejected():
+    tokens, indices = _sample()
+    data = codec.encode(tokens, indices, model_id=MID, keep_ratio=0.25, num_patches=64, token_dtype="int8")
+    _bad(data[:10], "truncated")
+    _bad(data[:-1], "truncated")
+    _bad(data + b"\0", "trailing")
+    _bad(b"XXXX" + data[4:], "bad magic")
+    _bad(data[:4] + bytes([9]) + data[5:], "version")
+    _bad(data[:5] + bytes([7]) + data[6:], "token dtype")
+    _bad(data, "different exports", expect_model_id="f" * 16)
+    bad_idx = indices.copy()
+    bad_idx[0, 1] = bad_idx[0, 0]
+    _bad(codec.encode(tokens, bad_idx, model_id=MID, keep_ratio=0.25, num_patches=64), "strictly ascending")
+    bad_idx[0, 1] = 64
+    bad_idx[0].sort()
+    _bad(codec.encode(tokens, bad_idx, model_id=MID, keep_ratio=0.25, num_patches=64), "out of range")
+    with pytest.raises(codec.CodecError, match="16 hex"):
+        codec.encode(tokens, indices, model_id="nope", keep_ratio=0.25, num_patches=64)
+    with pytest.raises(codec.CodecError, match="not \\(B, 1\\+K, D\\)"):
+        codec.encode(tokens[:, :5], indices, model_id=MID, keep_ratio=0.25, num_patches=64)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200))
+def test_random_bytes_never_crash(data):
+    try:
+        codec.decode(data)
+    except codec.CodecError:
+        pass
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 2000), st.integers(0, 255))
+def test_any_single_byte_corruption_is_caught_or_harmless(pos, value):
+    tokens, indices = _sample(b=1, k=4, d=8, n=16)
+    data = bytearray(codec.encode(tokens, indices, model_id=MID, keep_ratio=0.25, num_patches=16))
+    pos %= len(data)
+    data[pos] = value
+    try:
+        h, t, i = codec.decode(bytes(data))
+    except codec.CodecError:
+        return
+    assert t.shape == (h.batch, h.keep + 1, h.dim) and i.shape == (h.batch, h.keep)
+    assert ((0 <= i) & (i < h.num_patches)).all()
