@@ -1,0 +1,118 @@
+"""The heads under the real aarch64 onnxruntime (Raspberry Pi 4 CPU, QEMU user mode) agree with
+x86 onnxruntime on real images, and the check catches a head that does not.
+
+tools/arm64_check.sh does the work (cached arm64 root, see its header); it exits 77 where the
+machine cannot build the root (not root, no Debian mirror): skipped here, unless
+MERCURY_REQUIRE_ARM64=1 (set by .ci/run), where that is a failure.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mercury_onnx.export.manifest import sha256_file
+
+pytestmark = pytest.mark.arm64
+
+ROOT = Path(__file__).resolve().parents[2]
+CHECK = ROOT / "tools" / "arm64_check.sh"
+RUN_HEADS = ROOT / "tools" / "arm64_run_heads.py"
+SKIP = 77
+IMAGES = "16"  # real CIFAR-10 test images per check: the emulated fp32 head is the slow part
+
+
+def sh(*args, timeout=1800, **env) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, **env}
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=timeout)
+
+
+def skip_unless_required(r: subprocess.CompletedProcess) -> None:
+    if r.returncode == SKIP:
+        why = (r.stderr.strip().splitlines() or ["exit 77"])[-1]
+        if os.environ.get("MERCURY_REQUIRE_ARM64"):
+            pytest.fail(f"MERCURY_REQUIRE_ARM64 is set but the arm64 check cannot run: {why}")
+        pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def arm64_root():
+    r = sh("bash", CHECK, "--build-root")
+    skip_unless_required(r)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def export(request) -> Path:
+    """MERCURY_ARM64_EXPORT=DIR checks that export folder; by default the session's reference export."""
+    given = os.environ.get("MERCURY_ARM64_EXPORT")
+    return Path(given) if given else request.getfixturevalue("ref_export")
+
+
+def head_files(export_dir: Path) -> list[str]:
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    return [v[k]["file"] for v in manifest["variants"] for k in ("head", "head_int8", "head_tok8") if v.get(k)]
+
+
+def test_export_heads_agree_on_arm64(arm64_root, export, cifar_test):
+    r = sh("bash", CHECK, export, cifar_test, MERCURY_ARM64_IMAGES=IMAGES)
+    print(r.stdout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "aarch64: onnxruntime" in r.stdout and "(QEMU cortex-a72)" in r.stdout
+    graphs = head_files(export)
+    assert f"PASS: {len(graphs)} head graph(s) agree" in r.stdout
+    table = [line.split() for line in r.stdout.splitlines() if line.startswith("k")]
+    assert table and all(row[-1] == "PASS" for row in table)
+    assert {row[1] for row in table} >= {"head"}
+
+
+def one_head_export(src: Path, dst: Path, perturb: bool) -> Path:
+    """A copy of src holding only its first fp32 head; with perturb, the head's largest
+    weight is scaled by 1.001 (a change far below what the eye sees, far above 1e-4 in the tokens)."""
+    import onnx
+    from onnx import numpy_helper
+
+    manifest = json.loads((src / "manifest.json").read_text())
+    v = dict(manifest["variants"][0], head_int8=None, head_tok8=None)
+    file = v["head"]["file"]
+    dst.mkdir(parents=True)
+    if perturb:
+        model = onnx.load(src / file)
+        w = max(model.graph.initializer, key=lambda t: np.prod(t.dims) if t.data_type == onnx.TensorProto.FLOAT else 0)
+        w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * np.float32(1.001), w.name))
+        onnx.save(model, dst / file)
+    else:
+        shutil.copy(src / file, dst / file)
+    manifest.update(variants=[v], files={file: sha256_file(dst / file)}, full=None)
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def test_check_fails_when_arm64_head_differs(arm64_root, export, cifar_test, tmp_path):
+    # x86 runs the exported head; the emulated Pi runs the same head with one weight nudged by 0.1%.
+    orig = one_head_export(export, tmp_path / "orig", perturb=False)
+    bent = one_head_export(export, tmp_path / "perturbed", perturb=True)
+    work = tmp_path / "work"
+    work.mkdir()
+    py = sys.executable
+    for args in (["batch", orig, cifar_test, work / "batch.npy", "--n", "4"],
+                 ["run", orig, work / "batch.npy", work / "x86_64.npz"]):
+        r = sh(py, RUN_HEADS, *args)
+        assert r.returncode == 0, r.stderr[-3000:]
+    r = sh("bash", CHECK, "--run-arm", bent, work, "--", "run", "/mnt/export", "/mnt/work/batch.npy",
+           "/mnt/work/aarch64.npz")
+    skip_unless_required(r)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = sh(py, RUN_HEADS, "compare", work / "x86_64.npz", work / "aarch64.npz", orig)
+    print(r.stdout)
+    assert r.returncode == 1, r.stdout + r.stderr
+    tokens_row = next(line.split() for line in r.stdout.splitlines() if line.split()[1:3] == ["head", "tokens"])
+    assert tokens_row[-1] == "FAIL" and float(tokens_row[4]) > 1e-4
+    assert "FAIL:" in r.stdout and "PASS:" not in r.stdout
