@@ -35,6 +35,7 @@ METHODS = ("mobile-only", "cloud-only-jpeg", "cloud-only-hq", "mercury", "janus-
 JANUS_BLOCKS = 3
 JPEG_QUALITY = 90
 PROBE_BYTES = 16_000
+PROBE_TIMEOUT_S = 1.0          # a probe is abandoned (radio off) after this long
 
 
 class BenchError(ValueError):
@@ -309,7 +310,8 @@ def run_planner(strategies: list[Strategy], outcomes: list[Outcome], trace: Trac
     that has not answered after timeout_factor x its predicted latency + the local run time is
     abandoned and the full model runs on the device (the extra local time in the timeout keeps
     a big model from giving up on an upload that is merely a little late). When it runs locally it sends a PROBE_BYTES probe in the
-    background to keep its bandwidth estimate fresh (its radio energy is counted)."""
+    background to keep its bandwidth estimate fresh (its radio energy is counted, up to
+    PROBE_TIMEOUT_S of radio time: a probe stuck in an outage is abandoned)."""
     allowed = [i for i, st in enumerate(strategies) if st.method in ("mobile-only", "cloud-only-jpeg", "mercury")]
     local = next((i for i in allowed if strategies[i].method == "mobile-only"), None)
     cands = [Candidate(strategies[i].label, strategies[i].method, strategies[i].device_ms,
@@ -356,7 +358,9 @@ def run_planner(strategies: list[Strategy], outcomes: list[Outcome], trace: Trac
                 ptx = float(trace.transmit_s(PROBE_BYTES, now))
                 p.observe_transfer(now, now + ptx, PROBE_BYTES)
                 p.observe_rtt(now + ptx + req.rtt_ms[s, j] / 1e3, req.rtt_ms[s, j])
-                out["energy_mj"][s, j] += device.radio_base_w * ptx * 1e3 + device.radio_j_per_byte * 1e3 * PROBE_BYTES
+                on_s = min(ptx, PROBE_TIMEOUT_S)
+                sent = PROBE_BYTES if ptx <= PROBE_TIMEOUT_S else trace.bytes_until(now + on_s) - trace.bytes_until(now)
+                out["energy_mj"][s, j] += device.radio_base_w * on_s * 1e3 + device.radio_j_per_byte * 1e3 * sent
     res = Outcome(**{f: out[f] for f in fields})
     res.fallback_rate = fallbacks / choice.size
     return res, choice

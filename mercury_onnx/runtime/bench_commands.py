@@ -177,3 +177,38 @@ def register(app) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(prof.to_json(), indent=1))
         typer.echo(f"{prof.name}: {prof.gflops:.2f} GFLOP/s effective ({prof.gflops_source}) -> {out}")
+
+    @app.command()
+    def demo(
+        model: Optional[str] = typer.Option(None, help="timm name or backbone JSON (default: the reference "
+                                                         "checkpoint in ../shared/models)"),
+        data: Optional[Path] = typer.Option(None, help="test images DIR/<class>/<image> (default CIFAR-10 test)"),
+        train_data: Optional[Path] = typer.Option(None, help="calibration images (default DATA/../train)"),
+        images: int = typer.Option(100, help="test images sent through the server"),
+        keep_ratio: List[float] = typer.Option([0.5, 0.25], "--keep-ratio", "-r"),
+        token_dtype: str = typer.Option("int8", help="int8 | fp16 tokens on the wire"),
+        calib_images: int = typer.Option(2000), calib_steps: int = typer.Option(100),
+        calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate"),
+        trace: str = typer.Option("5g-driving", help="trace for the short bench"),
+        requests: int = typer.Option(500, help="requests in the short bench"),
+        cache: Optional[Path] = typer.Option(None, help="default ~/.cache/mercury-onnx/demo"),
+    ) -> None:
+        """The whole system end to end on loopback: calibrate, export, serve-tail, client on real
+        images (accuracy vs vanilla, measured latency), and a short bench on a 5G trace."""
+        from ..cli import need_export_extra
+        from .demo import DemoError, DemoOptions, run_demo
+
+        need_export_extra("demo")
+        if images < 1 or requests < 1:
+            fail("--images and --requests must be >= 1")
+        if token_dtype not in ("int8", "fp16"):
+            fail("--token-dtype: int8 or fp16")
+        opts = DemoOptions(model=model, data=data, train_data=train_data, images=images,
+                           keep_ratios=list(keep_ratio), token_dtype=token_dtype, calib_images=calib_images,
+                           calib_steps=calib_steps, calibrate=calibrate, trace=trace, requests=requests)
+        if cache is not None:
+            opts.cache = cache
+        try:
+            run_demo(opts, typer.echo)
+        except DemoError as e:
+            fail(str(e))

@@ -1,0 +1,224 @@
+"""mercury-onnx demo: the whole system end to end on loopback, in one command.
+
+1. calibrate the meta-parameters (`mercury-onnx calibrate`, small budget; cached)
+2. export head/tail/full ONNX (`mercury_onnx.export.export_model`; cached)
+3. start `serve-tail` on a free 127.0.0.1 port in a subprocess
+4. run the device-side client (head here, tail on the server) on N real test images,
+   and full.onnx locally on the same images: top-1 of both, agreement, measured latencies
+5. a short bench on one 5G trace (Pi profile, tail times measured on the running server)
+
+Everything it writes goes under the cache folder (default ~/.cache/mercury-onnx/demo).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+SHARED = Path(__file__).resolve().parents[3] / "shared"
+REF_MODEL = SHARED / "models" / "deit_tiny_patch4_32_cifar10.json"
+CIFAR = SHARED / "data" / "cifar10"
+
+
+VANILLA = "vanilla (full.onnx, local)"
+
+
+class DemoError(RuntimeError):
+    """A demo step could not run; the message says which and why."""
+
+
+@dataclass
+class DemoOptions:
+    model: str | None = None               # backbone JSON / timm name; default the reference model
+    data: Path | None = None               # ImageFolder test split; default CIFAR-10 test
+    train_data: Path | None = None         # calibration images; default DATA/../train
+    images: int = 100                      # test images through the server
+    keep_ratios: list = field(default_factory=lambda: [0.5, 0.25])
+    token_dtype: str = "int8"
+    calib_images: int = 1000
+    calib_steps: int = 20
+    calibrate: bool = True
+    trace: str = "5g-driving"
+    requests: int = 500
+    cache: Path = Path(os.environ.get("MERCURY_ONNX_CACHE", Path.home() / ".cache" / "mercury-onnx")) / "demo"
+
+
+def _key(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, Path) and p.exists():
+            st = p.stat()
+            h.update(f"{p.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode())
+        else:
+            h.update(repr(p).encode())
+    return h.hexdigest()[:12]
+
+
+def pick_images(folder: Path, n: int, classes: list[str] | None) -> tuple[list[Path], list[int]]:
+    """n images spread over the class folders (label = index in the model's class list)."""
+    dirs = sorted(d for d in folder.iterdir() if d.is_dir())
+    if not dirs:
+        raise DemoError(f"{folder} has no class folders (expected DATA/<class>/<image>)")
+    names = classes or [d.name for d in dirs]
+    per = [sorted(p for p in d.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")) for d in dirs]
+    paths, labels, i = [], [], 0
+    while len(paths) < n and any(i < len(p) for p in per):       # round-robin over classes
+        for d, files in zip(dirs, per):
+            if i < len(files) and len(paths) < n and d.name in names:
+                paths.append(files[i])
+                labels.append(names.index(d.name))
+        i += 1
+    return paths, labels
+
+
+def calibrate(opts: DemoOptions, source: str, train: Path, echo) -> str:
+    """Mercury checkpoint path (cached), or the source unchanged when calibration is skipped."""
+    if not opts.calibrate:
+        echo("[1/5] calibrate: skipped (--no-calibrate): uncalibrated meta-parameters")
+        return source
+    out = opts.cache / f"calib-{_key(Path(source), train, opts.keep_ratios, opts.calib_images, opts.calib_steps)}"
+    if out.with_suffix(".json").exists():
+        echo(f"[1/5] calibrate: cached {out}.json")
+        return str(out.with_suffix(".json"))
+    cmd = [sys.executable, "-m", "mercury_onnx.cli", "calibrate", source, str(train), "--out", str(out),
+           "--images", str(opts.calib_images), "--steps", str(opts.calib_steps), "--heldout", "0"]
+    for r in opts.keep_ratios:
+        cmd += ["--keep-ratio", str(r)]
+    echo(f"[1/5] calibrate: {opts.calib_images} images, {opts.calib_steps} steps -> {out}.json")
+    help_rc = subprocess.run([sys.executable, "-m", "mercury_onnx.cli", "calibrate", "--help"],
+                             capture_output=True).returncode
+    if help_rc != 0:
+        echo("      calibrate is not available in this build: SKIPPED (uncalibrated meta-parameters)")
+        return source
+    opts.cache.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(cmd)
+    if r.returncode != 0 or not out.with_suffix(".json").exists():
+        raise DemoError(f"calibrate failed (exit {r.returncode}): {' '.join(cmd)}")
+    return str(out.with_suffix(".json"))
+
+
+def export(opts: DemoOptions, source: str, data: Path, echo) -> Path:
+    from ..export import export_model
+    out = opts.cache / f"export-{_key(Path(source), opts.keep_ratios, opts.token_dtype)}"
+    if (out / "manifest.json").exists():
+        echo(f"[2/5] export: cached {out}")
+        return out
+    echo(f"[2/5] export -> {out}")
+    export_model(source, out, opts.keep_ratios, token_dtypes=[opts.token_dtype] if opts.token_dtype != "fp32" else [],
+                 validate_data=data, validate_images=32, log=lambda m: echo("      " + m))
+    return out
+
+
+def run_client(export_dir: Path, url: str, paths: list[Path], labels: list[int], opts: DemoOptions, echo) -> dict:
+    """Every image through the server one at a time (the device's view), and through full.onnx."""
+    from tqdm import tqdm
+
+    from ..export.manifest import load_manifest
+    from .client import Client
+    from .head import FullModel
+    from .preprocess import preprocess
+
+    manifest = load_manifest(export_dir)
+    full = FullModel(export_dir, manifest=manifest)
+    out = {}
+    for r in opts.keep_ratios:
+        client = Client(export_dir, url, keep_ratio=r, token_dtype=opts.token_dtype, fallback="none")
+        split_pred, parts = [], []
+        for p in tqdm(paths, desc=f"      client r={r}", leave=False):
+            pred = client.predict([p])[0]
+            split_pred.append(int(np.argmax(pred.logits)))
+            parts.append(pred.breakdown)
+        client.close()
+        out[r] = {"pred": split_pred, "ms": {k: float(np.nanmedian([b[k] for b in parts])) for k in parts[0]}}
+    t = time.perf_counter()
+    vanilla = [int(np.argmax(full(preprocess([p], manifest["preprocess"]))[0])) for p in paths]
+    vanilla_ms = (time.perf_counter() - t) * 1e3 / len(paths)
+    labels = np.array(labels)
+    rows = {VANILLA: {"top1": float((np.array(vanilla) == labels).mean()), "agree": 1.0,
+                                          "ms": {"full": vanilla_ms}}}
+    for r, o in out.items():
+        pred = np.array(o["pred"])
+        rows[f"mercury r={r} {opts.token_dtype} (split)"] = {
+            "top1": float((pred == labels).mean()), "agree": float((pred == np.array(vanilla)).mean()), "ms": o["ms"]}
+    return rows
+
+
+def run_demo(opts: DemoOptions, echo=print) -> dict:
+    from .bench import BenchConfig, list_images, run_bench, setup_from_export
+    from .bench_commands import resolve_cloud
+    from .bench_report import format_table, plot
+    from .network import load_trace
+    from .profiles import pi_profile
+    from .server import spawn
+
+    t0 = time.time()
+    source = opts.model or (str(REF_MODEL) if REF_MODEL.exists() else None)
+    if source is None:
+        raise DemoError(f"no reference model at {REF_MODEL}: pass --model (a timm name or backbone JSON)")
+    data = opts.data or (CIFAR / "test")
+    if not data.exists():
+        raise DemoError(f"no test images at {data}: pass --data DIR (ImageFolder: DIR/<class>/<image>)")
+    train = opts.train_data or data.parent / "train"
+    if opts.calibrate and not train.exists():
+        raise DemoError(f"no calibration images at {train}: pass --train-data DIR or --no-calibrate")
+    echo(f"mercury-onnx demo: model {source}\n  data {data}\n  cache {opts.cache}")
+    opts.cache.mkdir(parents=True, exist_ok=True)
+
+    ckpt = calibrate(opts, source, train, echo)
+    export_dir = export(opts, ckpt, data, echo)
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    paths, labels = pick_images(data, opts.images, manifest.get("classes"))
+
+    echo("[3/5] serve-tail: starting on 127.0.0.1")
+    log = open(opts.cache / "serve-tail.log", "w")
+    try:
+        proc, url = spawn(export_dir, "--threads", "1", log=log)
+    except RuntimeError as e:
+        raise DemoError(f"serve-tail did not start: {e} (log: {opts.cache / 'serve-tail.log'})") from e
+    try:
+        echo(f"      serving at {url} (pid {proc.pid}, log {opts.cache / 'serve-tail.log'})")
+        echo(f"[4/5] client: {len(paths)} real images from {data}, one request each")
+        rows = run_client(export_dir, url, paths, labels, opts, echo)
+        echo(f"[5/5] bench: {opts.trace}, {opts.requests} requests, Raspberry Pi 4B profile (modelled), "
+             "tails timed on the running server, top-1 from step 4 (janus-like: none)")
+        setup = setup_from_export(export_dir)
+        cloud = resolve_cloud("local", url, setup, lambda m: echo("      " + m))
+        evals = [{"method": "vanilla", "keep_ratio": 1.0, "top1": rows[VANILLA]["top1"]}]
+        evals += [{"method": "mercury", "keep_ratio": r, "token_dtype": opts.token_dtype,
+                   "top1": rows[f"mercury r={r} {opts.token_dtype} (split)"]["top1"]} for r in opts.keep_ratios]
+        report, curves = run_bench(setup, pi_profile(), cloud, list_images(data, 32),
+                                   BenchConfig([load_trace(opts.trace)], requests=opts.requests), evals)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+    res_dir = opts.cache / "results"
+    res_dir.mkdir(parents=True, exist_ok=True)
+    (res_dir / "bench.json").write_text(json.dumps(report, indent=1))
+    (res_dir / "client.json").write_text(json.dumps(rows, indent=1))
+    plots = plot(report, curves, res_dir)
+
+    echo("\n== accuracy and measured latency on loopback (this machine) ==")
+    echo(f"{'':38} {'top-1':>7} {'agree':>7}   median ms per image")
+    for name, r in rows.items():
+        ms = ", ".join(f"{k} {v:.2f}" if k != "payload_bytes" else f"{int(v)} B" for k, v in r["ms"].items())
+        echo(f"{name:38} {r['top1']:7.3f} {r['agree']:7.3f}   {ms}")
+    echo(f"({len(paths)} images; 'agree' = same top-1 class as vanilla; head/encode on this machine, round_trip "
+         "= HTTP to serve-tail incl. its tail run)")
+    echo("\n== short bench ==")
+    echo(format_table(report))
+    echo(f"\nresults: {res_dir}/bench.json, {res_dir}/client.json")
+    echo("plots: " + (", ".join(map(str, plots)) if plots else "skipped (matplotlib not installed)"))
+    echo(f"demo done in {time.time() - t0:.0f} s")
+    return {"client": rows, "bench": report, "plots": [str(p) for p in plots], "export": str(export_dir)}

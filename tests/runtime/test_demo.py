@@ -1,0 +1,45 @@
+"""`mercury-onnx demo` end to end on a tiny budget: calibrate, export, serve-tail, client, bench."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from mercury_onnx.cli import app
+from mercury_onnx.runtime.demo import REF_MODEL, pick_images
+from tests.conftest import CIFAR_TEST, TRACES
+
+
+def test_pick_images_round_robins_classes(cifar_test):
+    classes = sorted(d.name for d in cifar_test.iterdir())
+    paths, labels = pick_images(cifar_test, 25, classes)
+    assert len(paths) == 25 and sorted(set(labels)) == list(range(10))
+    assert all(p.parent.name == classes[y] for p, y in zip(paths, labels))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REF_MODEL.exists() and CIFAR_TEST.exists() and TRACES.exists()),
+                    reason="reference model / CIFAR-10 / traces not in ../shared")
+def test_demo_tiny(tmp_path):
+    """~1-2 min on 2 cores: 64 calibration images, 1 step, 8 test images, 100 bench requests."""
+    r = CliRunner().invoke(app, ["demo", "--images", "8", "--calib-images", "64", "--calib-steps", "1",
+                                 "--requests", "100", "--cache", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    client = json.loads((tmp_path / "results" / "client.json").read_text())
+    assert len(client) == 3                                          # vanilla + two keep ratios
+    for row in client.values():
+        assert 0.0 <= row["top1"] <= 1.0 and 0.0 <= row["agree"] <= 1.0
+    split = [v for k, v in client.items() if "split" in k]
+    assert all(v["ms"]["payload_bytes"] > 0 and v["ms"]["round_trip"] > 0 for v in split)
+    bench = json.loads((tmp_path / "results" / "bench.json").read_text())
+    assert {x["trace"] for x in bench["results"]} == {"5g-driving"}
+    assert all("cloud_compute" in x["measured"] for x in bench["results"] if x["method"] == "mercury")
+    assert (tmp_path / "results" / "latency_cdf_5g-driving.png").exists()
+    assert "calibrate" in r.output and "demo done" in r.output
+    assert list(tmp_path.glob("calib-*.json")) and list(tmp_path.glob("export-*/manifest.json"))
+    # a second run reuses the calibration and the export
+    r2 = CliRunner().invoke(app, ["demo", "--images", "4", "--calib-images", "64", "--calib-steps", "1",
+                                  "--requests", "50", "--cache", str(tmp_path)])
+    assert r2.exit_code == 0, r2.output
+    assert "calibrate: cached" in r2.output and "export: cached" in r2.output
