@@ -9,8 +9,9 @@ What is compared (every number lands in manifest["validation"]):
 - kK end to end (ORT head -> ORT tail) vs torch Mercury: top-1 agreement (>= min_top1), and
   accuracy on labelled images (CIFAR-10 for the reference model).
 - Lossy variants against the fp32 pipeline: head_kK_tok8 (int8 tokens; the dequantised tokens
-  must be within scale/2 of torch's), head_kK_tok16, head_kK_int8, tail_kK_fp16: top-1
-  agreement (>= min_top1_lossy) and accuracy deltas.
+  must be within scale/2 of torch's), head_kK_tok16, tail_kK_fp16: top-1 agreement
+  (>= min_top1_lossy); head_kK_int8 (>= min_top1_int8, its indices may differ: quantised
+  scores re-rank near-ties); accuracies of each on labelled images.
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ class Tolerances:
     atol_fp16: float = 2e-2          # fp16 tail logits and tok16 tokens (relative the same way)
     min_index_rows: float = 0.98     # images whose K indices equal torch's
     min_top1: float = 0.99           # fp32 ORT split vs torch Mercury
-    min_top1_lossy: float = 0.90     # int8 head / int8 tokens / fp16 tail vs the fp32 pipeline
+    min_top1_lossy: float = 0.90     # int8 / fp16 tokens, fp16 tail vs the fp32 pipeline
+    min_top1_int8: float = 0.85      # int8 (QDQ) head vs the fp32 pipeline: a lossy model by design
 
 
 def session(path: str | Path, threads: int = 1):
@@ -161,7 +163,7 @@ def validate_export(export_dir: str | Path, models, variants: list[dict], full_f
             rows[f"{f}.indices"] = round(float((i8 == idx_t).all(-1).mean()), 4)
             (lg,) = _run(tail, [{"tokens": t8[s], "indices": i8[s]} for s in slices])
             agree[f"{key}_int8"], acc[f"{key}_int8"] = _agree(lg, split), _acc(lg, labels)
-            check(f"{f} top-1 agreement with fp32", agree[f"{key}_int8"], tol.min_top1_lossy, above=True)
+            check(f"{f} top-1 agreement with fp32", agree[f"{key}_int8"], tol.min_top1_int8, above=True)
 
         if v.get("tail_fp16"):
             f = v["tail_fp16"]["file"]
