@@ -176,8 +176,9 @@ def lookup_top1(evals: list[dict], method: str, keep_ratio: float | None, token_
     elif method == "janus-like":
         rows = [r for r in evals if close(r) and ("janus" in str(r.get("method", "")) or r.get("pruning") == "janus")]
     else:
-        rows = [r for r in evals if close(r) and (r.get("method") == "mercury"
-                or (r.get("pruning") == "regional" and str(r.get("reconstruction", "")).startswith("meta")))]
+        rows = [r for r in evals if close(r) and r.get("method") == "mercury"] or \
+               [r for r in evals if close(r) and r.get("pruning") == "regional"
+                and str(r.get("reconstruction", "")).startswith("meta")]
         if reconstruction and any(r.get("reconstruction") == reconstruction for r in rows):
             rows = [r for r in rows if r.get("reconstruction") == reconstruction]
     if token_dtype and any(r.get("token_dtype") == token_dtype for r in rows):
@@ -307,9 +308,10 @@ def run_planner(strategies: list[Strategy], outcomes: list[Outcome], trace: Trac
                 timeout_factor: float = 2.0) -> tuple[Outcome, np.ndarray]:
     """mercury-adaptive over the same requests. Returns its outcome and the chosen index
     (into `strategies`) per request. Like the runtime client (fallback="local"), an offload
-    that has not answered after timeout_factor x its predicted latency + the local run time is
-    abandoned and the full model runs on the device (the extra local time in the timeout keeps
-    a big model from giving up on an upload that is merely a little late). When it runs locally it sends a PROBE_BYTES probe in the
+    that has not answered after timeout_factor x its predicted latency starts the full model
+    on the device as a hedge (the CPU is idle while it waits); whichever answers first wins,
+    so a hedged request is never slower than the upload alone. The local run's energy is
+    counted for as long as it ran. When it runs locally it sends a PROBE_BYTES probe in the
     background to keep its bandwidth estimate fresh (its radio energy is counted, up to
     PROBE_TIMEOUT_S of radio time: a probe stuck in an outage is abandoned)."""
     allowed = [i for i, st in enumerate(strategies) if st.method in ("mobile-only", "cloud-only-jpeg", "mercury")]
@@ -344,16 +346,19 @@ def run_planner(strategies: list[Strategy], outcomes: list[Outcome], trace: Trac
                 p.observe_rtt(now + o.latency_ms[s, j] / 1e3, o.rtt_ms[s, j])
                 if local is None:
                     continue
-                timeout = timeout_factor * predicted + strategies[local].device_ms
-                if o.latency_ms[s, j] > timeout:   # give up, run locally
-                    fallbacks += 1
-                    loc = strategies[local].device_ms
-                    waited = timeout - o.device_ms[s, j]
-                    out["latency_ms"][s, j] = timeout + loc
-                    out["device_ms"][s, j] = o.device_ms[s, j] + loc
-                    out["tx_ms"][s, j], out["rtt_ms"][s, j], out["cloud_ms"][s, j] = waited, 0.0, 0.0
-                    out["energy_mj"][s, j] = device.energy_mj(o.device_ms[s, j] + loc, waited, o.payload[s, j], 0.0)
-                    out["accuracy"][s, j] = outcomes[local].accuracy[s, j]
+                timeout = timeout_factor * predicted
+                loc = strategies[local].device_ms
+                if o.latency_ms[s, j] > timeout:         # late: start the full model here too
+                    done = min(o.latency_ms[s, j], timeout + loc)
+                    extra = done - timeout                # ms the local run was busy
+                    out["latency_ms"][s, j] = done
+                    out["energy_mj"][s, j] += (device.active_w - device.idle_w) * extra
+                    if done < o.latency_ms[s, j]:         # the local run answered first
+                        fallbacks += 1
+                        waited = timeout - o.device_ms[s, j]
+                        out["device_ms"][s, j] = o.device_ms[s, j] + loc
+                        out["tx_ms"][s, j], out["rtt_ms"][s, j], out["cloud_ms"][s, j] = waited, 0.0, 0.0
+                        out["accuracy"][s, j] = outcomes[local].accuracy[s, j]
             else:                                        # background probe while computing locally
                 ptx = float(trace.transmit_s(PROBE_BYTES, now))
                 p.observe_transfer(now, now + ptx, PROBE_BYTES)
