@@ -95,8 +95,11 @@ class Metrics:
         self.batch.setdefault(model, Histogram(self.batch_buckets)).observe(size)
         self.tail.setdefault(model, Histogram(self.LATENCY_BUCKETS)).observe(seconds)
 
-    def render(self) -> str:
-        out = ["# HELP mercury_requests_total Inference requests by model and HTTP status.",
+    def render(self, in_flight: dict[str, int] | None = None) -> str:
+        out = ["# HELP mercury_requests_in_flight Inference requests being handled now.",
+               "# TYPE mercury_requests_in_flight gauge"]
+        out += [f'mercury_requests_in_flight{{model="{m}"}} {n}' for m, n in sorted((in_flight or {}).items())]
+        out += ["# HELP mercury_requests_total Inference requests by model and HTTP status.",
                "# TYPE mercury_requests_total counter"]
         out += [f'mercury_requests_total{{model="{m}",status="{s}"}} {n}' for (m, s), n in sorted(self.requests.items())]
         out += ["# HELP mercury_errors_total Failed inference requests by reason.",
@@ -396,7 +399,8 @@ def create_app(export_dir: str | Path, *, provider: str = "auto", max_batch: int
 
     @app.get("/metrics")
     async def prometheus():
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+        in_flight = {name: m.open_requests for name, m in models.items()}
+        return Response(metrics.render(in_flight), media_type="text/plain; version=0.0.4")
 
     async def read_body(request: Request) -> bytes:
         length = request.headers.get("content-length")

@@ -13,7 +13,7 @@ import pytest
 
 from mercury_onnx.export.manifest import load_manifest
 from mercury_onnx.runtime import codec
-from mercury_onnx.runtime.client import build_request
+from mercury_onnx.runtime.client import build_request, parse_response
 from mercury_onnx.runtime.head import Head
 from mercury_onnx.runtime.preprocess import preprocess
 from mercury_onnx.runtime.server import spawn
@@ -178,3 +178,42 @@ def test_32_concurrent_clients_are_batched(served, ref):
     assert images == len(codes) and runs < images and singles < runs   # some batches held > 1 image
     assert _metric(text, "mercury_requests_total", model=m, status=200) >= len(codes)
     assert "mercury_request_latency_seconds_bucket" in text
+
+
+def test_request_timeout_then_graceful_shutdown(export_dir, ref):
+    """--timeout-s: a request slower than that gets 504 and the server stays ready; SIGTERM
+    lets a request already in flight finish (200), then the process exits cleanly."""
+    import signal
+    import threading
+
+    proc, url = spawn(export_dir, "--provider", "cpu", "--timeout-s", "0.001", "--max-batch", "256")
+    try:
+        big = {"tokens": np.repeat(ref["tokens"], 2, 0), "indices": np.repeat(ref["indices"], 2, 0)}
+        body, hlen = build_request(big, {"model_id": ref["manifest"]["model_id"]})
+        r = post(url, ref["model"], body, hlen, {})
+        assert r.status_code == 504 and "timeout" in r.json()["error"]
+        assert httpx.get(url + "/v2/health/ready", timeout=5).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+    proc, url = spawn(export_dir, "--provider", "cpu", "--max-batch", "64")
+    try:
+        big = {"tokens": np.repeat(ref["tokens"], 16, 0), "indices": np.repeat(ref["indices"], 16, 0)}
+        body, hlen = build_request(big, {"model_id": ref["manifest"]["model_id"]})
+        result = {}
+        sender = threading.Thread(target=lambda: result.update(r=post(url, ref["model"], body, hlen, {})))
+        sender.start()
+        deadline = time.monotonic() + 10                  # wait until the server is handling it
+        while _metric(httpx.get(url + "/metrics").text, "mercury_requests_in_flight", model=ref["model"]) < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        sender.join(30)
+        assert proc.wait(30) in (0, -signal.SIGTERM)      # uvicorn re-raises the signal after draining
+        assert result["r"].status_code == 200
+        _, outputs = parse_response(result["r"].content, result["r"].headers["inference-header-content-length"])
+        assert outputs["logits"].shape == (64, 10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -1,0 +1,153 @@
+"""serve-tail under load vs a bare ORT session, on loopback.
+
+    python benchmarks/serve_load.py EXPORT_DIR [--keep-ratio 0.25] [--clients 1,8,32]
+        [--requests 400] [--max-batch 16] [--max-delay-ms 2] [--threads N]
+
+1. Bare ORT: the same tail file in an InferenceSession at batch 1, 8, max-batch (images/s).
+2. serve-tail in a subprocess (CPU provider); C concurrent keep-alive clients, each sending
+   single-image binary KServe v2 requests (a fixed total count, after a warm-up), for C in
+   --clients: images/s, p50/p99 latency, and the mean batch the server formed (/metrics).
+   Compared with bare ORT at batch min(C, max-batch).
+3. One client sending max-batch images per request vs bare ORT at that batch (same batch).
+Targets: serve-tail >= 0.9x bare ORT throughput; p99 <= 2x p50 at 32 clients.
+
+The load generator is a minimal asyncio HTTP/1.1 client (prebuilt request bytes) so that
+it takes as little CPU as possible from the server: both run on the same machine.
+Prints markdown tables.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import time
+import urllib.request
+
+import numpy as np
+
+from mercury_onnx.export.manifest import load_manifest, variant
+from mercury_onnx.runtime.client import build_request
+from mercury_onnx.runtime.head import Head
+from mercury_onnx.runtime.server import spawn
+from mercury_onnx.runtime.tail import Tail, model_name
+
+
+def bare_ort(tail: Tail, tokens, indices, batch: int, seconds: float = 3.0) -> tuple[float, float]:
+    """images/s and ms per call of tail(tokens[:batch]) run back to back."""
+    t, i = np.repeat(tokens, batch, 0), np.repeat(indices, batch, 0)
+    for _ in range(3):
+        tail(t, i)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        tail(t, i)
+        n += 1
+    dt = time.perf_counter() - start
+    return n * batch / dt, dt / n * 1000
+
+
+async def _client(host, port, request: bytes, count: int, lat: list, errors: list) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        for _ in range(count):
+            t = time.perf_counter()
+            writer.write(request)
+            await writer.drain()
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+            await reader.readexactly(length)
+            lat.append(time.perf_counter() - t)
+            if status != 200:
+                errors.append(status)
+    finally:
+        writer.close()
+
+
+def load(url: str, model: str, body: bytes, hlen: int, clients: int, total: int) -> dict:
+    host, port = url.removeprefix("http://").split(":")
+    request = (f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {host}\r\n"
+               f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {hlen}\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    per = max(1, total // clients)
+
+    async def run(count):
+        lat, errors = [], []
+        start = time.perf_counter()
+        await asyncio.gather(*(_client(host, int(port), request, count, lat, errors) for _ in range(clients)))
+        return lat, errors, time.perf_counter() - start
+
+    asyncio.run(run(max(2, per // 10)))                                 # warm-up
+    before = metrics(url, model)
+    lat, errors, wall = asyncio.run(run(per))
+    after = metrics(url, model)
+    lat = np.array(lat) * 1000
+    runs = after["runs"] - before["runs"]
+    return {"requests": len(lat), "errors": len(errors), "req_s": len(lat) / wall,
+            "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
+            "mean_batch": (after["images"] - before["images"]) / max(runs, 1)}
+
+
+def metrics(url: str, model: str) -> dict:
+    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    get = lambda name: float(re.search(rf'^{name}{{model="{model}"}} (\S+)$', text, re.M).group(1))  # noqa: E731
+    return {"runs": get("mercury_batch_size_count"), "images": get("mercury_batch_size_sum")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("export_dir")
+    ap.add_argument("--keep-ratio", type=float, default=None)
+    ap.add_argument("--clients", default="1,8,32")
+    ap.add_argument("--requests", type=int, default=400, help="single-image requests per client count")
+    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--max-delay-ms", type=float, default=2.0)
+    ap.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (bare and server)")
+    ap.add_argument("--seconds", type=float, default=3.0, help="per bare-ORT measurement")
+    args = ap.parse_args()
+
+    manifest = load_manifest(args.export_dir)
+    v = variant(manifest, args.keep_ratio)
+    model = model_name(v["keep_tokens"])
+    size = manifest["preprocess"]["size"]
+    images = np.random.default_rng(0).standard_normal((1, 3, *size)).astype(np.float32)
+    out = Head(args.export_dir, v["keep_ratio"], manifest=manifest)(images)
+    tokens, indices = out["tokens"], out["indices"]                    # (1, 1+K, D), (1, K)
+    clients = [int(c) for c in args.clients.split(",")]
+    mb = args.max_batch
+    print(f"export {args.export_dir}: {manifest['timm_model']} {manifest.get('overrides') or ''}, "
+          f"{model} (K={v['keep_tokens']}, D={manifest['dim']}), max batch {mb}, "
+          f"max delay {args.max_delay_ms:g} ms, ORT threads {args.threads or 'default'}")
+
+    tail = Tail(args.export_dir, v["keep_ratio"], provider="cpu", threads=args.threads, manifest=manifest)
+    bare = {}
+    print("\n| bare ORT batch | images/s | ms per call |\n|---:|---:|---:|")
+    for b in sorted({1, *[min(c, mb) for c in clients], mb}):
+        bare[b] = bare_ort(tail, tokens, indices, b, args.seconds)
+        print(f"| {b} | {bare[b][0]:.1f} | {bare[b][1]:.2f} |")
+    del tail
+
+    extra = ["--threads", str(args.threads)] if args.threads else []
+    proc, url = spawn(args.export_dir, "--provider", "cpu", "--max-batch", str(mb), "--max-delay-ms",
+                      str(args.max_delay_ms), "--keep-ratio", str(v["keep_ratio"]), *extra)
+    try:
+        params = {"model_id": manifest["model_id"]}
+        body, hlen = build_request({"tokens": tokens, "indices": indices}, params)
+        print("\n| clients (1 image/request) | requests | errors | images/s | vs bare ORT (batch) "
+              "| p50 ms | p99 ms | p99/p50 | mean server batch |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for c in clients:
+            r = load(url, model, body, hlen, c, args.requests)
+            b = min(c, mb)
+            print(f"| {c} | {r['requests']} | {r['errors']} | {r['req_s']:.1f} | {r['req_s'] / bare[b][0]:.2f}x ({b}) "
+                  f"| {r['p50']:.2f} | {r['p99']:.2f} | {r['p99'] / r['p50']:.2f} | {r['mean_batch']:.2f} |")
+        body, hlen = build_request({"tokens": np.repeat(tokens, mb, 0), "indices": np.repeat(indices, mb, 0)}, params)
+        r = load(url, model, body, hlen, 1, max(20, args.requests // mb))
+        print(f"\n| 1 client, {mb} images/request | requests | images/s | vs bare ORT batch {mb} | p50 ms | p99 ms |"
+              f"\n|---|---:|---:|---:|---:|---:|\n| | {r['requests']} | {r['req_s'] * mb:.1f} | "
+              f"{r['req_s'] * mb / bare[mb][0]:.2f}x | {r['p50']:.2f} | {r['p99']:.2f} |")
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+if __name__ == "__main__":
+    main()
