@@ -8,6 +8,9 @@
 #   tools/arm64_check.sh --run-arm EXPORT_DIR WORK_DIR -- ARGS...
 #                                                  run `python3 tools/arm64_run_heads.py ARGS...` in the
 #                                                  arm64 root, EXPORT_DIR at /mnt/export, WORK_DIR at /mnt/work
+#   tools/arm64_check.sh --profile EXPORT_DIR [OUT.json]
+#                                                  `mercury-onnx profile` (what `bench --device pi` runs on a Pi)
+#                                                  under emulation: a functional check, its timings meaningless
 #
 # MERCURY_ARM64_IMAGES: how many real images (default 32). MERCURY_ARM64_STRICT_INT8=1: int8 (QDQ)
 # heads must select equal indices too (by default that is reported, and their end-to-end top-1 gated).
@@ -30,7 +33,7 @@ SKIP=77
 
 log() { echo "arm64-check: $*" >&2; }
 skip() { log "SKIP: $*"; exit $SKIP; }
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 check_host() {
   [ "$(uname -m)" = x86_64 ] || skip "host is $(uname -m): this check emulates aarch64 on an x86_64 host"
@@ -138,7 +141,7 @@ build_root() {
   build_site
 }
 
-# python3 in the arm64 root, on an emulated Cortex-A72 (the Pi 4's core: only its CPU features).
+# python3 ARGS in the arm64 root, on an emulated Cortex-A72 (the Pi 4's core: only its CPU features).
 # Private mount namespace: the bind mounts vanish with the process.
 run_arm() {
   local export_dir work_dir
@@ -150,7 +153,7 @@ run_arm() {
     mount --bind "$3" "$root/mnt/work"
     shift 3
     exec env -i PATH=/usr/bin:/bin HOME=/tmp PYTHONPATH=/opt/site:/mnt/repo unshare -R "$root" \
-      /usr/bin/qemu-aarch64-static -cpu cortex-a72 /usr/bin/python3 -s -B /mnt/repo/tools/arm64_run_heads.py "$@"
+      /usr/bin/qemu-aarch64-static -cpu cortex-a72 /usr/bin/python3 -s -B "$@"
   ' sh "$ROOT" "$REPO" "$export_dir" "$work_dir" "$@"
 }
 
@@ -164,7 +167,18 @@ main() {
       [ $# -ge 4 ] && [ "$4" = -- ] || usage
       check_host; build_root
       local e=$2 w=$3; shift 4
-      run_arm "$e" "$w" "$@"; return ;;
+      run_arm "$e" "$w" /mnt/repo/tools/arm64_run_heads.py "$@"; return ;;
+    --profile)
+      [ $# -ge 2 ] && [ -f "$2/manifest.json" ] || usage
+      check_host; build_root
+      local w; w=$(mktemp -d)
+      # The device CLI itself on (emulated) aarch64 with only the [edge] wheels: the same code
+      # path as `bench --device pi` on a Pi (measure_device), one timed run per graph.
+      run_arm "$2" "$w" -m mercury_onnx.cli profile --export /mnt/export --out /mnt/work/profile.json \
+        --name "qemu-cortex-a72-emulated-not-a-pi-latency" --repeats 1
+      cp "$w/profile.json" "${3:-./arm64-emulated-profile.json}" && rm -rf "$w"
+      log "wrote ${3:-./arm64-emulated-profile.json}: EMULATED timings, functional check only, never Pi latency"
+      return ;;
   esac
   local export_dir=$1
   local images=${2:-$REPO/../shared/data/cifar10/test}
@@ -178,10 +192,10 @@ main() {
   if [ -n "$work" ]; then mkdir -p "$work"; else work=$(mktemp -d); trap 'rm -rf "$work"' EXIT; fi
   "$PY" "$HERE/arm64_run_heads.py" batch "$export_dir" "$images" "$work/batch.npy" --n "${MERCURY_ARM64_IMAGES:-32}"
   "$PY" "$HERE/arm64_run_heads.py" run "$export_dir" "$work/batch.npy" "$work/x86_64.npz"
-  run_arm "$export_dir" "$work" run /mnt/export /mnt/work/batch.npy /mnt/work/aarch64.npz \
+  run_arm "$export_dir" "$work" /mnt/repo/tools/arm64_run_heads.py run /mnt/export /mnt/work/batch.npy /mnt/work/aarch64.npz \
     || { log "FAIL: the emulated aarch64 run crashed (exit $?)"; exit 1; }
   "$PY" "$HERE/arm64_run_heads.py" compare "$work/x86_64.npz" "$work/aarch64.npz" "$export_dir" \
     ${MERCURY_ARM64_STRICT_INT8:+--strict-int8}
 }
 
-main "$@"
+main "$@"; exit $?  # one line: bash reads no further, so editing this file mid-run is safe
