@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import socket
 import subprocess
 import sys
 import tomllib
@@ -57,8 +58,7 @@ def blocked_imports() -> dict:
 
 @pytest.mark.parametrize("module", DEVICE_MODULES)
 def test_device_module_imports_without_torch(module, blocked_imports):
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"{module} does not exist yet")
+    assert importlib.util.find_spec(module) is not None, f"{module} is gone: update DEVICE_MODULES"
     assert blocked_imports[module] == "ok", f"{module} needs torch/timm/onnx at import time:\n{blocked_imports[module]}"
 
 
@@ -75,6 +75,53 @@ def test_export_command_without_torch_says_install_the_extra():
     assert "Traceback" not in r.stderr
     assert "error: `mercury-onnx info` needs torch, timm, onnx" in r.stderr
     assert "pip install 'mercury-onnx[export]'" in r.stderr
+
+
+def cli_blocked(*args) -> str:
+    return BLOCK + f"sys.argv = ['mercury-onnx', *{[str(a) for a in args]!r}]\nfrom mercury_onnx.cli import main\nmain()"
+
+
+def test_split_inference_without_torch(ref_export, cifar_test, tmp_path):
+    # serve-tail and infer, both with torch blocked: head, preprocessing, codec, client and
+    # server all run on the [edge]/[cloud] stacks alone. --fallback none: the split must work.
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-c", cli_blocked("serve-tail", ref_export, "--port", port)],
+                              cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(120):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+            subprocess.run(["sleep", "0.5"])
+        image = sorted((cifar_test / "cat").glob("*.jpg"))[0]
+        for dtype in ("fp32", "int8"):
+            r = subprocess.run([sys.executable, "-c", cli_blocked(
+                "infer", "--export", ref_export, "--server", f"http://127.0.0.1:{port}", "--fallback", "none",
+                "--token-dtype", dtype, "--threads", "4", image)], cwd=ROOT, capture_output=True, text=True,
+                timeout=120)
+            assert r.returncode == 0, r.stdout + r.stderr
+            assert "cat" in r.stdout and "%" in r.stdout and "fallback" not in r.stdout, r.stdout
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def test_bench_device_pi_without_torch(ref_export, tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-c", cli_blocked("bench", ref_export, "--device", "pi", "--requests", "20",
+                                                          "--jpeg-images", "4", "--json", out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "mercury" in r.stdout and json.loads(out.read_text())
 
 
 def test_edge_extra_has_no_torch():
