@@ -43,9 +43,10 @@ def format_table(report: dict) -> str:
         me, best = p["planner"], p["fixed"][p["best_fixed"]]
         slo = report["slo_ms"]
         viol = (lambda x: "" if slo is None else f", SLO {slo:g} ms violated {100 * x['slo_violation_rate']:.1f}%")
-        lines.append(f"planner: mean {me['mean_latency_ms']:.1f} ms, accuracy {me['mean_accuracy']:.4f}{viol(me)}; "
+        acc = "accuracy" if p["accuracy_basis"].startswith("top1") else "proxy accuracy"
+        lines.append(f"planner: mean {me['mean_latency_ms']:.1f} ms, {acc} {me['mean_accuracy']:.4f}{viol(me)}; "
                      f"best fixed ({p['basis']}): {p['best_fixed']} mean {best['mean_latency_ms']:.1f} ms, "
-                     f"accuracy {best['mean_accuracy']:.4f}{viol(best)} -> "
+                     f"{acc} {best['mean_accuracy']:.4f}{viol(best)} -> "
                      f"{'strictly better' if p['strictly_better'] else 'never worse' if p['never_worse'] else 'WORSE'}")
         lines.append("  chose: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in
                                              sorted(p["choices"].items(), key=lambda kv: -kv[1])))
@@ -71,7 +72,8 @@ def plot(report: dict, outcomes_by_trace: dict, plot_dir: str | Path) -> list[Pa
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for label, lat in curves.items():
             x = np.sort(lat.ravel())
-            ax.plot(x, np.arange(1, x.size + 1) / x.size, label=label,
+            style = "--" if label.startswith("janus") else ":" if label.startswith("cloud") else "-"
+            ax.plot(x, np.arange(1, x.size + 1) / x.size, style, label=label,
                     lw=2.2 if label == "mercury-adaptive" else 1.2)
         ax.set_xscale("log")
         ax.set_xlabel("end-to-end latency (ms, log)")
