@@ -207,5 +207,6 @@ class Client:
         ms = {"head": (t1 - t0) * 1000, "encode": (t2 - t1) * 1000, "round_trip": (t3 - t2) * 1000,
               "server_tail": float(params.get("tail_ms", float("nan"))),
               "server_queue": float(params.get("queue_ms", float("nan"))),
+              "server_total": float(params.get("server_ms", float("nan"))),
               "payload_bytes": len(body)}
         return outputs["logits"].astype(np.float32), ms

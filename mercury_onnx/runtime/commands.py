@@ -93,13 +93,14 @@ def infer(
         typer.echo(f"latency (batch of {len(preds)}): preprocess {b['preprocess']:.2f} ms, "
                    f"full model locally {b['local_full']:.2f} ms, total {b['total']:.2f} ms")
     else:
-        network = b["round_trip"] - b["server_tail"] - b["server_queue"]
+        network = b["round_trip"] - b["server_total"]
         typer.echo(f"latency (batch of {len(preds)}, keep ratio {client.variant['keep_ratio']}, "
                    f"{token_dtype} tokens, {b['payload_bytes']} bytes sent): "
                    f"preprocess {b['preprocess']:.2f} ms, head {b['head']:.2f} ms, "
                    f"encode {b['encode']:.2f} ms, round trip {b['round_trip']:.2f} ms "
-                   f"(server tail {b['server_tail']:.2f} ms, queue {b['server_queue']:.2f} ms, "
-                   f"network + HTTP {network:.2f} ms), total {b['total']:.2f} ms")
+                   f"(in the server {b['server_total']:.2f} ms: tail {b['server_tail']:.2f} ms, "
+                   f"queue {b['server_queue']:.2f} ms; network + client HTTP {network:.2f} ms), "
+                   f"total {b['total']:.2f} ms")
 
 
 def register(app) -> None:

@@ -8,7 +8,8 @@ POST /v2/models/{name}[/versions/1]/infer, GET /metrics (Prometheus text).
 - One model per keep ratio, named mercury_tail_k{K}; requests carry the manifest's model id
   as `"parameters": {"model_id": ...}` and are refused when it differs.
 - Dynamic batching: one asyncio queue per model; a batcher takes up to --max-batch images,
-  waiting at most --max-delay-ms for more (and not at all when no other request is open),
+  waiting at most --max-delay-ms for more (not at all under light load: no other request
+  open and the previous batch was a lone request),
   runs ORT in a worker thread, and splits the logits back to the requests.
 - Every bad request is a 4xx with {"error": "..."}; the server stays up and ready.
 No torch here: fastapi/uvicorn ([cloud] extra), numpy, onnxruntime.
@@ -283,6 +284,7 @@ def create_app(export_dir: str | Path, *, provider: str = "auto", max_batch: int
     async def batcher(m: ServedModel) -> None:
         loop = asyncio.get_running_loop()
         carry: Job | None = None
+        last_jobs = 1
         while True:
             first = carry or await m.queue.get()
             carry = None
@@ -290,7 +292,8 @@ def create_app(export_dir: str | Path, *, provider: str = "auto", max_batch: int
             deadline = loop.time() + max_delay_ms / 1000
             while n < max_batch:
                 if m.queue.empty():
-                    if len(jobs) >= m.open_requests:      # nobody else is on the way: run now
+                    # light load (nothing else open, and the last batch was a lone request): run now
+                    if len(jobs) >= m.open_requests and last_jobs == 1:
                         break
                     left = deadline - loop.time()
                     if left <= 0:
@@ -306,6 +309,7 @@ def create_app(export_dir: str | Path, *, provider: str = "auto", max_batch: int
                     break
                 jobs.append(job)
                 n += job.size
+            last_jobs = len(jobs)
             jobs = [j for j in jobs if not j.future.done()]   # timed out while queued
             if not jobs:
                 continue
@@ -417,7 +421,7 @@ def create_app(export_dir: str | Path, *, provider: str = "auto", max_batch: int
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def infer_one(request: Request, m: ServedModel) -> Response:
+    async def infer_one(request: Request, m: ServedModel, t_start: float) -> Response:
         body = await read_body(request)
         hlen = request.headers.get("inference-header-content-length")
         if hlen is not None:
@@ -457,7 +461,8 @@ def create_app(export_dir: str | Path, *, provider: str = "auto", max_batch: int
         out = {"name": "logits", "datatype": "FP32", "shape": list(logits.shape)}
         resp = {"model_name": m.name, "model_version": "1",
                 "parameters": {"tail_ms": round(tail_s * 1000, 3), "queue_ms": round(queue_s * 1000, 3),
-                               "batch_size": batch, "model_id": model_id},
+                               "batch_size": batch, "model_id": model_id,
+                               "server_ms": round((time.perf_counter() - t_start) * 1000, 3)},
                 "outputs": [out]}
         if "id" in req:
             resp["id"] = req["id"]
@@ -485,7 +490,7 @@ def create_app(export_dir: str | Path, *, provider: str = "auto", max_batch: int
         else:
             m.open_requests += 1
             try:
-                response = await infer_one(request, m)
+                response = await infer_one(request, m, t0)
             except BadRequest as e:
                 response = error(str(e), e.status)
                 metrics.error(label, {413: "too_large", 504: "timeout", 503: "shutdown"}.get(e.status, "bad_request"))

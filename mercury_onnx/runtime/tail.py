@@ -62,6 +62,8 @@ class Tail:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             so.intra_op_num_threads = threads
+        # no busy-waiting between runs: a server's event loop needs that CPU (CUDA is unaffected)
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = [CUDA, CPU] if self.provider == "cuda" else [CPU]
         self.session = ort.InferenceSession(str(self.export_dir / self.file), so, providers=providers)
         if self.provider == "cuda" and CUDA not in self.session.get_providers():
