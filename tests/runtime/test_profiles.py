@@ -84,3 +84,22 @@ def test_analytic_flops_match_torch_counter(name):
     assert VF.head_flops(g, 1) == pytest.approx(f["head"], rel=0.02)
     assert VF.tail_flops(g, 1) == pytest.approx(f["vanilla_tail"], rel=0.02)
     assert VF.vanilla_flops(g) == pytest.approx(f["vanilla"], rel=0.02)
+
+
+def test_profile_cli_measures_and_bench_uses_it(ref_export, tmp_path):
+    from typer.testing import CliRunner
+
+    from mercury_onnx.cli import app
+
+    out = tmp_path / "dev.json"
+    r = CliRunner().invoke(app, ["profile", "--export", str(ref_export), "--out", str(out), "--name", "box",
+                                 "--repeats", "3"])
+    assert r.exit_code == 0, r.output
+    prof = load_device_profile(str(out))
+    manifest = json.loads((ref_export / "manifest.json").read_text())
+    assert prof.measured_gflops and prof.model_id == manifest["model_id"]
+    assert {"full.onnx", "head_k16.onnx", "head_k16_tok8.onnx"} <= set(prof.graph_ms)
+    # the measured full.onnx time is what a bench with this profile reports for mobile-only
+    assert prof.compute_ms(1.0, "full.onnx", manifest["model_id"]) == (prof.graph_ms["full.onnx"], True)
+    flops = VF.vanilla_flops(VF.VitGeometry.from_manifest(manifest))
+    assert prof.gflops == pytest.approx(flops / prof.graph_ms["full.onnx"] / 1e6)
