@@ -9,7 +9,8 @@ transfer still in flight counts as bytes / elapsed-so-far (an upper bound on its
 an outage pulls the estimate down before the stuck transfer completes.
 
     predicted latency = device + payload / bandwidth + RTT + cloud      (device alone for mobile-only)
-    with an SLO:  the most accurate candidate predicted to meet it (ties: the fastest);
+    with an SLO:  the most accurate candidate predicted to meet it, uploads with the margin
+                  below (ties: a local run, then the fastest);
                   if none is predicted to meet it, the fastest of those whose compute alone
                   fits (a local run slower than the SLO can never meet it; an upload might)
     without:      the fastest, where an upload must beat a local run by `margin` (10%): the
@@ -101,10 +102,11 @@ class Planner:
         fastest = min(range(len(pred)), key=lambda i: risk[i])
         if self.slo_ms is None:
             return fastest, pred[fastest]
-        ok = [i for i in range(len(pred)) if pred[i] <= self.slo_ms]
+        ok = [i for i in range(len(pred)) if risk[i] <= self.slo_ms]
         if not ok:   # none predicted to make it: the fastest of those that still can
             can = [i for i, c in enumerate(self.candidates) if c.device_ms + c.cloud_ms <= self.slo_ms]
             i = min(can or range(len(pred)), key=lambda i: pred[i])
             return i, pred[i]
-        best = max(ok, key=lambda i: (self.candidates[i].accuracy, -pred[i]))
+        # equal accuracy: a local run (no network risk) first, then the fastest
+        best = max(ok, key=lambda i: (self.candidates[i].accuracy, not self.candidates[i].offloads, -pred[i]))
         return best, pred[best]
