@@ -187,7 +187,7 @@ def register(app) -> None:
         images: int = typer.Option(100, help="test images sent through the server"),
         keep_ratio: List[float] = typer.Option([0.5, 0.25], "--keep-ratio", "-r"),
         token_dtype: str = typer.Option("int8", help="int8 | fp16 tokens on the wire"),
-        calib_images: int = typer.Option(2000), calib_steps: int = typer.Option(100),
+        calib_images: int = typer.Option(500), calib_steps: int = typer.Option(10),
         calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate"),
         trace: str = typer.Option("5g-driving", help="trace for the short bench"),
         requests: int = typer.Option(500, help="requests in the short bench"),

@@ -42,8 +42,8 @@ class DemoOptions:
     images: int = 100                      # test images through the server
     keep_ratios: list = field(default_factory=lambda: [0.5, 0.25])
     token_dtype: str = "int8"
-    calib_images: int = 1000
-    calib_steps: int = 20
+    calib_images: int = 500
+    calib_steps: int = 10
     calibrate: bool = True
     trace: str = "5g-driving"
     requests: int = 500
