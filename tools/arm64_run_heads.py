@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-KINDS = {"head": "fp32", "head_int8": "int8", "head_tok8": "tok8"}  # manifest key -> Head kind
+KINDS = {"head": "fp32", "head_int8": "int8", "head_tok8": "tok8", "head_tok16": "tok16"}  # manifest key -> Head kind
 FP32_ATOL = 1e-4  # fp32 head tokens, x86 vs aarch64
 THREADS = 4  # a Pi 4 has 4 cores
 
@@ -86,7 +86,8 @@ def tail_top1(export_dir: Path, tail_file: str, tokens: np.ndarray, indices: np.
 
 def compare(x86_path: Path, arm_path: Path, export_dir: Path, strict_int8: bool = False) -> int:
     """fp32 head: equal indices, tokens within FP32_ATOL. tok8 head: equal indices, int8 tokens
-    within one step, scales within FP32_ATOL/127. int8 (QDQ) head: the cloud's top-1 from the ARM
+    within one step, scales within FP32_ATOL/127. tok16 head: equal indices, fp16 tokens within
+    FP32_ATOL + one fp16 ulp. int8 (QDQ) head: the cloud's top-1 from the ARM
     outputs agrees with x86 on >= the export's lossy bar (min_top1_lossy, 0.9); equal indices
     are reported, and gated only with strict_int8 (the int8 kernels round differently per
     platform, so near-tied neighbouring tokens can swap)."""
@@ -106,8 +107,10 @@ def compare(x86_path: Path, arm_path: Path, export_dir: Path, strict_int8: bool 
     keys = sorted(k for k in x86.files if k != "__facts__")
     if sorted(k for k in arm.files if k != "__facts__") != keys:
         problems.append("the two runs produced different outputs")
-    if not keys:
-        problems.append("no head outputs to compare")
+    graphs = sorted({k.rsplit("/", 1)[0] for k in keys})
+    expected = sorted(f"k{v['keep_tokens']}/{key}" for v, key, _ in head_graphs(manifest))
+    if graphs != expected:
+        problems.append(f"the runs cover head graphs {graphs}, the export has {expected}")
     tails = {f"k{v['keep_tokens']}": v["tail"]["file"] for v in manifest["variants"]}
 
     print(f"x86_64 onnxruntime {fx['onnxruntime']} vs aarch64 onnxruntime {fa['onnxruntime']} "
@@ -134,6 +137,11 @@ def compare(x86_path: Path, arm_path: Path, export_dir: Path, strict_int8: bool 
         elif kind == "head_tok8" and name == "tokens":  # int8 wire tokens: rounding may move one step
             d = int(np.abs(a.astype(np.int32) - b.astype(np.int32)).max())
             row(tag, kind, name, f"{d} int8 step(s)", "<= 1 step", d <= 1)
+        elif kind == "head_tok16" and name == "tokens":  # fp16 wire tokens: fp32 atol + one fp16 ulp
+            diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+            ulp = np.spacing(np.abs(a)).astype(np.float64)
+            row(tag, kind, name, f"max|diff| {diff.max():.3g}", "<= 1e-4 + 1 ulp",
+                bool((diff <= FP32_ATOL + ulp).all()))
         else:
             d = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
             if kind == "head":
@@ -157,7 +165,7 @@ def compare(x86_path: Path, arm_path: Path, export_dir: Path, strict_int8: bool 
     if problems:
         print("FAIL: " + "; ".join(problems))
         return 1
-    print(f"PASS: {len(fx['runs'])} head graph(s) agree between x86_64 and aarch64 onnxruntime")
+    print(f"PASS: {len(graphs)} head graph(s) agree between x86_64 and aarch64 onnxruntime")
     return 0
 
 
