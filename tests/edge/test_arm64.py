@@ -86,9 +86,11 @@ def export(request, tmp_path_factory) -> Path:
     return out
 
 
-def head_files(export_dir: Path) -> list[str]:
+def head_graphs(export_dir: Path) -> set[tuple[str, str]]:
+    """{("k16", "head_int8"), ...}: every head graph the export has."""
     manifest = json.loads((export_dir / "manifest.json").read_text())
-    return [v[k]["file"] for v in manifest["variants"] for k in ("head", "head_int8", "head_tok8") if v.get(k)]
+    return {(f"k{v['keep_tokens']}", k) for v in manifest["variants"]
+            for k in ("head", "head_int8", "head_tok8", "head_tok16") if v.get(k)}
 
 
 def test_export_heads_agree_on_arm64(arm64_root, export, cifar_test):
@@ -96,11 +98,13 @@ def test_export_heads_agree_on_arm64(arm64_root, export, cifar_test):
     print(r.stdout)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "aarch64: onnxruntime" in r.stdout and "(QEMU cortex-a72)" in r.stdout
-    graphs = head_files(export)
+    graphs = head_graphs(export)
     assert f"PASS: {len(graphs)} head graph(s) agree" in r.stdout
     table = [line.split() for line in r.stdout.splitlines() if line.startswith("k")]
     assert table and all(row[-1] == "PASS" for row in table)
-    assert {row[1] for row in table} >= {"head"}
+    assert {(row[0], row[1]) for row in table} == graphs
+    if not os.environ.get("MERCURY_ARM64_EXPORT"):
+        assert any(kind == "head_int8" for _, kind in graphs), "the int8 head (the ARM graph) went unchecked"
 
 
 def one_head_export(src: Path, dst: Path, perturb: bool) -> Path:
@@ -110,7 +114,7 @@ def one_head_export(src: Path, dst: Path, perturb: bool) -> Path:
     from onnx import numpy_helper
 
     manifest = json.loads((src / "manifest.json").read_text())
-    v = dict(manifest["variants"][0], head_int8=None, head_tok8=None)
+    v = dict(manifest["variants"][0], head_int8=None, head_tok8=None, head_tok16=None)
     file = v["head"]["file"]
     dst.mkdir(parents=True)
     if perturb:
