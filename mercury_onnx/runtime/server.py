@@ -31,7 +31,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..export.manifest import load_manifest, variant
-from .codec import check_indices
+from .codec import cast, check_indices
 from .tail import Tail
 
 DTYPES = {"FP32": np.float32, "FP16": np.float16, "INT8": np.int8, "INT16": np.int16,
@@ -240,7 +240,7 @@ def prepare(model: ServedModel, arrays: dict[str, np.ndarray]) -> tuple[np.ndarr
     elif scales is not None:
         raise BadRequest("'scales' is only for INT8 tokens")
     check_indices(indices, t.num_patches, BadRequest)
-    tokens = np.ascontiguousarray(tokens, dtype=t.io_dtype)
+    tokens = np.ascontiguousarray(cast(tokens, t.io_dtype))
     if not np.isfinite(tokens).all():
         raise BadRequest("'tokens' contain NaN or infinity")
     return tokens, indices.astype(np.int64)

@@ -99,3 +99,15 @@ def test_any_single_byte_corruption_is_caught_or_harmless(pos, value):
         return
     assert t.shape == (h.batch, h.keep + 1, h.dim) and i.shape == (h.batch, h.keep)
     assert ((0 <= i) & (i < h.num_patches)).all()
+
+
+def test_fast_fp16_casts_are_bit_identical_to_numpy():
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.standard_normal(20000) * s for s in (1e-8, 1e-5, 1, 1e3, 1e6)]).astype(np.float32)
+    x = np.concatenate([x, np.array([np.nan, np.inf, -np.inf, 0, -0.0, 65504, 65520, 6e-8], np.float32)])
+    h = codec.cast(x, np.float16)
+    assert (h.view(np.uint16) == x.astype(np.float16).view(np.uint16)).all()
+    every_half = np.arange(65536, dtype=np.uint16).view(np.float16)
+    f, ref = codec.cast(every_half, np.float32), every_half.astype(np.float32)
+    nan = np.isnan(ref)                       # signalling NaNs come back quiet: still NaN
+    assert (f.view(np.uint32)[~nan] == ref.view(np.uint32)[~nan]).all() and np.isnan(f[nan]).all()
