@@ -23,13 +23,14 @@ def export(
     calib_data: Optional[str] = typer.Option(None, help="images for int8 calibration "
                                              "(DIR/<class>/*.jpg; default CIFAR-10 train)"),
     calib_images: int = typer.Option(128, help="images used to calibrate the int8 head"),
+    int8_select_images: int = typer.Option(256, help="held-out images that pick S8S8 vs U8S8"),
     fp16_tail: bool = typer.Option(False, "--fp16-tail", help="also an fp16 tail for CUDA"),
     token_dtype: List[str] = typer.Option([], "--token-dtype",
                                           help="extra head with int8 (+ per-token scales) or fp16 tokens"),
     triton_repo: Optional[str] = typer.Option(None, help="also write a Triton model repository of the tails"),
     validate_data: Optional[str] = typer.Option(None, help="validation images (default CIFAR-10 test)"),
     validate_images: int = typer.Option(64, help="how many real images ORT is checked on"),
-    dynamo: bool = typer.Option(False, "--dynamo", help="torch.export-based exporter (slower; same graphs)"),
+    dynamo: bool = typer.Option(False, "--dynamo", help="torch.export-based exporter (slower; opset >= 18)"),
     threads: int = typer.Option(1, help="CPU threads for torch and onnxruntime"),
     prune_after_block: Optional[int] = typer.Option(None, help="(backbone JSON / timm name only)"),
     split_after_block: Optional[int] = typer.Option(None, help="(backbone JSON / timm name only)"),
@@ -55,7 +56,8 @@ def export(
     try:
         out = export_model(source, out_dir, keep_ratio, opset=opset, token_dtypes=token_dtype,
                            int8_head=int8_head, fp16_tail=fp16_tail, calib_data=calib_data,
-                           calib_images=calib_images, validate_data=validate_data,
+                           calib_images=calib_images, int8_select_images=int8_select_images,
+                           validate_data=validate_data,
                            validate_images=validate_images, triton_repo=triton_repo, dynamo=dynamo,
                            threads=threads, model_kw=model_kw)
     except ValidationFailed as e:
@@ -73,6 +75,8 @@ def _print_summary(out) -> None:
     typer.echo(f"model_id {m['model_id']}  N={m['num_patches']} D={m['dim']}  files: {', '.join(m['files'])}")
     for name, d in val["max_abs_diff"].items():
         typer.echo(f"  max|ORT - torch| {name:<40} {d if d is None else f'{d:.3g}'}")
+    for name, r in val["identical_index_rows"].items():
+        typer.echo(f"  identical index rows {name:<36} {r}")
     for name, a in val["top1_agreement"].items():
         acc = val["accuracy"].get(name)
         typer.echo(f"  top-1 agreement  {name:<40} {a:.4f}" + ("" if acc is None else f"   accuracy {acc:.4f}"))

@@ -84,6 +84,8 @@ def export_model(source: str | Path, out_dir: str | Path, keep_ratios: Sequence[
     out = Path(out_dir).resolve()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())):
         raise ExportError(f"{out} exists and is not an export folder; pick a new or empty folder")
+    if dynamo and opset < 18:   # the dynamo exporter starts at opset 18 and cannot convert down
+        opset = 18
     is_ckpt = is_mercury_checkpoint(source)
     models = mercury_from_any(source, keep_ratios=list(keep_ratios), **({} if is_ckpt else (model_kw or {})))
     first, cfg = models[0], models[0].cfg

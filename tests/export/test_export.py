@@ -72,6 +72,24 @@ def test_224_model_round_trip_two_keep_ratios(tmp_path, cifar_test):
     assert m["preprocess"]["size"] == [224, 224] and len(m["classes"]) == 1000
 
 
+@pytest.mark.slow
+def test_deit_small_224_round_trip(tmp_path, cifar_test):
+    from mercury_onnx.models.checkpoint import save_mercury
+
+    _, ckpt = save_mercury(tmp_path / "ck", mercury_from_any("deit_small_patch16_224", keep_ratios=[0.5, 0.25]))
+    out = export_model(ckpt, tmp_path / "e", [0.5, 0.25], token_dtypes=["int8"], validate_data=cifar_test,
+                       validate_images=4, log=None)
+    _check_round_trip(out, ckpt, cifar_test, n=2, batch=2)
+
+
+@pytest.mark.slow
+def test_dynamo_exporter_round_trip(tmp_path, ref_json, cifar_test):
+    out = export_model(ref_json, tmp_path / "e", [0.25], dynamo=True, validate_data=cifar_test,
+                       validate_images=8, log=None)
+    m = _check_round_trip(out, ref_json, cifar_test, n=8, batch=3)
+    assert m["exporter"] == "dynamo" and m["opset"] == 18
+
+
 @pytest.mark.parametrize("name", ["head_k16.onnx", "head_k32_tok8.onnx"])
 def test_head_is_static_topk_without_nonzero(ref_export, name):
     ops = {n.op_type for n in onnx.load(str(ref_export / name)).graph.node}

@@ -1,0 +1,177 @@
+"""Latency of the exported graphs on CPU: head ONNX vs torch eager, the pruning's share of
+the head, and the tail vs a vanilla tail (the same blocks on 1+N tokens, no reconstruction).
+
+    .venv/bin/python benchmarks/export_latency.py [--models deit_tiny_patch16_224 ...] [--reps 15]
+        [--threads 1] [--keep-ratio 0.5] [--out docs/results/export.md]
+
+Each pair being compared is timed interleaved (A, B, A, B, ...) at batch 1 with one thread,
+as process CPU time (time.process_time), and the median is reported: the machine is shared,
+and wall time would count the time other processes hold the cores.
+Random weights for the 224 models (latency does not depend on them); the reference model is
+../shared/models/deit_tiny_patch4_32_cifar10.json.
+Targets: head ONNX <= 0.85x torch eager; pruning <= 3% of the head; tail <= 1.02x vanilla tail.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mercury_onnx.export import graphs as G  # noqa: E402
+from mercury_onnx.export.convert import export_onnx  # noqa: E402
+from mercury_onnx.export.validate import session  # noqa: E402
+from mercury_onnx.models.checkpoint import mercury_from_any  # noqa: E402
+
+REF = ROOT.parent / "shared" / "models" / "deit_tiny_patch4_32_cifar10.json"
+DEFAULT_MODELS = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224", str(REF)]
+
+
+class HeadNoPrune(nn.Module):
+    """The head's blocks without scoring/selection/gather: (B,3,H,W) -> (B,1+N,D)."""
+
+    def __init__(self, mercury):
+        super().__init__()
+        self.m = mercury
+
+    def forward(self, images):
+        x = self.m.embed(images)
+        for blk in self.m.backbone.blocks[: self.m.split]:
+            x = blk(x)
+        return x
+
+
+class VanillaTail(nn.Module):
+    """The tail's blocks on all 1+N tokens as the unsplit model runs them: no reconstruction."""
+
+    def __init__(self, mercury):
+        super().__init__()
+        self.m = mercury
+
+    def forward(self, tokens):
+        b = self.m.backbone
+        x = tokens
+        for blk in b.blocks[self.m.split:]:
+            x = blk(x)
+        return b.forward_head(b.norm(x))
+
+
+def interleaved(fns: dict, reps: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each fn, timed round-robin."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t = time.process_time()
+            f()
+            times[k].append(time.process_time() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_model(source: str, keep_ratio: float, reps: int, threads: int, tmp: Path) -> dict:
+    m = mercury_from_any(source, keep_ratios=[keep_ratio])[0]
+    h, w = m.backbone.patch_embed.img_size
+    x = torch.randn(1, 3, h, w)
+    with torch.no_grad():
+        tok, idx = m.forward_head(x)
+        full_tokens = HeadNoPrune(m)(x)
+    name = Path(source).stem
+    files = {k: tmp / f"{name}_{k}.onnx" for k in ("head", "head_noprune", "tail", "vanilla_tail")}
+    export_onnx(G.HeadGraph(m), (x,), files["head"], *G.HEAD_IO)
+    export_onnx(HeadNoPrune(m), (x,), files["head_noprune"], ["images"], ["tokens"])
+    export_onnx(G.TailGraph(m), (tok, idx), files["tail"], *G.TAIL_IO)
+    export_onnx(VanillaTail(m), (full_tokens,), files["vanilla_tail"], ["tokens"], ["logits"])
+    s = {k: session(f, threads) for k, f in files.items()}
+    xn, tokn, idxn, fulln = x.numpy(), tok.numpy(), idx.numpy(), full_tokens.numpy()
+
+    def torch_head():
+        with torch.no_grad():
+            m.forward_head(x)
+
+    head = interleaved({
+        "torch_head": torch_head,
+        "onnx_head": lambda: s["head"].run(None, {"images": xn}),
+        "onnx_head_noprune": lambda: s["head_noprune"].run(None, {"images": xn}),
+    }, 4 * reps)
+    tail = interleaved({
+        "onnx_tail": lambda: s["tail"].run(None, {"tokens": tokn, "indices": idxn}),
+        "onnx_vanilla_tail": lambda: s["vanilla_tail"].run(None, {"tokens": fulln}),
+    }, reps)
+    return {"model": name, "img": h, "N": m.num_patches, "K": m.keep, "D": m.dim,
+            **head, **tail,
+            "head_onnx_vs_torch": head["onnx_head"] / head["torch_head"],
+            "pruning_share": (head["onnx_head"] - head["onnx_head_noprune"]) / head["onnx_head"],
+            "tail_vs_vanilla": tail["onnx_tail"] / tail["onnx_vanilla_tail"]}
+
+
+def to_markdown(rows: list[dict], args, cmd: str) -> str:
+    ms = lambda s: f"{1e3 * s:.2f}"   # noqa: E731
+    ok = lambda v, t: "yes" if v <= t else "**no**"   # noqa: E731
+    lines = [
+        "# Export latency (issue 4)", "",
+        f"Command: `{cmd}`  ",
+        f"Machine: 2-core x86_64 CPU, shared with other jobs, no GPU ({platform.processor() or platform.machine()}); "
+        f"torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}; "
+        f"{args.threads} thread(s) for torch and ORT, batch 1, keep ratio {args.keep_ratio}, "
+        f"process CPU time, medians of {4 * args.reps} interleaved runs for heads and {args.reps} for tails. "
+        "All figures measured; "
+        "224 models have random weights (latency does not depend on them).", "",
+        "| model | N→K | torch head ms | ONNX head ms | ONNX/torch (≤0.85) | head w/o pruning ms | pruning share (≤3%) | tail ms | vanilla tail ms | tail/vanilla (≤1.02) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} ({r['img']}px) | {r['N']}→{r['K']} | {ms(r['torch_head'])} | {ms(r['onnx_head'])} | "
+            f"{r['head_onnx_vs_torch']:.2f} {ok(r['head_onnx_vs_torch'], 0.85)} | {ms(r['onnx_head_noprune'])} | "
+            f"{100 * r['pruning_share']:.1f}% {ok(r['pruning_share'], 0.03)} | {ms(r['onnx_tail'])} | "
+            f"{ms(r['onnx_vanilla_tail'])} | {r['tail_vs_vanilla']:.3f} {ok(r['tail_vs_vanilla'], 1.02)} |")
+    lines += ["", "Head without pruning = the same patch embedding and blocks exported without scoring, "
+              "region ArgMax, TopK and Gather; pruning share = (head - head w/o pruning) / head. "
+              "Vanilla tail = the same blocks + norm + classifier on 1+N tokens with no reconstruction "
+              "(what the unsplit model runs after the split point).", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
+    ap.add_argument("--keep-ratio", type=float, default=0.5)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1, help="1 = CPU time is the latency")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "export.md"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for src in args.models:
+            r = bench_model(src, args.keep_ratio, args.reps, args.threads, Path(tmp))
+            rows.append(r)
+            print(f"{r['model']}: head ONNX/torch {r['head_onnx_vs_torch']:.2f}, pruning "
+                  f"{100 * r['pruning_share']:.1f}% of head, tail/vanilla {r['tail_vs_vanilla']:.3f} "
+                  f"(ms: torch head {1e3 * r['torch_head']:.2f}, onnx head {1e3 * r['onnx_head']:.2f}, "
+                  f"tail {1e3 * r['onnx_tail']:.2f}, vanilla tail {1e3 * r['onnx_vanilla_tail']:.2f})", flush=True)
+            for f in Path(tmp).glob("*.onnx"):
+                f.unlink()
+    cmd = "python benchmarks/export_latency.py " + " ".join(sys.argv[1:])
+    md = to_markdown(rows, args, cmd.strip())
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(md)
+        print(f"wrote {args.out}")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
