@@ -2,8 +2,12 @@
 
 FlopCounterMode counts matmul-like ops (2 FLOPs per MAC); elementwise ops, softmax and the
 reconstruction scatter are not counted, which is the convention papers (and fvcore) use.
+The attention matmuls (QK^T, AV) ARE counted: timm's fused SDPA is invisible to the counter on
+CPU, so counting switches every Attention to timm's unfused path for the duration.
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -11,8 +15,23 @@ from torch.utils.flop_counter import FlopCounterMode
 from .mercury import Mercury
 
 
-def count_flops(fn, *args) -> int:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+@contextmanager
+def _unfused_attention(module: torch.nn.Module):
+    attns = [m for m in module.modules() if hasattr(m, "fused_attn")]
+    saved = [m.fused_attn for m in attns]
+    for m in attns:
+        m.fused_attn = False
+    try:
+        yield
+    finally:
+        for m, f in zip(attns, saved):
+            m.fused_attn = f
+
+
+def count_flops(fn, *args, module: torch.nn.Module | None = None) -> int:
+    """FLOPs of fn(*args); `module` (default: fn itself if it is a Module) gets unfused attention."""
+    module = module if module is not None else (fn if isinstance(fn, torch.nn.Module) else None)
+    with torch.no_grad(), _unfused_attention(module or torch.nn.Module()), FlopCounterMode(display=False) as counter:
         fn(*args)
     return int(counter.get_total_flops())
 
@@ -30,9 +49,9 @@ def split_flops(mercury: Mercury) -> dict[str, int]:
     a data-independent U V that export folds to constants; meta-ctx: 4 D r per image)."""
     images = _dummy_images(mercury)
     m = mercury.backbone
-    head = count_flops(mercury.forward_head, images)
+    head = count_flops(mercury.forward_head, images, module=mercury)
     tokens, idx = mercury.forward_head(images)
-    tail = count_flops(mercury.forward_tail, tokens, idx)
+    tail = count_flops(mercury.forward_tail, tokens, idx, module=mercury)
     recon = count_flops(mercury.recon, tokens, idx)
     vanilla = count_flops(m, images)
 
@@ -43,4 +62,4 @@ def split_flops(mercury: Mercury) -> dict[str, int]:
 
     full = torch.zeros(1, 1 + mercury.num_patches, mercury.dim)
     return {"head": head, "tail": tail, "reconstruction": recon, "total": head + tail, "vanilla": vanilla,
-            "vanilla_tail": count_flops(vanilla_tail, full)}
+            "vanilla_tail": count_flops(vanilla_tail, full, module=m)}
