@@ -3,13 +3,16 @@
     python benchmarks/serve_load.py EXPORT_DIR [--keep-ratio 0.25] [--clients 1,8,32]
         [--requests 400] [--max-batch 16] [--max-delay-ms 2] [--threads N]
 
-1. Bare ORT: the same tail file in an InferenceSession at batch 1, 8, max-batch (images/s).
+1. Bare ORT: the same tail file in an InferenceSession, back to back at a batch
+   (images/s), measured just before and just after each server run; the mean is the reference.
 2. serve-tail in a subprocess (CPU provider); C concurrent keep-alive clients, each sending
    single-image binary KServe v2 requests (a fixed total count, after a warm-up), for C in
    --clients: images/s, p50/p99 latency, and the mean batch the server formed (/metrics).
    Compared with bare ORT at batch min(C, max-batch).
 3. One client sending max-batch images per request vs bare ORT at that batch (same batch).
 Targets: serve-tail >= 0.9x bare ORT throughput; p99 <= 2x p50 at 32 clients.
+Also CPU ms per image, server process (all threads, /proc) vs bare ORT (this process): on a
+shared, loaded machine wall-clock throughput drifts a lot; CPU cost per image much less.
 
 The load generator is a minimal asyncio HTTP/1.1 client (prebuilt request bytes) so that
 it takes as little CPU as possible from the server: both run on the same machine.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import time
 import urllib.request
@@ -33,16 +37,22 @@ from mercury_onnx.runtime.tail import Tail, model_name
 
 
 def bare_ort(tail: Tail, tokens, indices, batch: int, seconds: float = 3.0) -> tuple[float, float]:
-    """images/s and ms per call of tail(tokens[:batch]) run back to back."""
+    """images/s and CPU ms per image of tail(tokens[:batch]) run back to back."""
     t, i = np.repeat(tokens, batch, 0), np.repeat(indices, batch, 0)
     for _ in range(3):
         tail(t, i)
-    n, start = 0, time.perf_counter()
+    n, start, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:
         tail(t, i)
         n += 1
-    dt = time.perf_counter() - start
-    return n * batch / dt, dt / n * 1000
+    dt, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return n * batch / dt, cpu / (n * batch) * 1000
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (Linux /proc)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _client(host, port, request: bytes, count: int, lat: list, errors: list) -> None:
@@ -54,7 +64,7 @@ async def _client(host, port, request: bytes, count: int, lat: list, errors: lis
             await writer.drain()
             head = await reader.readuntil(b"\r\n\r\n")
             status = int(head.split(b" ", 2)[1])
-            length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+            length = int(re.search(rb"(?im)^content-length:\s*(\d+)", head).group(1))
             await reader.readexactly(length)
             lat.append(time.perf_counter() - t)
             if status != 200:
@@ -63,7 +73,7 @@ async def _client(host, port, request: bytes, count: int, lat: list, errors: lis
         writer.close()
 
 
-def load(url: str, model: str, body: bytes, hlen: int, clients: int, total: int) -> dict:
+def load(url: str, model: str, body: bytes, hlen: int, clients: int, total: int, pid: int) -> dict:
     host, port = url.removeprefix("http://").split(":")
     request = (f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {host}\r\n"
                f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {hlen}\r\n"
@@ -77,14 +87,15 @@ def load(url: str, model: str, body: bytes, hlen: int, clients: int, total: int)
         return lat, errors, time.perf_counter() - start
 
     asyncio.run(run(max(2, per // 10)))                                 # warm-up
-    before = metrics(url, model)
+    before, cpu = metrics(url, model), process_cpu_s(pid)
     lat, errors, wall = asyncio.run(run(per))
-    after = metrics(url, model)
+    cpu, after = process_cpu_s(pid) - cpu, metrics(url, model)
     lat = np.array(lat) * 1000
     runs = after["runs"] - before["runs"]
     return {"requests": len(lat), "errors": len(errors), "req_s": len(lat) / wall,
             "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
-            "mean_batch": (after["images"] - before["images"]) / max(runs, 1)}
+            "mean_batch": (after["images"] - before["images"]) / max(runs, 1),
+            "cpu_ms": cpu / (after["images"] - before["images"]) * 1000}
 
 
 def metrics(url: str, model: str) -> dict:
@@ -116,37 +127,44 @@ def main() -> None:
     mb = args.max_batch
     print(f"export {args.export_dir}: {manifest['timm_model']} {manifest.get('overrides') or ''}, "
           f"{model} (K={v['keep_tokens']}, D={manifest['dim']}), max batch {mb}, "
-          f"max delay {args.max_delay_ms:g} ms, ORT threads {args.threads or 'default'}")
+          f"max delay {args.max_delay_ms:g} ms, ORT threads {args.threads or 'default'}; "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
 
+    # bare ORT is measured right before and right after each server run (the mean is the
+    # reference), so that drifting load on a shared machine hits both sides alike
     tail = Tail(args.export_dir, v["keep_ratio"], provider="cpu", threads=args.threads, manifest=manifest)
-    bare = {}
-    print("\n| bare ORT batch | images/s | ms per call |\n|---:|---:|---:|")
-    for b in sorted({1, *[min(c, mb) for c in clients], mb}):
-        bare[b] = bare_ort(tail, tokens, indices, b, args.seconds)
-        print(f"| {b} | {bare[b][0]:.1f} | {bare[b][1]:.2f} |")
-    del tail
-
+    bare = lambda b: bare_ort(tail, tokens, indices, b, args.seconds)   # noqa: E731
     extra = ["--threads", str(args.threads)] if args.threads else []
     proc, url = spawn(args.export_dir, "--provider", "cpu", "--max-batch", str(mb), "--max-delay-ms",
                       str(args.max_delay_ms), "--keep-ratio", str(v["keep_ratio"]), *extra)
     try:
         params = {"model_id": manifest["model_id"]}
         body, hlen = build_request({"tokens": tokens, "indices": indices}, params)
-        print("\n| clients (1 image/request) | requests | errors | images/s | vs bare ORT (batch) "
-              "| p50 ms | p99 ms | p99/p50 | mean server batch |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("\n| clients (1 image/request) | requests | errors | images/s | bare ORT images/s (batch; before/after) "
+              "| ratio | p50 ms | p99 ms | p99/p50 | mean server batch | CPU ms/image server / bare |\n"
+              "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|")
         for c in clients:
-            r = load(url, model, body, hlen, c, args.requests)
             b = min(c, mb)
-            print(f"| {c} | {r['requests']} | {r['errors']} | {r['req_s']:.1f} | {r['req_s'] / bare[b][0]:.2f}x ({b}) "
-                  f"| {r['p50']:.2f} | {r['p99']:.2f} | {r['p99'] / r['p50']:.2f} | {r['mean_batch']:.2f} |")
+            before = bare(b)
+            r = load(url, model, body, hlen, c, args.requests, proc.pid)
+            after = bare(b)
+            ref, ref_cpu = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
+            print(f"| {c} | {r['requests']} | {r['errors']} | {r['req_s']:.1f} | {ref:.1f} ({b}; {before[0]:.1f}/{after[0]:.1f}) "
+                  f"| {r['req_s'] / ref:.2f}x | {r['p50']:.2f} | {r['p99']:.2f} | {r['p99'] / r['p50']:.2f} "
+                  f"| {r['mean_batch']:.2f} | {r['cpu_ms']:.2f} / {ref_cpu:.2f} |")
         body, hlen = build_request({"tokens": np.repeat(tokens, mb, 0), "indices": np.repeat(indices, mb, 0)}, params)
-        r = load(url, model, body, hlen, 1, max(20, args.requests // mb))
-        print(f"\n| 1 client, {mb} images/request | requests | images/s | vs bare ORT batch {mb} | p50 ms | p99 ms |"
-              f"\n|---|---:|---:|---:|---:|---:|\n| | {r['requests']} | {r['req_s'] * mb:.1f} | "
-              f"{r['req_s'] * mb / bare[mb][0]:.2f}x | {r['p50']:.2f} | {r['p99']:.2f} |")
+        before = bare(mb)
+        r = load(url, model, body, hlen, 1, max(20, args.requests // mb), proc.pid)
+        after = bare(mb)
+        ref, ref_cpu = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
+        print(f"\n| 1 client, {mb} images/request | requests | images/s | bare ORT batch {mb} (before/after) | ratio "
+              f"| p50 ms | p99 ms | CPU ms/image server / bare |\n|---|---:|---:|---|---:|---:|---:|---|\n"
+              f"| | {r['requests']} | {r['req_s'] * mb:.1f} | {ref:.1f} ({before[0]:.1f}/{after[0]:.1f}) "
+              f"| {r['req_s'] * mb / ref:.2f}x | {r['p50']:.2f} | {r['p99']:.2f} | {r['cpu_ms']:.2f} / {ref_cpu:.2f} |")
     finally:
         proc.terminate()
         proc.wait(15)
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

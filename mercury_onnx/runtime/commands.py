@@ -34,7 +34,7 @@ def serve_tail(
     try:
         from .server import create_app, run
     except ImportError as e:
-        fail(f"serve-tail needs the [cloud] extra (fastapi, uvicorn): {e}")
+        fail(f"serve-tail needs the [cloud] extra (starlette, uvicorn): {e}")
     try:
         app = create_app(export_dir, provider=provider, max_batch=max_batch, max_delay_ms=max_delay_ms,
                          auth_token=auth_token, max_body_mb=max_body_mb, timeout_s=timeout_s,

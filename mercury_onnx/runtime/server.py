@@ -12,13 +12,16 @@ POST /v2/models/{name}[/versions/1]/infer, GET /metrics (Prometheus text).
   open and the previous batch was a lone request),
   runs ORT in a worker thread, and splits the logits back to the requests.
 - Every bad request is a 4xx with {"error": "..."}; the server stays up and ready.
-No torch here: fastapi/uvicorn ([cloud] extra), numpy, onnxruntime.
+A plain Starlette app (FastAPI's per-request parameter solving and middleware cost about as
+much CPU as the handler itself, and nothing here needs them) under uvicorn ([cloud] extra);
+numpy, onnxruntime; no torch.
 """
 from __future__ import annotations
 
 import asyncio
 import hmac
 import json
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -26,9 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from ..export.manifest import load_manifest, variant
 from .codec import cast, check_indices
@@ -176,7 +181,7 @@ def parse_inputs(req: dict, binary: bytes) -> dict[str, np.ndarray]:
         if dt not in DTYPES:
             raise BadRequest(f"input {name!r}: datatype {dt!r} is not supported here (use one of {sorted(DTYPES)})")
         shape, dtype = _shape(spec, name), np.dtype(DTYPES[dt])
-        count = int(np.prod(shape))
+        count = math.prod(shape)                                     # exact, no int64 overflow
         params = spec.get("parameters") or {}
         if not isinstance(params, dict):
             raise BadRequest(f"input {name!r}: 'parameters' must be an object")
@@ -269,7 +274,7 @@ def wants_binary(req: dict) -> bool:
 def create_app(export_dir: str | Path, *, provider: str = "auto", max_batch: int = 16,
                max_delay_ms: float = 2.0, auth_token: str | None = None, max_body_mb: float = 16.0,
                timeout_s: float = 10.0, threads: int | None = None, tail_dtype: str = "float32",
-               keep_ratios: list[float] | None = None) -> FastAPI:
+               keep_ratios: list[float] | None = None) -> Starlette:
     """The serve-tail ASGI app: one served model per exported keep ratio (or those asked for)."""
     manifest = load_manifest(export_dir)
     entries = manifest["variants"] if not keep_ratios else [variant(manifest, r) for r in keep_ratios]
@@ -350,11 +355,6 @@ def create_app(export_dir: str | Path, *, provider: str = "auto", max_batch: int
                     j.future.set_exception(BadRequest("server shutting down", 503))
             m.pool.shutdown(wait=True)
 
-    app = FastAPI(title="mercury serve-tail", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
-    app.state.models, app.state.metrics, app.state.model_id = models, metrics, model_id
-
-    @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         return error(f"{exc.detail}: {request.method} {request.url.path}", exc.status_code)
 
@@ -369,40 +369,37 @@ def create_app(export_dir: str | Path, *, provider: str = "auto", max_batch: int
             return r
         return None
 
-    @app.get("/v2/health/live")
-    async def live():
+    async def live(request: Request):
         return ok({"live": True})
 
-    @app.get("/v2/health/ready")
-    async def ready():
+    async def ready(request: Request):
         return ok({"ready": True}) if state["ready"] else error("not ready", 503)
 
-    @app.get("/v2")
     async def server_metadata(request: Request):
         return unauthorized(request) or ok({"name": "mercury-serve-tail", "version": "1",
                                             "extensions": ["binary_tensor_data"], "model_id": model_id,
                                             "models": sorted(models)})
 
-    @app.get("/v2/models/{name}")
-    @app.get("/v2/models/{name}/versions/{version}")
-    async def model_metadata(request: Request, name: str, version: str = "1"):
+    def name_version(request: Request) -> tuple[str, str]:
+        return request.path_params["name"], request.path_params.get("version", "1")
+
+    async def model_metadata(request: Request):
+        name, version = name_version(request)
         if (r := unauthorized(request)) is not None:
             return r
         if name not in models or version != "1":
             return error(f"unknown model {name!r} version {version}; served: {sorted(models)}", 404)
         return ok(models[name].metadata())
 
-    @app.get("/v2/models/{name}/ready")
-    @app.get("/v2/models/{name}/versions/{version}/ready")
-    async def model_ready(request: Request, name: str, version: str = "1"):
+    async def model_ready(request: Request):
+        name, version = name_version(request)
         if (r := unauthorized(request)) is not None:
             return r
         if name not in models or version != "1":
             return error(f"unknown model {name!r}", 404)
         return ok({"name": name, "ready": state["ready"]})
 
-    @app.get("/metrics")
-    async def prometheus():
+    async def prometheus(request: Request):
         in_flight = {name: m.open_requests for name, m in models.items()}
         return Response(metrics.render(in_flight), media_type="text/plain; version=0.0.4")
 
@@ -451,12 +448,13 @@ def create_app(export_dir: str | Path, *, provider: str = "auto", max_batch: int
 
         loop = asyncio.get_running_loop()
         job = Job(tokens, indices, loop.create_future(), time.perf_counter())
-        await m.queue.put(job)
+        m.queue.put_nowait(job)
+        timer = loop.call_later(timeout_s, lambda: job.future.done() or job.future.set_exception(
+            BadRequest(f"inference took longer than the server's {timeout_s:g} s timeout", 504)))
         try:
-            logits, tail_s, batch, queue_s = await asyncio.wait_for(asyncio.shield(job.future), timeout_s)
-        except asyncio.TimeoutError:
-            job.future.cancel()
-            raise BadRequest(f"inference took longer than the server's {timeout_s:g} s timeout", 504) from None
+            logits, tail_s, batch, queue_s = await job.future
+        finally:
+            timer.cancel()
 
         out = {"name": "logits", "datatype": "FP32", "shape": list(logits.shape)}
         resp = {"model_name": m.name, "model_version": "1",
@@ -475,10 +473,9 @@ def create_app(export_dir: str | Path, *, provider: str = "auto", max_batch: int
         return Response(header + data, 200, media_type="application/octet-stream",
                         headers={"Inference-Header-Content-Length": str(len(header))})
 
-    @app.post("/v2/models/{name}/infer")
-    @app.post("/v2/models/{name}/versions/{version}/infer")
-    async def infer(request: Request, name: str, version: str = "1"):
+    async def infer(request: Request):
         t0 = time.perf_counter()
+        name, version = name_version(request)
         m = models.get(name)
         label = name if m is not None else "_unknown"
         if (r := unauthorized(request)) is not None:
@@ -502,10 +499,23 @@ def create_app(export_dir: str | Path, *, provider: str = "auto", max_batch: int
         metrics.request(label, response.status_code, time.perf_counter() - t0)
         return response
 
+    get = ["GET"]
+    routes = [Route("/v2/models/{name}/infer", infer, methods=["POST"]),       # the hot path first
+              Route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"]),
+              Route("/v2/health/live", live, methods=get), Route("/v2/health/ready", ready, methods=get),
+              Route("/v2", server_metadata, methods=get), Route("/metrics", prometheus, methods=get),
+              Route("/v2/models/{name}", model_metadata, methods=get),
+              Route("/v2/models/{name}/versions/{version}", model_metadata, methods=get),
+              Route("/v2/models/{name}/ready", model_ready, methods=get),
+              Route("/v2/models/{name}/versions/{version}/ready", model_ready, methods=get)]
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={StarletteHTTPException: http_error})
+    app.state.models, app.state.metrics, app.state.model_id = models, metrics, model_id
+
     return app
 
 
-def run(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, timeout_s: float = 10.0) -> None:
+def run(app: Starlette, host: str = "127.0.0.1", port: int = 8000, timeout_s: float = 10.0) -> None:
     """uvicorn; SIGINT/SIGTERM stop accepting, let in-flight requests finish, then exit."""
     import uvicorn
 

@@ -106,8 +106,12 @@ def _bad_cases(ref):
     oor = idx.copy(); oor[0, -1] = ref["manifest"]["num_patches"]
     json_req = json.dumps({"inputs": [{"name": "tokens", "datatype": "FP32", "shape": [1, 17, 192], "data": [1, 2]}],
                            "parameters": {"model_id": ref["manifest"]["model_id"]}}).encode()
+    absurd = json.dumps({"inputs": [{"name": "tokens", "datatype": "FP32", "shape": [2 ** 62, 2 ** 62],
+                                     "parameters": {"binary_data_size": 4}}],
+                         "parameters": {"model_id": ref["manifest"]["model_id"]}}).encode()
     m = ref["model"]
     return {
+        "absurd shape": (m, absurd + b"\0" * 4, len(absurd), AUTH, 400, "does not match shape"),
         "malformed json": (m, b"{not json", None, AUTH, 400, "malformed JSON"),
         "wrong tensor name": (m, *_request(ref, tokens=None, toks=ref["tokens"][:1]), AUTH, 400, "unknown input"),
         "missing tensor": (m, *_request(ref, indices=None), AUTH, 400, "missing input 'indices'"),
