@@ -4,6 +4,268 @@ Keep module-level imports light (no torch/timm/onnx): import inside each command
 """
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
 
 def register(app) -> None:
-    pass
+    app.command("train")(train)
+    app.command("calibrate")(calibrate)
+    app.command("eval")(evaluate)
+
+
+def _overrides(img_size, patch_size, num_classes) -> dict:
+    return {k: v for k, v in dict(img_size=img_size, patch_size=patch_size,
+                                  num_classes=num_classes).items() if v is not None}
+
+
+def _backbone_models(source: str, checkpoint: Optional[str], overrides: dict, keep_ratios: list[float], **method):
+    """Mercury wrappers for keep_ratios on one backbone from a Mercury checkpoint (its backbone
+    and method settings; `method` overrides them), a backbone JSON or a timm name."""
+    import copy
+
+    from ..models import build_mercury
+    from ..models.checkpoint import is_mercury_checkpoint, load_mercury, mercury_from_any
+
+    method = {k: v for k, v in method.items() if v is not None}
+    if is_mercury_checkpoint(source):
+        stored = load_mercury(source)
+        models = []
+        for r in keep_ratios:
+            cfg = copy.deepcopy(stored[0].cfg)
+            for k, v in method.items():
+                setattr(cfg, k, v)
+            cfg.keep_ratio, cfg.keep_tokens = r, None
+            models.append(build_mercury(cfg, stored[0].backbone))
+        return models, stored
+    kw = dict(method)
+    if not source.endswith(".json"):
+        kw.update(checkpoint=checkpoint, overrides=overrides)
+    elif checkpoint or overrides:
+        raise ValueError("--checkpoint / --img-size / --patch-size / --num-classes are for a timm name; "
+                         "a backbone JSON names its own weights and overrides")
+    return mercury_from_any(source, keep_ratios=keep_ratios, **kw), []
+
+
+# ---------------------------------------------------------------- train
+
+def train(
+    data_dir: str = typer.Argument(..., help="ImageFolder: DATA_DIR/<class>/<image>"),
+    model: str = typer.Option(..., "--model", "-m", help="timm name, or a backbone JSON to fine-tune"),
+    checkpoint: Optional[str] = typer.Option(None, help="start from these weights (.safetensors/.pth)"),
+    img_size: Optional[int] = typer.Option(None), patch_size: Optional[int] = typer.Option(None),
+    num_classes: Optional[int] = typer.Option(None, help="default: the number of class folders"),
+    out: str = typer.Option(..., help="writes OUT.safetensors + OUT.json (+ OUT.state.pt for --resume)"),
+    epochs: float = typer.Option(1.0), steps: Optional[int] = typer.Option(None, help="wins over --epochs"),
+    batch_size: int = typer.Option(128), lr: float = typer.Option(1e-3),
+    images: Optional[int] = typer.Option(None, help="train on a deterministic class-balanced subset"),
+    eval_dir: Optional[str] = typer.Option(None, help="test split to report test_top1 on"),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="default: on where the CPU has native bf16"),
+    resume: bool = typer.Option(False, "--resume", help="continue from OUT.state.pt"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Train or fine-tune a timm backbone (AdamW, cosine + warmup, label smoothing, crop + flip)."""
+    from ..cli import fail, need_export_extra
+
+    need_export_extra("train")
+    from ..models import ConfigError, MercuryConfig
+    from .data import DataError, list_images
+    from .train import TrainSettings
+    from .train import train as run_train
+
+    if steps is not None and steps < 1 or epochs <= 0 or batch_size < 1:
+        fail("--steps, --epochs and --batch-size must be positive")
+    try:
+        overrides = _overrides(img_size, patch_size, num_classes)
+        if model.endswith(".json"):
+            cfg = MercuryConfig.from_checkpoint_json(model)
+            cfg.overrides.update(overrides)
+        else:
+            if "num_classes" not in overrides:
+                overrides["num_classes"] = len(list_images(data_dir)[2])
+            cfg = MercuryConfig(timm_model=model, checkpoint=checkpoint, overrides=overrides)
+        meta = run_train(cfg, data_dir, out, TrainSettings(epochs=epochs, steps=steps, batch_size=batch_size,
+                                                           lr=lr, bf16=bf16, seed=seed),
+                         resume=resume, images=images, eval_dir=eval_dir)
+    except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    typer.echo(json.dumps({k: meta[k] for k in ("steps", "epochs_seen", "first_loss", "last_loss",
+                                                "train_minutes") if k in meta}))
+    if "test_top1" in meta:
+        typer.echo(f"test top-1 {100 * meta['test_top1']:.2f}% on {meta['test_images']} images")
+    typer.echo(f"wrote {Path(out).with_suffix('.safetensors')} and {Path(out).with_suffix('.json')}")
+
+
+# ---------------------------------------------------------------- calibrate
+
+def calibrate(
+    source: str = typer.Argument(..., metavar="CHECKPOINT_OR_MODEL",
+                                 help="backbone JSON, Mercury checkpoint, or timm name (+ --checkpoint)"),
+    data_dir: str = typer.Argument(..., help="training images, DATA_DIR/<class>/<image>"),
+    keep_ratio: List[float] = typer.Option([0.5], "--keep-ratio", "-r", help="repeatable; one meta set per ratio"),
+    out: str = typer.Option(..., help="Mercury checkpoint to write (OUT.safetensors + OUT.json)"),
+    images: int = typer.Option(5000, help="calibration images (class-balanced, seeded)"),
+    heldout: int = typer.Option(1000, help="held-out images (disjoint) for before/after top-1; 0 = none"),
+    steps: int = typer.Option(200), batch_size: int = typer.Option(64), lr: float = typer.Option(3e-3),
+    temperature: float = typer.Option(1.0, help="distillation temperature"),
+    ce_weight: float = typer.Option(0.0, help="add this times CE on the labels (0 = labels unused)"),
+    no_init: bool = typer.Option(False, "--no-init", help="skip the closed-form init (ablation)"),
+    reconstruction: Optional[str] = typer.Option(None, help="default: meta-ctx / the checkpoint's"),
+    pruning: Optional[str] = typer.Option(None, help="default: regional / the checkpoint's"),
+    score: Optional[str] = typer.Option(None, help="default: mercury / the checkpoint's"),
+    checkpoint: Optional[str] = typer.Option(None, help="backbone weights for a timm name"),
+    img_size: Optional[int] = typer.Option(None), patch_size: Optional[int] = typer.Option(None),
+    num_classes: Optional[int] = typer.Option(None),
+    seed: int = typer.Option(0), cache: bool = typer.Option(False, "--cache", help="cache decoded images in ~/.cache/mercury-onnx"),
+) -> None:
+    """Learn the meta-parameters (backbone frozen) by distilling the unpruned model."""
+    from ..cli import fail, need_export_extra
+
+    need_export_extra("calibrate")
+    from ..models import ConfigError
+    from ..models.checkpoint import save_mercury
+    from .calibrate import CalibSettings, run_prefix
+    from .calibrate import calibrate as run_calibrate
+    from .data import DataError, load_image_set, preprocess_for
+
+    if images < 1 or steps < 0 or batch_size < 1 or heldout < 0:
+        fail("--images and --batch-size must be >= 1, --steps and --heldout >= 0")
+    t0 = time.time()
+    try:
+        models, _ = _backbone_models(source, checkpoint, _overrides(img_size, patch_size, num_classes),
+                                     keep_ratio, reconstruction=reconstruction, pruning=pruning, score=score)
+        base = models[0]
+        if not base.recon.learned:
+            fail(f"reconstruction {base.cfg.reconstruction!r} has nothing to learn; "
+                 "choose meta-ctx, meta-local, meta-pos, mask or generator")
+        pre = preprocess_for(base)
+        held, held_pos = (load_image_set(data_dir, pre, base.cfg.classes, count=heldout, seed=seed + 1, cache=cache)
+                          if heldout else (None, []))
+        train_set, _ = load_image_set(data_dir, pre, base.cfg.classes, count=images, seed=seed,
+                                      exclude=set(held_pos), cache=cache)
+    except (ConfigError, DataError, ValueError) as e:
+        fail(str(e))
+    typer.echo(f"calibrating {base.cfg.pruning}+{base.cfg.reconstruction} at K={[m.keep for m in models]} "
+               f"on {len(train_set)} images of {data_dir} (held out: {len(held) if held else 0})")
+    s = CalibSettings(steps=steps, batch_size=batch_size, lr=lr, temperature=temperature,
+                      ce_weight=ce_weight, seed=seed, closed_form_init=not no_init)
+    train_pre = run_prefix(base, train_set)
+    held_pre = run_prefix(base, held) if held else None
+    per_k = {}
+    for m in models:
+        rep = run_calibrate(m, train_pre, s, heldout=held_pre)
+        per_k[str(m.keep)] = rep
+        line = f"K={m.keep} (keep {m.keep / m.num_patches:g})"
+        if held_pre is not None:
+            b, a = rep["heldout_before"], rep["heldout_after"]
+            line += (f": held-out top-1 {100 * rep['heldout_untrained']['top1']:.2f}% untrained, "
+                     f"{100 * b['top1']:.2f}% after init, {100 * a['top1']:.2f}% after {steps} steps "
+                     f"(vanilla {100 * rep['heldout_vanilla_top1']:.2f}%); KL {b['loss']:.4f} -> {a['loss']:.4f}")
+        typer.echo(line)
+    report = {"data": str(data_dir), "images": len(train_set), "heldout_images": len(held) if held else 0,
+              "steps": steps, "batch_size": batch_size, "lr": lr, "temperature": temperature,
+              "ce_weight": ce_weight, "closed_form_init": not no_init, "seed": seed,
+              "minutes": round((time.time() - t0) / 60, 2), "per_keep_tokens": per_k}
+    weights, meta = save_mercury(out, models, calibration=report)
+    typer.echo(f"wrote {weights} and {meta} ({report['minutes']} min)")
+
+
+# ---------------------------------------------------------------- eval
+
+def evaluate(
+    data_dir: str = typer.Argument(..., help="evaluation split, DATA_DIR/<class>/<image>"),
+    checkpoint: str = typer.Option(..., help="Mercury checkpoint (from calibrate) or backbone JSON"),
+    keep_ratio: List[float] = typer.Option([0.5, 0.25], "--keep-ratio", "-r", help="repeatable"),
+    images: Optional[int] = typer.Option(None, help="class-balanced seeded subset (default: all)"),
+    methods: str = typer.Option("all", help="'all' (every baseline) or 'main' (vanilla + mercury)"),
+    json_out: Optional[str] = typer.Option(None, "--json", help="write the results JSON here"),
+    plot_out: Optional[str] = typer.Option(None, "--plot", help="write accuracy vs keep ratio (PNG)"),
+    onnx_dir: Optional[str] = typer.Option(None, "--onnx", help="evaluate this export folder under onnxruntime"),
+    calib_data: Optional[str] = typer.Option(None, help="train images for on-the-fly calibration "
+                                             "(default: DATA_DIR/../train)"),
+    calib_images: Optional[int] = typer.Option(None, help="default: the checkpoint's calibration budget"),
+    calib_steps: Optional[int] = typer.Option(None, help="default: the checkpoint's calibration budget"),
+    calib_batch_size: Optional[int] = typer.Option(None, help="default: the checkpoint's calibration budget"),
+    recalibrate: bool = typer.Option(False, "--recalibrate", help="calibrate Mercury here too, with the "
+                                     "same budget as the baselines (ignore the checkpoint's meta-parameters)"),
+    batch_size: int = typer.Option(256), seed: int = typer.Option(0),
+    cache: bool = typer.Option(False, "--cache", help="cache decoded images in ~/.cache/mercury-onnx"),
+) -> None:
+    """Top-1 of vanilla, Mercury and the baselines; table, JSON and plot.
+
+    Mercury's meta-parameters are read from the checkpoint (with --recalibrate, or from a
+    backbone JSON, they are calibrated here like the rest). Other learned reconstructions are
+    calibrated here on train images with the checkpoint's calibration budget (images, steps,
+    batch size, lr) unless --calib-* say otherwise: with --recalibrate every learned method
+    gets exactly the same budget and recipe."""
+    from ..cli import fail, need_export_extra
+
+    need_export_extra("eval")
+    from ..models import ConfigError
+    from ..models.checkpoint import is_mercury_checkpoint, read_checkpoint_json
+    from .calibrate import CalibSettings, run_prefix
+    from .data import DataError, load_image_set, preprocess_for
+    from .evaluate import evaluate as run_eval
+    from .evaluate import format_table, method_grid, plot, prepare
+
+    if methods not in ("all", "main"):
+        fail("--methods must be 'all' or 'main'")
+    t0 = time.time()
+    try:
+        models, stored = _backbone_models(checkpoint, None, {}, keep_ratio[:1])
+        base = models[0]
+        pre = preprocess_for(base)
+        test, _ = load_image_set(data_dir, pre, base.cfg.classes, count=images, seed=seed, cache=cache)
+    except (ConfigError, DataError, ValueError) as e:
+        fail(str(e))
+    dataset = f"{Path(data_dir).resolve().parent.name}/{Path(data_dir).name}"
+    if onnx_dir is not None:
+        from ..export.manifest import ManifestError
+        from .onnx_eval import evaluate_onnx
+        try:
+            rows = evaluate_onnx(onnx_dir, test, keep_ratio, batch_size=batch_size)
+        except (ManifestError, ValueError) as e:
+            fail(str(e))
+    else:
+        budget = read_checkpoint_json(checkpoint).get("calibration", {}) if is_mercury_checkpoint(checkpoint) else {}
+        s = CalibSettings(steps=calib_steps if calib_steps is not None else budget.get("steps", 200),
+                          batch_size=calib_batch_size or budget.get("batch_size", 64), lr=budget.get("lr", 3e-3),
+                          temperature=budget.get("temperature", 1.0), ce_weight=budget.get("ce_weight", 0.0),
+                          seed=seed)
+        n_calib = calib_images if calib_images is not None else budget.get("images", 5000)
+        grid = method_grid(base.cfg.reconstruction, methods)
+        stored_by_k = {} if recalibrate else {m.keep: m for m in stored}
+        needs = [meth for meth in grid[1:] if meth.name != "mercury" or not stored_by_k]
+        calib_pre = None
+        if any(meth.reconstruction in ("meta-pos", "meta-ctx", "meta-local", "mask", "generator")
+               for meth in needs):
+            calib_dir = calib_data or str(Path(data_dir).resolve().parent / "train")
+            try:
+                cal, _ = load_image_set(calib_dir, pre, base.cfg.classes, count=n_calib, seed=seed, cache=cache)
+            except DataError as e:
+                fail(f"{e} (learned baselines are calibrated on train images: pass --calib-data)")
+            typer.echo(f"calibrating learned baselines on {len(cal)} images of {calib_dir}, "
+                       f"{s.steps} steps of {s.batch_size}")
+            calib_pre = run_prefix(base, cal)
+        try:
+            ready = prepare(base, stored_by_k, grid, keep_ratio, calib_pre, s, log=typer.echo)
+        except ConfigError as e:
+            fail(str(e))
+        del calib_pre
+        rows = run_eval(base, ready, test, batch_size=batch_size)
+    minutes = (time.time() - t0) / 60
+    typer.echo(f"\n{dataset}: {len(test)} images, {minutes:.1f} min")
+    typer.echo(format_table(rows))
+    result = {"dataset": dataset, "images": len(test), "results": rows}
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(result, indent=1))
+        typer.echo(f"wrote {json_out}")
+    if plot_out:
+        Path(plot_out).parent.mkdir(parents=True, exist_ok=True)
+        plot(rows, plot_out, title=f"{base.cfg.timm_model} {base.cfg.overrides or ''} on {dataset} ({len(test)} images)")
+        typer.echo(f"wrote {plot_out}")
