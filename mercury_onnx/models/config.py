@@ -14,8 +14,8 @@ from pathlib import Path
 
 PRUNING_METHODS = ("regional", "random", "topk-attn", "topk-attn-fuse", "uniform", "janus")
 SCORE_VARIANTS = ("mercury", "attention", "similarity")
-RECONSTRUCTIONS = ("meta-pos", "meta-ctx", "none", "zero", "duplicate", "mask", "generator")
-META_RECONSTRUCTIONS = ("meta-pos", "meta-ctx")
+RECONSTRUCTIONS = ("meta-pos", "meta-ctx", "meta-local", "none", "zero", "duplicate", "mask", "generator")
+META_RECONSTRUCTIONS = ("meta-pos", "meta-ctx", "meta-local")
 
 # Paper: meta-parameters are at most 0.13% of the model (<= 0.11 M for DeiT-B).
 META_BUDGET_FRACTION = 0.0013

@@ -9,6 +9,7 @@ too, behind the same call.
 |-----------|-----------------------------------------------------------|--------------------|
 | meta-pos  | U_i V + b  (low-rank per-position meta tokens)            | N r + r D + D      |
 | meta-ctx  | b + U_i V + (c A) C,  c = mean received patch token | D + N r + 3 r D    |
+| meta-local| n_i + b + U_i V + (n_i A) C,  n_i = nearest received token | D + N r + 3 r D  |
 | zero      | pos_embed_i (zero-padding + position embedding)           | 0                  |
 | duplicate | the spatially nearest received token                      | 0                  |
 | mask      | m + pos_embed_i (one MAE-style mask token)                | D                  |
@@ -88,6 +89,21 @@ class MetaCtx(MetaPos):
         return meta.unsqueeze(0) + adapt.unsqueeze(1)                    # (B, N, D)
 
 
+class MetaLocal(MetaCtx):
+    """meta-ctx with a local context: n_i, the spatially nearest received token (as `duplicate`),
+    plus b + U_i V + (n_i A) C. Same parameter count as meta-ctx; with b = U = A = 0 it is
+    exactly `duplicate`, so calibration starts from copying the neighbour and corrects it."""
+
+    def __init__(self, num_patches, dim, rank, grid):
+        super().__init__(num_patches, dim, rank)
+        self.nearest = DuplicateNearest(num_patches, dim, grid)         # buffers only, no params
+
+    def fill(self, tokens, idx):
+        near = self.nearest.fill(tokens, idx)                            # (B, N, D)
+        meta = self.pos_code @ self.basis + self.bias                    # (N, D)
+        return near + meta.unsqueeze(0) + (near @ self.ctx_down) @ self.ctx_up
+
+
 class ZeroPos(Reconstruction):
     def __init__(self, num_patches, dim, pos_embed):
         super().__init__(num_patches, dim)
@@ -153,7 +169,7 @@ def build_reconstruction(name: str, *, num_patches: int, dim: int, grid: int, nu
         return DuplicateNearest(num_patches, dim, grid)
     if name == "generator":
         return Generator(num_patches, dim, pos_embed, num_heads)
-    if name in ("meta-pos", "meta-ctx"):
+    if name in ("meta-pos", "meta-ctx", "meta-local"):
         budget = meta_budget(backbone_params)
         per_rank = num_patches + dim if name == "meta-pos" else num_patches + 3 * dim
         fixed = dim                                                      # the bias / mask token
@@ -162,6 +178,8 @@ def build_reconstruction(name: str, *, num_patches: int, dim: int, grid: int, nu
         if rank < 1 or rank > max_rank:
             raise ConfigError(f"{name}: rank {rank} does not fit the meta-parameter budget "
                               f"({budget} params = 0.13% of {backbone_params}); max rank {max_rank}")
+        if name == "meta-local":
+            return MetaLocal(num_patches, dim, rank, grid)
         cls = MetaPos if name == "meta-pos" else MetaCtx
         return cls(num_patches, dim, rank)
     raise ConfigError(f"unknown reconstruction {name!r}")
