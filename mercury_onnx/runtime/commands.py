@@ -4,6 +4,7 @@ Keep module-level imports light (no torch/timm/onnx): import inside each command
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional
 
 import typer
@@ -93,13 +94,16 @@ def infer(
         typer.echo(f"latency (batch of {len(preds)}): preprocess {b['preprocess']:.2f} ms, "
                    f"full model locally {b['local_full']:.2f} ms, total {b['total']:.2f} ms")
     else:
-        network = b["round_trip"] - b["server_total"]
+        if not math.isnan(b["server_total"]):           # reported by serve-tail
+            network = b["round_trip"] - b["server_total"]
+            server = (f" (in the server {b['server_total']:.2f} ms: tail {b['server_tail']:.2f} ms, "
+                      f"queue {b['server_queue']:.2f} ms; network + client HTTP {network:.2f} ms)")
+        else:                                           # e.g. Triton: no timing in the response
+            server = " (the server reported no timing)"
         typer.echo(f"latency (batch of {len(preds)}, keep ratio {client.variant['keep_ratio']}, "
                    f"{token_dtype} tokens, {b['payload_bytes']} bytes sent): "
                    f"preprocess {b['preprocess']:.2f} ms, head {b['head']:.2f} ms, "
-                   f"encode {b['encode']:.2f} ms, round trip {b['round_trip']:.2f} ms "
-                   f"(in the server {b['server_total']:.2f} ms: tail {b['server_tail']:.2f} ms, "
-                   f"queue {b['server_queue']:.2f} ms; network + client HTTP {network:.2f} ms), "
+                   f"encode {b['encode']:.2f} ms, round trip {b['round_trip']:.2f} ms{server}, "
                    f"total {b['total']:.2f} ms")
 
 
