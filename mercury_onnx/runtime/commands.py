@@ -78,7 +78,7 @@ def infer(
         fail(str(e))
     try:
         preds = client.predict(images)
-    except ImageError as e:
+    except (ImageError, ManifestError) as e:     # ManifestError: no full.onnx to fall back on
         fail(str(e))
     except (ServerError, RequestRejected) as e:
         fail(f"{e} (no fallback: --fallback none)" if isinstance(e, ServerError) else str(e))
