@@ -34,6 +34,7 @@ from mercury_onnx.export.validate import session  # noqa: E402
 from mercury_onnx.models.checkpoint import mercury_from_any  # noqa: E402
 
 REF = ROOT.parent / "shared" / "models" / "deit_tiny_patch4_32_cifar10.json"
+KEEP_FROM = "<!-- kept on rerun: hand-written notes below -->"
 DEFAULT_MODELS = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224", str(REF)]
 
 
@@ -167,8 +168,12 @@ def main() -> None:
     cmd = "python benchmarks/export_latency.py " + " ".join(sys.argv[1:])
     md = to_markdown(rows, args, cmd.strip())
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(md)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        kept = ""   # the hand-written sections after the latency table survive a rerun
+        if out.exists() and KEEP_FROM in out.read_text():
+            kept = out.read_text()[out.read_text().index(KEEP_FROM):]
+        out.write_text(md + ("\n" + kept if kept else ""))
         print(f"wrote {args.out}")
     print(md)
 
