@@ -290,6 +290,7 @@ class Outcome:
     payload: np.ndarray
     energy_mj: np.ndarray
     accuracy: np.ndarray
+    fallback_rate: float = 0.0     # planner only: share of requests the local hedge answered
 
 
 def run_fixed(st: Strategy, trace: Trace, req: Requests, device: DeviceProfile) -> Outcome:
@@ -370,9 +371,7 @@ def run_planner(strategies: list[Strategy], outcomes: list[Outcome], trace: Trac
                 on_s = min(ptx, PROBE_TIMEOUT_S)
                 sent = PROBE_BYTES if ptx <= PROBE_TIMEOUT_S else trace.bytes_until(now + on_s) - trace.bytes_until(now)
                 out["energy_mj"][s, j] += device.radio_base_w * on_s * 1e3 + device.radio_j_per_byte * 1e3 * sent
-    res = Outcome(**{f: out[f] for f in fields})
-    res.fallback_rate = fallbacks / choice.size
-    return res, choice
+    return Outcome(**{f: out[f] for f in fields}, fallback_rate=fallbacks / choice.size), choice
 
 
 # ----------------------------------------------------------------------------- report rows
