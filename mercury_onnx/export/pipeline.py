@@ -18,7 +18,6 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 
 from . import graphs as G
@@ -74,7 +73,7 @@ def export_model(source: str | Path, out_dir: str | Path, keep_ratios: Sequence[
     model_kw: MercuryConfig settings for a backbone JSON / timm name (prune_after_block, ...).
     Returns out_dir. Raises ConfigError (bad model/settings), ExportError, ValidationFailed.
     """
-    from ..models.checkpoint import is_mercury_checkpoint, mercury_from_any, read_checkpoint_json
+    from ..models.checkpoint import is_mercury_checkpoint, mercury_from_any
 
     log = log or (lambda msg: None)
     source = str(source)
@@ -88,8 +87,22 @@ def export_model(source: str | Path, out_dir: str | Path, keep_ratios: Sequence[
         opset = 18
     is_ckpt = is_mercury_checkpoint(source)
     models = mercury_from_any(source, keep_ratios=list(keep_ratios), **({} if is_ckpt else (model_kw or {})))
-    first, cfg = models[0], models[0].cfg
+    prev_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads))
+    try:
+        return _export(models, source, is_ckpt, out, opset, token_dtypes, int8_head, fp16_tail, calib_data,
+                       calib_images, int8_select_images, validate_data, validate_images, triton_repo,
+                       tolerances, dynamo, threads, log)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _export(models, source, is_ckpt, out, opset, token_dtypes, int8_head, fp16_tail, calib_data,
+            calib_images, int8_select_images, validate_data, validate_images, triton_repo,
+            tolerances, dynamo, threads, log) -> Path:
+    from ..models.checkpoint import read_checkpoint_json
+
+    first, cfg = models[0], models[0].cfg
 
     h, w = first.backbone.patch_embed.img_size
     num_classes = first.backbone.num_classes
