@@ -78,8 +78,10 @@ def prepare(base: Mercury, stored: dict[int, Mercury], methods: list[Method], ke
                 if calib_train is None:
                     raise ConfigError(f"{meth.name} at K={m.keep} needs calibration: pass train images")
                 rep = calibrate(m, calib_train, settings, progress=progress)
-                log(f"calibrated {meth.name} K={m.keep}: loss {rep.get('train_loss_first', float('nan')):.4f}"
-                    f" -> {rep.get('train_loss_last', float('nan')):.4f} ({rep['minutes']:.1f} min)")
+                steps = (f", distillation loss {rep['train_loss_first']:.4f} -> {rep['train_loss_last']:.4f}"
+                         if "train_loss_first" in rep else "")
+                log(f"calibrated {meth.name} K={m.keep}: init {rep.get('init', 'default')}{steps} "
+                    f"({rep['minutes']:.1f} min)")
             ready.append((meth, r, m))
     return ready
 
