@@ -18,11 +18,11 @@ def test_pick_images_round_robins_classes(cifar_test):
     assert all(p.parent.name == classes[y] for p, y in zip(paths, labels))
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not (REF_MODEL.exists() and CIFAR_TEST.exists() and TRACES.exists()),
                     reason="reference model / CIFAR-10 / traces not in ../shared")
 def test_demo_tiny(tmp_path):
-    """~1-2 min on 2 cores: 64 calibration images, 1 step, 8 test images, 100 bench requests."""
+    """~1-2 min on 2 cores: 64 calibration images, 1 step, 8 test images, 100 bench requests.
+    Not marked slow on purpose: this is the README's main job, and CI must run it (small N)."""
     r = CliRunner().invoke(app, ["demo", "--images", "8", "--calib-images", "64", "--calib-steps", "1",
                                  "--requests", "100", "--cache", str(tmp_path)])
     assert r.exit_code == 0, r.output
