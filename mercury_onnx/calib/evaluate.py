@@ -137,13 +137,16 @@ def plot(rows: list[dict], path, title: str = "") -> None:
     vanilla = next((r["top1"] for r in rows if r["method"] == "vanilla"), None)
     if vanilla is not None:
         ax.axhline(100 * vanilla, color="black", ls="--", lw=1, label="vanilla")
-    for name in dict.fromkeys(r["method"] for r in rows if r["method"] != "vanilla"):
+    colors = plt.get_cmap("tab20").colors
+    names = [n for n in dict.fromkeys(r["method"] for r in rows) if n != "vanilla"]
+    for j, name in enumerate(names):
         pts = sorted((r["keep_ratio"], 100 * r["top1"]) for r in rows if r["method"] == name)
-        ax.plot(*zip(*pts), marker="o", lw=2.5 if name == "mercury" else 1.2,
-                color="C3" if name == "mercury" else None, label=name)
+        mercury = name.startswith("mercury")
+        ax.plot(*zip(*pts), marker="o", lw=2.8 if mercury else 1.2, ls="-" if mercury or j % 2 else "--",
+                color="black" if mercury else colors[j % len(colors)], label=name)
     ax.set_xlabel("keep ratio (fraction of patch tokens sent)")
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
