@@ -380,24 +380,24 @@ def create_app(export_dir: str | Path, *, provider: str = "auto", max_batch: int
                                             "extensions": ["binary_tensor_data"], "model_id": model_id,
                                             "models": sorted(models)})
 
-    def name_version(request: Request) -> tuple[str, str]:
-        return request.path_params["name"], request.path_params.get("version", "1")
+    def resolve(request: Request):
+        """Auth, then the model the path names: (name, model, None, None), or
+        (name, None, error response, metrics reason) for the three endpoints that take a model."""
+        name, version = request.path_params["name"], request.path_params.get("version", "1")
+        if (r := unauthorized(request)) is not None:
+            return name, None, r, "auth"
+        if name not in models or version != "1":
+            return name, None, error(f"unknown model {name!r} version {version}; served: {sorted(models)}",
+                                     404), "unknown_model"
+        return name, models[name], None, None
 
     async def model_metadata(request: Request):
-        name, version = name_version(request)
-        if (r := unauthorized(request)) is not None:
-            return r
-        if name not in models or version != "1":
-            return error(f"unknown model {name!r} version {version}; served: {sorted(models)}", 404)
-        return ok(models[name].metadata())
+        _, m, r, _ = resolve(request)
+        return r or ok(m.metadata())
 
     async def model_ready(request: Request):
-        name, version = name_version(request)
-        if (r := unauthorized(request)) is not None:
-            return r
-        if name not in models or version != "1":
-            return error(f"unknown model {name!r}", 404)
-        return ok({"name": name, "ready": state["ready"]})
+        name, m, r, _ = resolve(request)
+        return r or ok({"name": name, "ready": state["ready"]})
 
     async def prometheus(request: Request):
         in_flight = {name: m.open_requests for name, m in models.items()}
@@ -475,15 +475,10 @@ def create_app(export_dir: str | Path, *, provider: str = "auto", max_batch: int
 
     async def infer(request: Request):
         t0 = time.perf_counter()
-        name, version = name_version(request)
-        m = models.get(name)
-        label = name if m is not None else "_unknown"
-        if (r := unauthorized(request)) is not None:
-            response = r
-            metrics.error(label, "auth")
-        elif m is None or version != "1":
-            response = error(f"unknown model {name!r} version {version}; served: {sorted(models)}", 404)
-            metrics.error(label, "unknown_model")
+        name, m, response, reason = resolve(request)
+        label = name if name in models else "_unknown"
+        if response is not None:
+            metrics.error(label, reason)
         else:
             m.open_requests += 1
             try:
