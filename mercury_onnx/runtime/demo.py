@@ -62,20 +62,17 @@ def _key(*parts) -> str:
 
 
 def pick_images(folder: Path, n: int, classes: list[str] | None) -> tuple[list[Path], list[int]]:
-    """n images spread over the class folders (label = index in the model's class list)."""
-    dirs = sorted(d for d in folder.iterdir() if d.is_dir())
-    if not dirs:
-        raise DemoError(f"{folder} has no class folders (expected DATA/<class>/<image>)")
-    names = classes or [d.name for d in dirs]
-    per = [sorted(p for p in d.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")) for d in dirs]
-    paths, labels, i = [], [], 0
-    while len(paths) < n and any(i < len(p) for p in per):       # round-robin over classes
-        for d, files in zip(dirs, per):
-            if i < len(files) and len(paths) < n and d.name in names:
-                paths.append(files[i])
-                labels.append(names.index(d.name))
-        i += 1
-    return paths, labels
+    """n images spread over the class folders (label = index in the model's class list).
+    The round robin is the exporter's validation pick (`export.images.pick`)."""
+    from ..export.images import list_images, pick
+
+    try:
+        files = list_images(folder)
+    except FileNotFoundError as e:
+        raise DemoError(f"{e} (expected DATA/<class>/<image>)") from e
+    names = classes or sorted({c for _, c in files})
+    chosen = pick([(f, c) for f, c in files if c in names], n)
+    return [f for f, _ in chosen], [names.index(c) for _, c in chosen]
 
 
 def calibrate(opts: DemoOptions, source: str, train: Path, echo) -> str:
