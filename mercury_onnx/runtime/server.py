@@ -8,8 +8,8 @@ POST /v2/models/{name}[/versions/1]/infer, GET /metrics (Prometheus text).
 - One model per keep ratio, named mercury_tail_k{K}; requests carry the manifest's model id
   as `"parameters": {"model_id": ...}` and are refused when it differs.
 - Dynamic batching: one asyncio queue per model; a batcher takes up to --max-batch images,
-  waiting at most --max-delay-ms for more (not at all under light load: no other request
-  open and the previous batch was a lone request),
+  waiting at most --max-delay-ms for more (not at all once every open request is in and the
+  batch is as big as the previous one, e.g. a lone request under light load),
   runs ORT in a worker thread, and splits the logits back to the requests.
 - Every bad request is a 4xx with {"error": "..."}; the server stays up and ready.
 A plain Starlette app (FastAPI's per-request parameter solving and middleware cost about as
@@ -297,8 +297,10 @@ def create_app(export_dir: str | Path, *, provider: str = "auto", max_batch: int
             deadline = loop.time() + max_delay_ms / 1000
             while n < max_batch:
                 if m.queue.empty():
-                    # light load (nothing else open, and the last batch was a lone request): run now
-                    if len(jobs) >= m.open_requests and last_jobs == 1:
+                    # every open request is in, and the batch is as big as the last one (a lone
+                    # request under light load; a full round of closed-loop clients under load):
+                    # waiting longer would only wait for requests nobody has sent yet
+                    if len(jobs) >= m.open_requests and len(jobs) >= last_jobs:
                         break
                     left = deadline - loop.time()
                     if left <= 0:
