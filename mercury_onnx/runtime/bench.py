@@ -157,6 +157,12 @@ def jpeg_sizes(files: list[Path], size: tuple[int, int], quality: int = JPEG_QUA
 
 
 # ----------------------------------------------------------------------------- accuracy
+def eval_source(path: str | Path) -> dict:
+    """Where the accuracy column comes from: the eval JSON's file, dataset and image count."""
+    d = json.loads(Path(path).read_text())
+    return {"file": str(path), "dataset": d.get("dataset"), "images": d.get("images")}
+
+
 def load_eval(path: str | Path | None) -> list[dict]:
     if path is None:
         return []
@@ -179,12 +185,13 @@ def lookup_top1(evals: list[dict], method: str, keep_ratio: float | None, token_
                 or (r.get("pruning") in (None, "none") and r.get("keep_ratio") in (None, 1.0))]
     elif method == "janus-like":
         rows = [r for r in evals if close(r) and ("janus" in str(r.get("method", "")) or r.get("pruning") == "janus")]
-    else:
-        rows = [r for r in evals if close(r) and r.get("method") == "mercury"] or \
-               [r for r in evals if close(r) and r.get("pruning") == "regional"
-                and str(r.get("reconstruction", "")).startswith("meta")]
+    else:   # the export's reconstruction when the eval has it (e.g. regional+meta-local), else "mercury"
+        rows = [r for r in evals if close(r) and r.get("pruning") == "regional"
+                and str(r.get("reconstruction", "")).startswith("meta")
+                and (r.get("method") == "mercury" or "+" in str(r.get("method", "")))]
         if reconstruction and any(r.get("reconstruction") == reconstruction for r in rows):
             rows = [r for r in rows if r.get("reconstruction") == reconstruction]
+        rows = sorted(rows, key=lambda r: r.get("method") != "mercury")
     if token_dtype and any(r.get("token_dtype") == token_dtype for r in rows):
         rows = [r for r in rows if r.get("token_dtype") == token_dtype]
     return float(rows[0]["top1"]) if rows else None
@@ -291,6 +298,7 @@ class Outcome:
     energy_mj: np.ndarray
     accuracy: np.ndarray
     fallback_rate: float = 0.0     # planner only: share of requests the local hedge answered
+    race_rate: float = 0.0         # planner only: share of requests a local run's upload alongside answered
 
 
 def run_fixed(st: Strategy, trace: Trace, req: Requests, device: DeviceProfile) -> Outcome:
@@ -308,17 +316,36 @@ def run_fixed(st: Strategy, trace: Trace, req: Requests, device: DeviceProfile) 
     return Outcome(lat, dev, tx, rtt, cloud, payload, energy, acc)
 
 
+def send(trace: Trace, planner: Planner, start_s: float, nbytes: float, abandon_s: float) -> tuple[float, float, bool]:
+    """A transfer the planner learns from, given up after `abandon_s` (radio off). Records what
+    the device sees: (start, end, bytes) when it completes, else (start, start + abandon_s,
+    bytes sent by then). Returns (seconds the radio was on, bytes sent, completed?)."""
+    tx = float(trace.transmit_s(nbytes, start_s))
+    if tx <= abandon_s:
+        planner.observe_transfer(start_s, start_s + tx, nbytes)
+        return tx, nbytes, True
+    sent = float(trace.bytes_until(start_s + abandon_s) - trace.bytes_until(start_s))
+    planner.observe_transfer(start_s, start_s + abandon_s, sent)
+    return abandon_s, sent, False
+
+
 def run_planner(strategies: list[Strategy], outcomes: list[Outcome], trace: Trace, req: Requests,
-                device: DeviceProfile, slo_ms: float | None, window: int = 5,
-                timeout_factor: float = 2.0) -> tuple[Outcome, np.ndarray]:
+                device: DeviceProfile, slo_ms: float | None, window: int = 10,
+                hedge_factor: float = 2.0) -> tuple[Outcome, np.ndarray]:
     """mercury-adaptive over the same requests. Returns its outcome and the chosen index
-    (into `strategies`) per request. Like the runtime client (fallback="local"), an offload
-    that has not answered after timeout_factor x its predicted latency starts the full model
-    on the device as a hedge (the CPU is idle while it waits); whichever answers first wins,
-    so a hedged request is never slower than the upload alone. The local run's energy is
-    counted for as long as it ran. When it runs locally it sends a PROBE_BYTES probe in the
-    background to keep its bandwidth estimate fresh (its radio energy is counted, up to
-    PROBE_TIMEOUT_S of radio time: a probe stuck in an outage is abandoned)."""
+    (into `strategies`) per request. The planner sees only what the device saw before each
+    request starts (its transfers, their RTTs). Both ways of running race the other path:
+
+    - an upload that has not answered by the planner's timeout starts the full model on the
+      device (the CPU is idle while it waits); the first answer wins, so a hedged request is
+      never slower than the upload alone, and the local run's energy is counted for as long
+      as it ran (the client's fallback="local");
+    - a local run sends the request's own upload alongside (Decision.race, the JPEG): it keeps
+      the bandwidth estimate fresh, and when it answers first the local run stops. The upload
+      is given up when the local run answers or after PROBE_TIMEOUT_S, whichever is later; its
+      radio energy is counted. Without such a candidate a PROBE_BYTES probe is sent instead.
+
+    Before a stream's first request the device sends one PROBE_BYTES probe."""
     allowed = [i for i, st in enumerate(strategies) if st.method in ("mobile-only", "cloud-only-jpeg", "mercury")]
     local = next((i for i in allowed if strategies[i].method == "mobile-only"), None)
     cands = [Candidate(strategies[i].label, strategies[i].method, strategies[i].device_ms,
@@ -330,17 +357,18 @@ def run_planner(strategies: list[Strategy], outcomes: list[Outcome], trace: Trac
     choice = np.zeros((S, M), dtype=np.int64)
     fields = ("latency_ms", "device_ms", "tx_ms", "rtt_ms", "cloud_ms", "payload", "energy_mj", "accuracy")
     out = {f: np.zeros((S, M)) for f in fields}
-    fallbacks = 0
+    fallbacks = races_won = 0
+    radio_w, j_per_byte_mj = device.radio_base_w, device.radio_j_per_byte * 1e3
     for s in range(S):
-        p = Planner(cands, slo_ms, window)
+        p = Planner(cands, slo_ms, window, hedge_factor=hedge_factor)
         t = req.stream_start_s[s]                        # initial probe before the first request
-        tx = float(trace.transmit_s(PROBE_BYTES, t))
-        p.observe_transfer(t, t + tx, PROBE_BYTES)
-        p.observe_rtt(t + tx + req.rtt_ms[s, -1] / 1e3, req.rtt_ms[s, -1])
+        on_s, _, ok = send(trace, p, t, PROBE_BYTES, PROBE_TIMEOUT_S)
+        if ok:
+            p.observe_rtt(t + on_s + req.rtt_ms[s, -1] / 1e3, req.rtt_ms[s, -1])
         for j in range(M):
             now = req.start_s[s, j]
-            c, predicted = p.choose(now)
-            i = allowed[c]
+            d = p.choose(now)
+            i = allowed[d.index]
             choice[s, j] = i
             o = outcomes[i]
             for f in fields:
@@ -349,29 +377,44 @@ def run_planner(strategies: list[Strategy], outcomes: list[Outcome], trace: Trac
                 start = now + o.device_ms[s, j] / 1e3
                 p.observe_transfer(start, start + o.tx_ms[s, j] / 1e3, o.payload[s, j])
                 p.observe_rtt(now + o.latency_ms[s, j] / 1e3, o.rtt_ms[s, j])
-                if local is None:
+                if local is None or o.latency_ms[s, j] <= d.timeout_ms:
                     continue
-                timeout = timeout_factor * predicted
-                loc = strategies[local].device_ms
-                if o.latency_ms[s, j] > timeout:         # late: start the full model here too
-                    done = min(o.latency_ms[s, j], timeout + loc)
-                    extra = done - timeout                # ms the local run was busy
-                    out["latency_ms"][s, j] = done
-                    out["energy_mj"][s, j] += (device.active_w - device.idle_w) * extra
-                    if done < o.latency_ms[s, j]:         # the local run answered first
-                        fallbacks += 1
-                        waited = timeout - o.device_ms[s, j]
-                        out["device_ms"][s, j] = o.device_ms[s, j] + loc
-                        out["tx_ms"][s, j], out["rtt_ms"][s, j], out["cloud_ms"][s, j] = waited, 0.0, 0.0
-                        out["accuracy"][s, j] = outcomes[local].accuracy[s, j]
-            else:                                        # background probe while computing locally
-                ptx = float(trace.transmit_s(PROBE_BYTES, now))
-                p.observe_transfer(now, now + ptx, PROBE_BYTES)
-                p.observe_rtt(now + ptx + req.rtt_ms[s, j] / 1e3, req.rtt_ms[s, j])
-                on_s = min(ptx, PROBE_TIMEOUT_S)
-                sent = PROBE_BYTES if ptx <= PROBE_TIMEOUT_S else trace.bytes_until(now + on_s) - trace.bytes_until(now)
-                out["energy_mj"][s, j] += device.radio_base_w * on_s * 1e3 + device.radio_j_per_byte * 1e3 * sent
-    return Outcome(**{f: out[f] for f in fields}, fallback_rate=fallbacks / choice.size), choice
+                loc = strategies[local].device_ms        # late: start the full model here too
+                done = min(o.latency_ms[s, j], d.timeout_ms + loc)
+                out["latency_ms"][s, j] = done
+                out["energy_mj"][s, j] += (device.active_w - device.idle_w) * (done - d.timeout_ms)
+                if done < o.latency_ms[s, j]:             # the local run answered first
+                    fallbacks += 1
+                    out["device_ms"][s, j] = o.device_ms[s, j] + loc
+                    out["tx_ms"][s, j] = d.timeout_ms - o.device_ms[s, j]
+                    out["rtt_ms"][s, j] = out["cloud_ms"][s, j] = 0.0
+                    out["accuracy"][s, j] = outcomes[local].accuracy[s, j]
+                continue
+            loc = o.latency_ms[s, j]                     # a local run, with an upload alongside
+            if d.race is None:
+                on_s, sent, ok = send(trace, p, now, PROBE_BYTES, PROBE_TIMEOUT_S)
+                if ok:
+                    p.observe_rtt(now + on_s + req.rtt_ms[s, j] / 1e3, req.rtt_ms[s, j])
+                out["energy_mj"][s, j] += radio_w * on_s * 1e3 + j_per_byte_mj * sent
+                out["payload"][s, j] = sent
+                continue
+            k = allowed[d.race]
+            r = outcomes[k]
+            start = now + r.device_ms[s, j] / 1e3
+            on_s, sent, ok = send(trace, p, start, r.payload[s, j], max(PROBE_TIMEOUT_S, loc / 1e3))
+            if ok:
+                p.observe_rtt(now + r.latency_ms[s, j] / 1e3, r.rtt_ms[s, j])
+            won = ok and r.latency_ms[s, j] < loc
+            lat = r.latency_ms[s, j] if won else loc
+            # the CPU is busy until the first answer; the radio is on while the upload runs
+            out["energy_mj"][s, j] = device.active_w * lat + radio_w * on_s * 1e3 + j_per_byte_mj * sent
+            out["payload"][s, j] = sent
+            if won:
+                races_won += 1
+                for f in ("latency_ms", "device_ms", "tx_ms", "rtt_ms", "cloud_ms", "payload", "accuracy"):
+                    out[f][s, j] = getattr(r, f)[s, j]
+    return Outcome(**{f: out[f] for f in fields}, fallback_rate=fallbacks / choice.size,
+                   race_rate=races_won / choice.size), choice
 
 
 # ----------------------------------------------------------------------------- report rows
@@ -413,6 +456,27 @@ def fixed_vs_planner(outcomes: dict[str, Outcome], planner: Outcome, accuracy: d
             "never_worse": bool(ok), "strictly_better": bool(strict)}
 
 
+def speedup_vs_mobile(strategies: list[Strategy], curves: dict) -> dict:
+    """Speed-up of each Mercury variant over mobile-only: per trace by mean and by median
+    latency, and over all traces' requests pooled (mean and median), plus the geometric mean
+    of the per-trace mean ratios."""
+    out = {}
+    for st in strategies:
+        if st.method != "mercury" or not curves:
+            continue
+        per, ratios = {}, []
+        for trace, c in curves.items():
+            mob, me = c["mobile-only"], c[st.label]
+            per[trace] = {"mean": float(mob.mean() / me.mean()), "p50": float(np.median(mob) / np.median(me))}
+            ratios.append(per[trace]["mean"])
+        mob = np.concatenate([c["mobile-only"].ravel() for c in curves.values()])
+        me = np.concatenate([c[st.label].ravel() for c in curves.values()])
+        out[st.label] = {"per_trace": per, "pooled_mean": float(mob.mean() / me.mean()),
+                         "pooled_p50": float(np.median(mob) / np.median(me)),
+                         "geomean_of_trace_means": float(np.exp(np.mean(np.log(ratios))))}
+    return out
+
+
 # ----------------------------------------------------------------------------- the run
 @dataclass
 class BenchConfig:
@@ -422,7 +486,7 @@ class BenchConfig:
     hq_size: int = 1024
     interval_ms: float = 500.0
     seed: int = 0
-    window: int = 5
+    window: int = 10
 
 
 def run_bench(setup: ModelSetup, device: DeviceProfile, cloud: CloudProfile, images: list[Path],
@@ -451,6 +515,7 @@ def run_bench(setup: ModelSetup, device: DeviceProfile, cloud: CloudProfile, ima
         labels, counts = np.unique([strategies[i].label for i in choice.ravel()], return_counts=True)
         rep["choices"] = {str(l): float(c / choice.size) for l, c in zip(labels, counts)}
         rep["fallback_rate"] = pout.fallback_rate
+        rep["race_rate"] = pout.race_rate
         rep["accuracy_basis"] = "top1 from the eval JSON" if acc_known else "proxy (no eval JSON): keep ratio"
         planner_report[trace.name] = rep
         traces_info[trace.name] = {"source": trace.source, "rtt_source": trace.rtt_source,
@@ -460,7 +525,7 @@ def run_bench(setup: ModelSetup, device: DeviceProfile, cloud: CloudProfile, ima
                               "mercury-adaptive": pout.latency_ms}
         if progress:
             progress(trace.name)
-    return {"device": device.name, "results": results,
+    return {"mercury_vs_mobile": speedup_vs_mobile(strategies, curves), "device": device.name, "results": results,
             "model": setup.label, "model_id": setup.model_id,
             "device_profile": device.to_json(), "cloud": {"name": cloud.name, "source": cloud.source},
             "slo_ms": cfg.slo_ms, "traces": traces_info, "planner": planner_report,

@@ -139,6 +139,9 @@ def register(app) -> None:
         except (BenchError, TraceError, ProfileError, ManifestError) as e:
             fail(str(e))
         report["images"] = {"folder": str(img_dir), "count": len(files)}
+        if eval_json:
+            from .bench import eval_source
+            report["accuracy_source"] = eval_source(eval_json)
         typer.echo(format_table(report))
         if json_out:
             json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,9 @@ def speedups(rows: list[dict]) -> dict[str, dict[str, float]]:
 
 def format_table(report: dict) -> str:
     lines = [f"device: {report['device']}   model: {report['model']}   cloud: {report['cloud']['name']}"]
+    src = report.get("accuracy_source")
+    if src:
+        lines.append(f"top1 from {src['file']} ({src['dataset']}, {src['images']} images)")
     by_trace: dict[str, list[dict]] = {}
     for r in report["results"]:
         by_trace.setdefault(r["trace"], []).append(r)
@@ -49,7 +52,16 @@ def format_table(report: dict) -> str:
                      f"{acc} {best['mean_accuracy']:.4f}{viol(best)} -> "
                      f"{'strictly better' if p['strictly_better'] else 'never worse' if p['never_worse'] else 'WORSE'}")
         lines.append("  chose: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in
-                                             sorted(p["choices"].items(), key=lambda kv: -kv[1])))
+                                             sorted(p["choices"].items(), key=lambda kv: -kv[1]))
+                     + f"; answered by the local hedge {100 * p['fallback_rate']:.1f}%, by the upload "
+                       f"alongside a local run {100 * p.get('race_rate', 0.0):.1f}%")
+    vs = report.get("mercury_vs_mobile", {})
+    if vs:
+        lines += ["", "Mercury speed-up over mobile-only (mean / median latency):"]
+        for label, v in vs.items():
+            per = "  ".join(f"{t} {x['mean']:.2f}/{x['p50']:.2f}" for t, x in v["per_trace"].items())
+            lines.append(f"  {label}: {per}  | all requests pooled {v['pooled_mean']:.2f}/{v['pooled_p50']:.2f}, "
+                         f"geomean of trace means {v['geomean_of_trace_means']:.2f}")
     lines += ["", "x mob / x jpg / x hq: mean-latency speed-up vs mobile-only / cloud-only-jpeg / cloud-only-hq.",
               "measured: parts measured in this run or by the device profile; everything else is modelled "
               "(see the JSON's device_profile, cloud and strategies notes)."]

@@ -2,27 +2,45 @@
 
 Candidates are fixed strategies (mobile-only, cloud-only-jpeg, Mercury at each keep ratio and
 token dtype), each known by its device compute, payload bytes, cloud compute and accuracy.
-The bandwidth estimate is the harmonic mean of the throughput of the last n transfers, as in
-Janus (Liang et al., INFOCOM 2023); the RTT estimate is the mean of the last 100 RTTs (RTT
-noise is not predictable from a few samples, so a short window only adds noise). A
-transfer still in flight counts as bytes / elapsed-so-far (an upper bound on its rate), so
-an outage pulls the estimate down before the stuck transfer completes.
 
-    predicted latency = device + payload / bandwidth + RTT + cloud      (device alone for mobile-only)
-    with an SLO:  the most accurate candidate predicted to meet it, uploads with the margin
-                  below (ties: a local run, then the fastest);
-                  if none is predicted to meet it, the fastest of those whose compute alone
-                  fits (a local run slower than the SLO can never meet it; an upload might)
-    without:      the fastest, where an upload must beat a local run by `margin` (10%): the
-                  estimate is noisy and a local run's time is known
+What the device knows at a request's start: the rates (bytes / s) of its own recent transfers
+(the last `window`, as Janus does; a transfer still in flight that is already slower than the
+typical rate counts as bytes / elapsed-so-far, an upper bound on its rate, so an outage shows
+before the stuck transfer completes) and the mean of the last 100 RTTs. Nothing later.
 
-Accuracy is the candidate's top-1 when an eval JSON gives it; otherwise a proxy that only
-orders them: 1.0 for the full model, the keep ratio for Mercury, minus 0.001 for int8 tokens.
-numpy only.
+The planner optimises the metric the bench reports. The rate of the next transfer is taken to
+be one of the recent rates r_1..r_n, each equally likely (their empirical distribution), and
+an upload is hedged: if it has not answered after `timeout`, the device starts the full model
+(`hedge_factor` x the upload's latency at the median recent rate; with an SLO the local run
+meets, at the latest SLO - local, so that it still does). So an upload's latency is
+
+    U(r)     = device + payload / r + RTT + cloud
+    E[lat]   = mean_i min(U(r_i), timeout + local)        (a local run: local, known)
+    P[miss]  = mean_i [min(U(r_i), timeout + local) > SLO]
+
+(E over r of payload / r is payload / harmonic mean of the r_i: with one sample per
+transfer this is Janus' estimate; the cap is what the hedge buys.)
+
+    without an SLO: the candidate with the lowest E[lat]
+    with an SLO:    the most accurate candidate with P[miss] <= 1/2 and, among those
+                    as accurate, the lowest P[miss], then the lowest E[lat]; if none is,
+                    of those whose compute alone fits the SLO (a local run slower than the
+                    SLO never makes it, an upload might), the lowest P[miss], then E[lat]
+
+When the device runs the full model locally, it still sends one transfer to measure the link:
+the request's own upload (the fastest candidate at least as accurate as the local run, i.e.
+the JPEG), so a link that turns out to be good answers first and the local run stops
+(`Decision.race`). Accuracy is the candidate's top-1 when an eval JSON gives it; otherwise a
+proxy that only orders them: 1.0 for the full model, the keep ratio for Mercury, minus
+0.001 for int8 tokens. numpy only.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
+
+MIN_RATE_BPS = 1.0          # a transfer that moved nothing: 1 B/s, not a division by zero
 
 
 @dataclass
@@ -39,6 +57,14 @@ class Candidate:
         return self.payload_bytes > 0
 
 
+@dataclass
+class Decision:
+    index: int                       # the chosen candidate
+    expected_ms: float               # its expected latency (E[lat] above)
+    timeout_ms: float                # an upload not answered by then starts the local run (inf: never)
+    race: int | None = None          # local run: the upload sent alongside it (None: none)
+
+
 def proxy_accuracy(method: str, keep_ratio: float | None, token_dtype: str | None) -> float:
     if keep_ratio is None:
         return 1.0
@@ -46,12 +72,14 @@ def proxy_accuracy(method: str, keep_ratio: float | None, token_dtype: str | Non
 
 
 class Planner:
-    def __init__(self, candidates: list[Candidate], slo_ms: float | None = None, window: int = 5,
-                 rtt_window: int = 100, margin: float = 0.1):
+    def __init__(self, candidates: list[Candidate], slo_ms: float | None = None, window: int = 10,
+                 rtt_window: int = 100, hedge_factor: float = 2.0):
         if not candidates:
             raise ValueError("the planner needs at least one candidate")
         self.candidates, self.slo_ms, self.window, self.rtt_window = candidates, slo_ms, window, rtt_window
-        self.margin = margin
+        self.hedge_factor = hedge_factor
+        local = [i for i, c in enumerate(candidates) if not c.offloads]
+        self.local = min(local, key=lambda i: candidates[i].device_ms) if local else None
         self.transfers: list[tuple[float, float, float]] = []      # (start s, end s, bytes)
         self.rtts: list[tuple[float, float]] = []                 # (time known s, ms)
 
@@ -66,47 +94,61 @@ class Planner:
         if len(self.rtts) > 2 * self.rtt_window:
             self.rtts = self.rtts[-2 * self.rtt_window:]
 
-    def bandwidth_Bps(self, now_s: float) -> float | None:
-        """Harmonic mean of the rates (bytes/s) of the last n transfers finished by now; a
-        transfer still running counts as bytes / (now - start) once that is below the estimate."""
+    def rates_Bps(self, now_s: float) -> np.ndarray | None:
+        """Rates (bytes/s) of the last n transfers finished by now, plus those still running
+        that are already slower than the median of the finished ones (bytes / elapsed)."""
         done = [n / max(e - s, 1e-9) for s, e, n in self.transfers if e <= now_s][-self.window:]
         if not done:
             return None
-        hm = len(done) / sum(1.0 / max(r, 1e-9) for r in done)
-        # transfers still running: evidence only when they are already slower than the estimate
+        med = float(np.median(done))
         slow = [n / max(now_s - s, 1e-9) for s, e, n in self.transfers if s < now_s < e]
-        slow = [r for r in slow if r < hm]
-        if not slow:
-            return hm
-        rates = (done + slow)[-self.window:]
-        return len(rates) / sum(1.0 / max(r, 1e-9) for r in rates)
+        rates = (done + [r for r in slow if r < med])[-self.window:]
+        return np.maximum(np.array(rates), MIN_RATE_BPS)
+
+    def bandwidth_Bps(self, now_s: float) -> float | None:
+        """Harmonic mean of the recent rates (the Janus estimate; E[bytes / r] = bytes / this)."""
+        r = self.rates_Bps(now_s)
+        return None if r is None else float(r.size / np.sum(1.0 / r))
 
     def rtt_ms(self, now_s: float) -> float:
         known = [r for t, r in self.rtts if t <= now_s][-self.rtt_window:]
         return sum(known) / len(known) if known else 0.0
 
     # --- the decision ------------------------------------------------------------
-    def predict_ms(self, c: Candidate, bw_Bps: float | None, rtt_ms: float) -> float:
+    def outcomes_ms(self, c: Candidate, rates: np.ndarray | None, rtt_ms: float) -> tuple[np.ndarray, float]:
+        """(possible latencies of candidate c, one per recent rate, hedge included; timeout ms)."""
         if not c.offloads:
-            return c.device_ms
-        if bw_Bps is None or bw_Bps <= 0:
-            return float("inf")
-        return c.device_ms + c.payload_bytes / bw_Bps * 1e3 + rtt_ms + c.cloud_ms
+            return np.array([c.device_ms]), float("inf")
+        if rates is None:                            # never seen the link: no basis to upload
+            return np.array([float("inf")]), float("inf")
+        upload = c.device_ms + c.payload_bytes / rates * 1e3 + rtt_ms + c.cloud_ms
+        if self.local is None:
+            return upload, float("inf")
+        local_ms = self.candidates[self.local].device_ms
+        typical = c.device_ms + c.payload_bytes / float(np.median(rates)) * 1e3 + rtt_ms + c.cloud_ms
+        timeout = self.hedge_factor * typical
+        if self.slo_ms is not None and local_ms <= self.slo_ms:     # late enough to still make the SLO
+            timeout = min(timeout, self.slo_ms - local_ms)
+        return np.minimum(upload, timeout + local_ms), timeout
 
-    def choose(self, now_s: float) -> tuple[int, float]:
-        """(index of the chosen candidate, its predicted latency in ms)."""
-        bw, rtt = self.bandwidth_Bps(now_s), self.rtt_ms(now_s)
-        pred = [self.predict_ms(c, bw, rtt) for c in self.candidates]
-        # an upload is a gamble on the estimate, a local run is not: uploads must win by a margin
-        risk = [p * (1 + self.margin) if c.offloads else p for p, c in zip(pred, self.candidates)]
-        fastest = min(range(len(pred)), key=lambda i: risk[i])
+    def choose(self, now_s: float) -> Decision:
+        rates, rtt = self.rates_Bps(now_s), self.rtt_ms(now_s)
+        cs = self.candidates
+        outs = [self.outcomes_ms(c, rates, rtt) for c in cs]
+        expected = [float(o.mean()) for o, _ in outs]
         if self.slo_ms is None:
-            return fastest, pred[fastest]
-        ok = [i for i in range(len(pred)) if risk[i] <= self.slo_ms]
-        if not ok:   # none predicted to make it: the fastest of those that still can
-            can = [i for i, c in enumerate(self.candidates) if c.device_ms + c.cloud_ms <= self.slo_ms]
-            i = min(can or range(len(pred)), key=lambda i: pred[i])
-            return i, pred[i]
-        # equal accuracy: a local run (no network risk) first, then the fastest
-        best = max(ok, key=lambda i: (self.candidates[i].accuracy, not self.candidates[i].offloads, -pred[i]))
-        return best, pred[best]
+            best = min(range(len(cs)), key=lambda i: (expected[i], cs[i].offloads))
+        else:
+            miss = [float((o > self.slo_ms).mean()) for o, _ in outs]
+            ok = [i for i in range(len(cs)) if miss[i] <= 0.5]
+            if ok:
+                top = max(cs[i].accuracy for i in ok)
+                best = min((i for i in ok if cs[i].accuracy >= top - 1e-12), key=lambda i: (miss[i], expected[i]))
+            else:   # none likely to make it: the likeliest of those whose compute alone still can
+                can = [i for i, c in enumerate(cs) if c.device_ms + c.cloud_ms <= self.slo_ms] or range(len(cs))
+                best = min(can, key=lambda i: (miss[i], expected[i]))
+        race = None
+        if not cs[best].offloads:                   # measure the link with this request's own upload
+            ups = [i for i, c in enumerate(cs) if c.offloads and c.accuracy >= cs[best].accuracy - 1e-12]
+            race = min(ups, key=lambda i: expected[i]) if ups else None
+        return Decision(best, expected[best], outs[best][1], race)

@@ -57,6 +57,14 @@ def test_modelled_deit_b_on_the_pi():
     sizes, _ = B.jpeg_sizes(images, (224, 224))
     assert jpeg["payload_bytes"] == pytest.approx(sizes.mean(), rel=0.25)
     assert set(curves["lte-driving"]) >= {"mobile-only", "mercury-adaptive"}
+    # Mercury vs mobile-only by mean and by median, per trace and pooled over both traces
+    vs = report["mercury_vs_mobile"]["mercury r=0.25 int8"]
+    assert vs["per_trace"]["const:50mbps:30ms"]["mean"] == pytest.approx(
+        mob["latency_ms"]["mean"] / m8["latency_ms"]["mean"])
+    assert vs["per_trace"]["const:50mbps:30ms"]["p50"] == pytest.approx(
+        mob["latency_ms"]["p50"] / m8["latency_ms"]["p50"])
+    lte = rows[("lte-driving", "mercury", "int8")]["latency_ms"]["mean"]
+    assert vs["pooled_mean"] == pytest.approx(2 * mob["latency_ms"]["mean"] / (lte + m8["latency_ms"]["mean"]))
 
 
 def test_eval_json_lookup(tmp_path):
@@ -67,6 +75,14 @@ def test_eval_json_lookup(tmp_path):
     assert B.lookup_top1(evals, "mercury", 0.25, "int8") == 0.5
     assert B.lookup_top1(evals, "janus-like", 0.25, "fp16") == 0.4
     assert B.lookup_top1(evals, "mercury", 0.5, "fp16") is None
+    # an export with another reconstruction gets the row of that reconstruction when there is one
+    evals.append({"method": "regional+meta-local", "pruning": "regional", "reconstruction": "meta-local",
+                  "keep_ratio": 0.25, "top1": 0.55})
+    evals.append({"method": "score=similarity", "pruning": "regional", "reconstruction": "meta-ctx",
+                  "keep_ratio": 0.25, "top1": 0.56})
+    assert B.lookup_top1(evals, "mercury", 0.25, "int8", "meta-local") == 0.55
+    assert B.lookup_top1(evals, "mercury", 0.25, "int8", "meta-ctx") == 0.5
+    assert B.lookup_top1(evals, "mercury", 0.25, "int8") == 0.5
     f = tmp_path / "bad.json"
     f.write_text("[]")
     with pytest.raises(B.BenchError, match="eval JSON"):
@@ -75,11 +91,18 @@ def test_eval_json_lookup(tmp_path):
 
 @needs_data
 def test_bench_cli_on_the_reference_export(ref_export, tmp_path):
-    out, plots = tmp_path / "bench.json", tmp_path / "plots"
+    out, plots, ev = tmp_path / "bench.json", tmp_path / "plots", tmp_path / "eval.json"
+    ks = [v["keep_tokens"] / 64 for v in json.loads((ref_export / "manifest.json").read_text())["variants"]]
+    rows = [{"method": "vanilla", "pruning": "none", "reconstruction": "none", "keep_ratio": 1.0, "top1": 0.6}]
+    for k in ks:
+        rows += [{"method": "mercury", "pruning": "regional", "reconstruction": "meta-ctx", "keep_ratio": k, "top1": 0.5},
+                 {"method": "janus+meta-ctx", "pruning": "janus", "reconstruction": "meta-ctx", "keep_ratio": k,
+                  "top1": 0.4}]
+    ev.write_text(json.dumps({"dataset": "cifar10/test", "images": 500, "results": rows}))
     t = time.time()
     r = CliRunner().invoke(app, ["bench", str(ref_export), "--device", "host", "--cloud", "local",
                                  "-t", "lte-driving", "-t", "mahimahi:TMobile-LTE-short", "--requests", "60",
-                                 "--jpeg-images", "8", "--hq-size", "256", "--slo-ms", "80",
+                                 "--jpeg-images", "8", "--hq-size", "256", "--slo-ms", "80", "--eval-json", str(ev),
                                  "--json", str(out), "--plot-dir", str(plots)])
     assert r.exit_code == 0, r.output
     assert time.time() - t < 120
@@ -91,6 +114,13 @@ def test_bench_cli_on_the_reference_export(ref_export, tmp_path):
     assert all("cloud_compute" in x["measured"] for x in rows if x["method"] == "mercury")
     assert report["planner"]["lte-driving"]["planner"]["slo_violation_rate"] is not None
     assert (plots / "latency_cdf_lte-driving.png").stat().st_size > 1000
+    assert (plots / "accuracy_vs_latency.png").stat().st_size > 1000
+    # accuracy from the eval JSON, Janus-like included, and where it came from
+    top1 = {x["method"]: x["top1"] for x in report["results"]}
+    assert top1["janus-like"] == 0.4 and top1["mercury"] == 0.5 and top1["cloud-only-jpeg"] == 0.6
+    assert 0.4 < top1["mercury-adaptive"] <= 0.6
+    assert report["accuracy_source"] == {"file": str(ev), "dataset": "cifar10/test", "images": 500}
+    assert "top1 from" in r.output and "0.4000" in r.output
     assert "speed-up" in r.output and "mercury-adaptive" in r.output
 
 

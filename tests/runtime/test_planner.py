@@ -1,17 +1,23 @@
-"""The adaptive policy's choices on synthetic bandwidth steps."""
+"""The adaptive policy: its estimate, its choices on synthetic bandwidth steps, and the
+target on real traces (never worse than the best fixed strategy)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from mercury_onnx.runtime import bench as B
-from mercury_onnx.runtime.network import Trace
+from mercury_onnx.runtime.network import Trace, load_trace
 from mercury_onnx.runtime.planner import Candidate, Planner
-from mercury_onnx.runtime.profiles import pi_profile
+from mercury_onnx.runtime.profiles import pi_profile, rtx4090_cloud
+from tests.conftest import CIFAR_TEST, TRACES
 
 LOCAL = Candidate("mobile-only", "mobile-only", 100.0, 0.0, 0.0, 0.80)
 JPEG = Candidate("jpeg", "cloud-only-jpeg", 1.0, 16_000, 1.0, 0.80)
 MERC = Candidate("mercury", "mercury", 10.0, 4_000, 1.0, 0.75)
+
+
+def label(p: Planner, now: float) -> str:
+    return p.candidates[p.choose(now).index].label
 
 
 def test_harmonic_mean_of_finished_transfers():
@@ -20,58 +26,118 @@ def test_harmonic_mean_of_finished_transfers():
     p.observe_transfer(1.0, 2.0, 3000)        # 3000 B/s
     p.observe_transfer(2.0, 99.0, 10_000)      # at t=3 10 kB/s so far: no evidence of a slowdown
     assert p.bandwidth_Bps(3.0) == pytest.approx(1500.0)           # 2 / (1/1000 + 1/3000)
-    # still running at t=12: 1000 B/s so far, below the estimate -> it counts
+    # still running at t=12: 1000 B/s so far, below the median finished rate -> it counts
     assert p.bandwidth_Bps(12.0) == pytest.approx(3 / (1 / 1000 + 1 / 3000 + 1 / 1000))
+    assert p.bandwidth_Bps(0.5) is None                              # nothing finished yet
+
+
+def test_expected_latency_is_over_recent_rates_with_the_hedge():
+    p = Planner([LOCAL, JPEG], window=5)
+    p.observe_rtt(0.0, 20.0)
+    for t, dur in enumerate([0.002, 0.002, 0.002, 0.002, 2.0]):   # 8 MB/s four times, then 8 kB/s
+        p.observe_transfer(t, t + dur, 16_000)
+    d = p.choose(10.0)
+    # at 8 MB/s: 1 + 2 + 20 + 1 = 24 ms; at 8 kB/s 2022 ms, but the hedge starts the local
+    # run after 2 x 24 ms (the latency at the median rate): 48 + 100 = 148 ms
+    assert d.timeout_ms == pytest.approx(48.0)
+    assert d.expected_ms == pytest.approx((4 * 24.0 + 148.0) / 5)
+    assert p.candidates[d.index].label == "jpeg" and d.race is None
+    # the point estimate (harmonic mean, 39.8 kB/s) would have predicted 424 ms and run locally
+    assert 1 + 16_000 / p.bandwidth_Bps(10.0) * 1e3 + 21 > LOCAL.device_ms
 
 
 def test_choice_follows_bandwidth_steps():
-    p = Planner([LOCAL, JPEG, MERC])
+    p = Planner([LOCAL, JPEG, MERC], window=5)
     p.observe_rtt(0.0, 20.0)
     for t in range(5):                         # 16 KB in 2 ms: 8 MB/s
         p.observe_transfer(t, t + 0.002, 16_000)
-    assert p.candidates[p.choose(10.0)[0]].label == "jpeg"          # 1 + 2 + 20 + 1 = 24 ms
+    assert label(p, 10.0) == "jpeg"            # 1 + 2 + 20 + 1 = 24 ms
     for t in range(10, 15):                    # 16 KB in 200 ms: 80 KB/s
         p.observe_transfer(t, t + 0.2, 16_000)
     # jpeg 1 + 200 + 20 + 1 = 222, mercury 10 + 50 + 20 + 1 = 81, local 100
-    assert p.candidates[p.choose(20.0)[0]].label == "mercury"
+    assert label(p, 20.0) == "mercury"
     for t in range(20, 25):                    # 16 KB in 2 s: 8 KB/s
         p.observe_transfer(t, t + 2.0, 16_000)
-    assert p.candidates[p.choose(30.0)[0]].label == "mobile-only"
+    d = p.choose(30.0)
+    assert p.candidates[d.index].label == "mobile-only"
+    assert p.candidates[d.race].label == "jpeg"                     # its own upload goes alongside
     for t in range(30, 35):                    # back up
         p.observe_transfer(t, t + 0.002, 16_000)
-    assert p.candidates[p.choose(40.0)[0]].label == "jpeg"
+    assert label(p, 40.0) == "jpeg"
 
 
 def test_slo_prefers_accuracy_then_falls_back():
-    p = Planner([LOCAL, JPEG, MERC], slo_ms=60.0)
+    p = Planner([LOCAL, JPEG, MERC], slo_ms=60.0, window=5)
     p.observe_rtt(0.0, 20.0)
     for t in range(5):
         p.observe_transfer(t, t + 0.002, 16_000)
-    assert p.candidates[p.choose(10.0)[0]].label == "jpeg"          # most accurate within 60 ms
+    assert label(p, 10.0) == "jpeg"            # most accurate within 60 ms
     for t in range(10, 15):                    # 40 KB/s: jpeg 422 ms, mercury 131 ms, local 100
         p.observe_transfer(t, t + 0.4, 16_000)
     # nothing is predicted within 60 ms; local (100 ms) can never make it, an upload might
-    assert p.candidates[p.choose(20.0)[0]].label == "mercury"
-    p2 = Planner([LOCAL, JPEG, MERC], slo_ms=150.0)
+    assert label(p, 20.0) == "mercury"
+    p2 = Planner([LOCAL, JPEG, MERC], slo_ms=150.0, window=5)
     p2.observe_rtt(0.0, 20.0)
     for t in range(5):
         p2.observe_transfer(t, t + 0.4, 16_000)
-    # within 150 ms: local (0.80, 100 ms) and mercury (0.75, 131 ms): the more accurate wins
-    assert p2.candidates[p2.choose(10.0)[0]].label == "mobile-only"
+    # local meets 150 ms, so an upload is hedged at 150 - 100 = 50 ms at the latest: jpeg
+    # (422 ms) would end at 150 ms through the local run; local itself takes 100 ms
+    d = p2.choose(10.0)
+    assert p2.candidates[d.index].label == "mobile-only"
+    assert p2.outcomes_ms(JPEG, p2.rates_Bps(10.0), 20.0)[1] == pytest.approx(50.0)
+
+
+def stepped(segments):
+    seg = [d for d, _ in segments]
+    return Trace("steps", seg, [r for _, r in segments], [20.0], "synthetic", "20 ms")
+
+
+def simulate(trace, starts, slo_ms=None):
+    strategies = [B.Strategy("mobile-only", None, None, 100.0, np.zeros(1), 0.0, 0.8),
+                  B.Strategy("cloud-only-jpeg", None, None, 1.0, np.array([16_000.0]), 1.0, 0.8)]
+    starts = np.asarray(starts, dtype=np.float64)[None]
+    req = B.Requests(starts, np.full(starts.shape, 20.0), np.zeros(starts.shape, int), np.array([0.0]))
+    device = pi_profile()
+    outcomes = [B.run_fixed(st, trace, req, device) for st in strategies]
+    out, choice = B.run_planner(strategies, outcomes, trace, req, device, slo_ms=slo_ms)
+    return outcomes, out, choice
 
 
 def test_planner_on_a_stepped_trace_runs_local_only_in_the_slow_phase():
     fast, slow = 50e6 / 8, 50e3 / 8                                  # 50 Mbps, then 50 kbps
-    trace = Trace("steps", [30.0, 30.0], [fast, slow], [20.0], "synthetic", "20 ms")
-    strategies = [B.Strategy("mobile-only", None, None, 100.0, np.zeros(1), 0.0, 0.8),
-                  B.Strategy("cloud-only-jpeg", None, None, 1.0, np.array([16_000.0]), 1.0, 0.8)]
-    starts = np.arange(0.5, 60.0, 0.5)[None]                         # one stream over both phases
-    req = B.Requests(starts, np.full(starts.shape, 20.0), np.zeros(starts.shape, int), np.array([0.0]))
-    device = pi_profile()
-    outcomes = [B.run_fixed(st, trace, req, device) for st in strategies]
-    out, choice = B.run_planner(strategies, outcomes, trace, req, device, slo_ms=None)
-    fast_phase, slow_phase = starts[0] < 29.0, starts[0] > 32.0
+    starts = np.arange(0.5, 60.0, 0.5)                               # one stream over both phases
+    outcomes, out, choice = simulate(stepped([(30.0, fast), (30.0, slow)]), starts)
+    fast_phase, slow_phase = starts < 29.0, starts > 32.0
     assert (choice[0][fast_phase] == 1).mean() > 0.9                 # uploads while it is fast
     assert (choice[0][slow_phase] == 0).mean() > 0.9                 # local once it is slow
     # and it beats both fixed strategies on mean latency
     assert out.latency_ms.mean() < min(o.latency_ms.mean() for o in outcomes)
+    # with an SLO the local run meets, the hedge starts it in time: no request misses
+    _, out, _ = simulate(stepped([(30.0, fast), (30.0, slow)]), starts, slo_ms=150.0)
+    assert (out.latency_ms <= 150.0 + 1e-9).all()
+    assert (outcomes[1].latency_ms > 150.0).any()                    # the JPEG alone would miss
+
+
+def test_a_local_run_is_raced_by_its_own_upload():
+    # the probe before the stream meets 0.3 s at 10 kB/s: the first request runs locally,
+    # but the link is fast again by then, and its JPEG sent alongside answers first
+    outcomes, out, choice = simulate(stepped([(0.3, 10e3), (60.0, 50e6 / 8)]), [0.5, 1.0, 1.5])
+    assert choice[0, 0] == 0 and out.race_rate > 0
+    assert out.latency_ms[0, 0] == pytest.approx(outcomes[1].latency_ms[0, 0])
+    assert out.latency_ms[0, 0] < 100.0
+    assert out.energy_mj[0, 0] < outcomes[0].energy_mj[0, 0]        # the local run stopped early
+    assert out.payload[0, 0] == 16_000
+    assert (choice[0, 1:] == 1).all()                                 # then it uploads
+
+
+@pytest.mark.skipif(not (TRACES.exists() and CIFAR_TEST.exists()), reason="shared data missing")
+@pytest.mark.parametrize("trace", ["lte-static", "mahimahi:TMobile-LTE-short"])
+def test_never_worse_than_the_best_fixed_strategy_on_real_traces(trace):
+    """DeiT-T on the Pi profile: the two traces where the point-estimate planner was worse
+    (a slow probe or transfer sent a few requests to the 147 ms local run)."""
+    setup = B.setup_from_name("deit_tiny_patch16_224", [0.5, 0.25])
+    cfg = B.BenchConfig(traces=[load_trace(trace)], requests=2000)
+    report, _ = B.run_bench(setup, pi_profile(), rtx4090_cloud(), B.list_images(CIFAR_TEST, 8), cfg, [])
+    rep = report["planner"][trace]
+    assert rep["never_worse"], rep
+    assert rep["choices"]["cloud-only-jpeg"] > 0.9
