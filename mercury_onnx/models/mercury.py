@@ -35,7 +35,7 @@ class CLSAttention(Attention):
         if attn_mask is not None:
             attn = attn + attn_mask
         attn = self.attn_drop(attn.softmax(dim=-1))
-        self.cls_attn = attn[:, :, 0, 1:].mean(1)                        # (B, N-1)
+        self.cls_attn = attn[:, :, :1, 1:].mean((1, 2))                  # (B, N-1): one Slice
         x = (attn @ v).transpose(1, 2).reshape(B, N, self.attn_dim)
         x = self.norm(x)
         if gate is not None:
@@ -107,7 +107,7 @@ class Mercury(nn.Module):
         if k >= n:
             return torch.arange(n, device=x.device).unsqueeze(0).expand(b, n)
         if cfg.pruning == "regional":
-            scores = P.semantic_score(x[:, 1:], cls_attn, cfg.score)
+            scores = P.semantic_score(x, cls_attn, cfg.score, skip=1)
             return P.regional_select(scores, k, self.grid, cfg.region_size)
         if cfg.pruning in ("topk-attn", "topk-attn-fuse", "janus"):
             return P.topk_select(cls_attn, k)

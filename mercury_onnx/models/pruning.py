@@ -1,9 +1,18 @@
 """Token scoring and selection: Mercury's regional pruning (Algorithm 1) and the baselines.
 
-Everything here maps to static-shape ONNX ops (MatMul, ReduceMean, ArgMax, TopK, Equal,
-Gather). There is no NonZero and no boolean indexing, so K is a constant of the graph.
+Everything here maps to static-shape ONNX ops (MatMul, ReduceSum, ArgMax, TopK, Equal, Where,
+Gather, GatherND). There is no NonZero and no boolean indexing, so K is a constant of the graph.
+
+The formulations are shaped for the exported head. There every small op is one ORT kernel
+with a fixed cost, paid cold right after the block's large matmuls, so the pruning is written
+in few ops (about 27 after the block, down from about 45): the distinctness without a
+normalised copy of the tokens (two MatMuls), the subregions as constant index tables (one
+Gather, no reshape/transpose round trip), and the kept tokens as one GatherND (no int64 index
+Expand to (B, K, D) + GatherElements). docs/results/export.md has the measurements.
 
 Shapes: B batch, N patch tokens (a g x g grid, N = g*g), D width, K kept patch tokens.
+Ties: every selection takes the lower index first among equal scores (the rule of ONNX TopK
+and ArgMax), in eager PyTorch too, so torch and the ONNX head pick the same tokens.
 """
 from __future__ import annotations
 
@@ -13,21 +22,30 @@ import torch.nn.functional as F
 
 # ---------------------------------------------------------------- scores (Eq. 11, Eq. 12)
 
-def distinctness(patches: torch.Tensor) -> torch.Tensor:
+def distinctness(tokens: torch.Tensor, skip: int = 0) -> torch.Tensor:
     """1 - mean cosine similarity of each patch token to the other patch tokens (Eq. 11).
+    tokens (B, skip+N, D): the first `skip` tokens (the CLS) take no part -> (B, N).
 
-    mean_{j != i} cos(x_i, x_j) = (x^_i . sum_j x^_j - 1) / (N - 1) with x^ = x / |x|, so this
-    costs O(N D) instead of the O(N^2 D) of the full similarity matrix: it matters on a Pi.
+    With x^ = x / |x| and S = sum_j x^_j over the N patches, mean_{j != i} cos(x_i, x_j) =
+    (x^_i . S - 1) / (N - 1), so this costs O(N D) instead of the O(N^2 D) of the similarity
+    matrix. It is computed as 1 + c - x_i . (c S) / |x_i| with c = 1 / (N - 1), shaped for the
+    exported head, where each op is one ORT kernel: no normalised copy of the tokens, S and the
+    dot products are two MatMuls over reshaped (not transposed) vectors, and |x| is a Mul +
+    ReduceSum + Sqrt (ORT's ReduceL2 takes about twice as long).
     """
-    n = patches.shape[1]
-    unit = F.normalize(patches, dim=-1)                               # (B, N, D)
-    total = unit.sum(dim=1, keepdim=True)                             # (B, 1, D)
-    mean_sim = ((unit * total).sum(-1) - 1.0) / max(n - 1, 1)         # (B, N)
-    return 1.0 - mean_sim
+    _, t, d = tokens.shape
+    c = 1.0 / max(t - skip - 1, 1)
+    norms = (tokens * tokens).sum(-1, keepdim=True).sqrt().clamp_min(1e-12)   # (B, T, 1) |x|
+    weight = (torch.arange(t, device=tokens.device) >= skip).to(tokens.dtype).unsqueeze(-1) * c   # (T, 1)
+    total = (weight / norms).reshape(-1, 1, t) @ tokens                    # (B, 1, D)  c S
+    sims = (tokens @ total.reshape(-1, d, 1)) / norms                      # (B, T, 1)  x^_i . c S
+    return (1.0 + c) - sims.reshape(-1, t)[:, skip:]                       # (B, N)
 
 
-def semantic_score(patches: torch.Tensor, cls_attn: torch.Tensor, variant: str = "mercury") -> torch.Tensor:
-    """Eq. 12. patches (B, N, D), cls_attn (B, N) -> score (B, N), higher = more worth sending.
+def semantic_score(tokens: torch.Tensor, cls_attn: torch.Tensor, variant: str = "mercury",
+                   skip: int = 0) -> torch.Tensor:
+    """Eq. 12. tokens (B, skip+N, D) (the first `skip` of them are not patches, as the CLS),
+    cls_attn (B, N) -> score (B, N), higher = more worth sending.
 
     mercury:    s_i = a_i * d_i   (a: CLS attention averaged over heads, d: distinctness)
     attention:  s_i = a_i
@@ -40,7 +58,7 @@ def semantic_score(patches: torch.Tensor, cls_attn: torch.Tensor, variant: str =
     """
     if variant == "attention":
         return cls_attn
-    d = distinctness(patches)
+    d = distinctness(tokens, skip)
     if variant == "similarity":
         return d
     return cls_attn * d
@@ -48,40 +66,49 @@ def semantic_score(patches: torch.Tensor, cls_attn: torch.Tensor, variant: str =
 
 # ---------------------------------------------------------------- selection
 
+def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (B, k) of the k largest scores, ties to the lower index.
+
+    ONNX TopK defines that tie rule; torch.topk leaves it open (on CPU it does not keep it),
+    so eager PyTorch takes the first k of a stable descending sort instead.
+    """
+    if torch.onnx.is_in_onnx_export():
+        return scores.topk(k, dim=-1, sorted=False).indices   # order: sorted by the caller
+    return scores.sort(dim=-1, descending=True, stable=True).indices[:, :k]
+
+
 def sort_indices(idx: torch.Tensor) -> torch.Tensor:
     """Ascending order (exports as a TopK, no Sort op needed)."""
     return torch.sort(idx, dim=-1).values
 
 
-def region_winner_mask(scores: torch.Tensor, grid: int, region: int) -> torch.Tensor:
-    """Eq. 13-16: cut the g x g grid into l x l subregions of region x region tokens and mark
-    each subregion's best token. scores (B, N) -> mask (B, N) float, exactly l^2 ones per row."""
-    b = scores.shape[0]
+def region_order(grid: int, region: int) -> torch.Tensor:
+    """(l^2, r^2) patch indices: row j lists subregion j's tokens in raster order (Eq. 13-14).
+    Subregions are numbered in raster order over the l x l grid of subregions."""
     l = grid // region
-    s = scores.reshape(b, l, region, l, region).permute(0, 1, 3, 2, 4)   # (B, l, l, r, r)
-    s = s.reshape(b, l * l, region * region)                             # (B, l^2, r^2)
-    win = s.argmax(dim=-1, keepdim=True)                                 # (B, l^2, 1)  Eq. 15
-    slots = torch.arange(region * region, device=scores.device)
-    onehot = (win == slots).to(scores.dtype)                             # (B, l^2, r^2)
-    onehot = onehot.reshape(b, l, l, region, region).permute(0, 1, 3, 2, 4)
-    return onehot.reshape(b, grid * grid)                                # (B, N)  Eq. 16
+    ids = torch.arange(grid * grid).reshape(l, region, l, region).permute(0, 2, 1, 3)
+    return ids.reshape(l * l, region * region)
 
 
 def regional_select(scores: torch.Tensor, k: int, grid: int, region: int) -> torch.Tensor:
     """Eq. 17: every subregion's winner, plus the top (K - l^2) of the rest. Returns (B, K)
     sorted patch indices. Eq. 18 (the pruned set) is the complement and is never materialised.
 
-    Winners are lifted above every other score (shift to >= 0, add max + 1) so one TopK picks
-    all l^2 winners first and then the best of the rest.
+    Winners are lifted to +inf so one TopK takes all l^2 of them and then the best of the rest
+    (lower index first on equal scores). In ONNX: Gather, ArgMax, Gather, Equal, Where, TopK,
+    TopK (ascending order); the subregion layout lives in constant index tables.
     """
-    mask = region_winner_mask(scores, grid, region)
-    key = scores - scores.min(dim=-1, keepdim=True).values               # (B, N) >= 0
-    key = key + mask * (key.max(dim=-1, keepdim=True).values + 1.0)
-    return sort_indices(key.topk(k, dim=-1).indices)
+    order = region_order(grid, region).to(scores.device)                # (l^2, r^2)
+    win = scores[:, order].argmax(dim=-1)                                # (B, l^2)  Eq. 15: first best slot
+    region_of = torch.argsort(order.flatten()) // (region * region)      # (N,) subregion of each patch
+    slot_of = torch.argsort(order.flatten()) % (region * region)         # (N,) its slot in the subregion
+    is_winner = win[:, region_of] == slot_of                             # (B, N)  Eq. 16
+    key = torch.where(is_winner, float("inf"), scores)                   # (B, N)
+    return sort_indices(top_k(key, k))
 
 
 def topk_select(scores: torch.Tensor, k: int) -> torch.Tensor:
-    return sort_indices(scores.topk(k, dim=-1).indices)
+    return sort_indices(top_k(scores, k))
 
 
 def random_select(batch: int, n: int, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -99,11 +126,30 @@ def uniform_select(batch: int, n: int, k: int) -> torch.Tensor:
     return idx.unsqueeze(0).expand(batch, k)
 
 
+class _BatchGather(torch.autograd.Function):
+    """x (B, T, D), rows (B, R) -> x[b, rows[b]] (B, R, D). Only used while exporting: it
+    becomes one GatherND (batch_dims=1) instead of torch.gather's Expand of the int64 index
+    to (B, R, D) + GatherElements."""
+
+    @staticmethod
+    def forward(ctx, x, rows):
+        return torch.gather(x, 1, rows.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+    @staticmethod
+    def symbolic(g, x, rows):   # GatherND's batch_dims needs opset >= 12
+        if g.opset < 13:        # Unsqueeze took its axes as an attribute
+            index = g.op("Unsqueeze", rows, axes_i=[2])
+        else:
+            index = g.op("Unsqueeze", rows, g.op("Constant", value_t=torch.tensor([2], dtype=torch.long)))
+        return g.op("GatherND", x, index, batch_dims_i=1)
+
+
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x (B, 1+N, D), idx (B, K) patch indices -> (B, 1+K, D), CLS first."""
-    d = x.shape[-1]
-    kept = torch.gather(x[:, 1:], 1, idx.unsqueeze(-1).expand(-1, -1, d))
-    return torch.cat([x[:, :1], kept], dim=1)
+    rows = F.pad(idx + 1, (1, 0))                                        # (B, 1+K): CLS = row 0
+    if torch.onnx.is_in_onnx_export():
+        return _BatchGather.apply(x, rows)
+    return torch.gather(x, 1, rows.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 def fuse_pruned(x: torch.Tensor, idx: torch.Tensor, cls_attn: torch.Tensor) -> torch.Tensor:
