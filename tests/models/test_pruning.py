@@ -46,6 +46,14 @@ def test_distinctness_matches_full_similarity_matrix():
     assert torch.allclose(P.distinctness(x), expected, atol=1e-6)
 
 
+def test_distinctness_leaves_the_cls_out():
+    x = torch.randn(2, 17, 8)
+    x[:, 0] *= 100                                   # a CLS unlike the patches changes nothing
+    assert torch.allclose(P.distinctness(x, skip=1), P.distinctness(x[:, 1:]), atol=1e-6)
+    a = torch.rand(2, 16)
+    assert torch.allclose(P.semantic_score(x, a, skip=1), a * P.distinctness(x[:, 1:]), atol=1e-6)
+
+
 def test_score_variants():
     x, a = torch.randn(2, 16, 8), torch.rand(2, 16)
     assert torch.equal(P.semantic_score(x, a, "attention"), a)

@@ -1,0 +1,139 @@
+"""The pruning as written for the exported head (mercury_onnx.models.pruning) against a
+straightforward reference: the full cosine-similarity matrix in float64 and Algorithm 1 as
+plain Python loops. Same indices on real CIFAR-10 images, with ties, in torch and in ORT.
+
+The reference model's backbone is the one the calibrated checkpoints were trained on (only
+their meta-parameters differ), so these are the selections those checkpoints saw.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mercury_onnx.export.convert import export_onnx
+from mercury_onnx.export.images import load_images
+from mercury_onnx.export.validate import session
+from mercury_onnx.models import MercuryConfig, build_mercury
+from mercury_onnx.models import pruning as P
+from mercury_onnx.models.loading import create_backbone
+
+IMAGES = 256
+
+
+def reference_scores(x: torch.Tensor, cls_attn: torch.Tensor) -> torch.Tensor:
+    """Eq. 11-12 from the definition, in float64: s_i = a_i * (1 - mean_{j != i} cos(x_i, x_j))."""
+    p = x[:, 1:].double()                                              # (B, N, D) patch tokens
+    unit = p / p.norm(dim=-1, keepdim=True)
+    sim = unit @ unit.transpose(1, 2)                                  # (B, N, N)
+    n = p.shape[1]
+    mean_sim = (sim.sum(-1) - sim.diagonal(dim1=1, dim2=2)) / (n - 1)
+    return cls_attn.double() * (1 - mean_sim)
+
+
+def reference_select(scores: list[float], k: int, grid: int, region: int) -> list[int]:
+    """Algorithm 1 by hand: each region x region subregion keeps its best token (the first in
+    raster order on ties), then the best K - l^2 of the others (the lower index on ties)."""
+    l = grid // region
+    winners = []
+    for ry in range(l):
+        for rx in range(l):
+            tokens = [(ry * region + dy) * grid + rx * region + dx for dy in range(region) for dx in range(region)]
+            best = tokens[0]
+            for t in tokens[1:]:
+                if scores[t] > scores[best]:
+                    best = t
+            winners.append(best)
+    rest = sorted((i for i in range(grid * grid) if i not in set(winners)), key=lambda i: (-scores[i], i))
+    return sorted(winners + rest[: k - len(winners)])
+
+
+def reference_rows(scores: torch.Tensor, k: int, grid: int, region: int) -> torch.Tensor:
+    return torch.tensor([reference_select(row.tolist(), k, grid, region) for row in scores])
+
+
+@pytest.fixture(scope="module")
+def ref_models(ref_json):
+    cfg = MercuryConfig.from_checkpoint_json(ref_json, keep_ratio=0.5)
+    backbone = create_backbone(cfg)
+    return [build_mercury(MercuryConfig(**{**cfg.to_dict(), "keep_ratio": r}), backbone) for r in (0.5, 0.25)]
+
+
+@pytest.fixture(scope="module")
+def real_prefix(ref_models, cifar_test):
+    """Real CIFAR-10 test images and the prefix (block 1) outputs on them."""
+    m = ref_models[0]
+    images, _ = load_images(cifar_test, IMAGES, (32, 32), m.cfg.mean, m.cfg.std)
+    images = torch.from_numpy(images)
+    with torch.no_grad():
+        x, cls_attn = m.forward_prefix(images)
+    return images, x, cls_attn.clone()
+
+
+def tied(scores: torch.Tensor, levels: int) -> torch.Tensor:
+    """Real scores rounded to a few levels: many ties inside subregions and at the K-th place."""
+    return torch.round(scores / scores.amax(-1, keepdim=True) * levels) / levels
+
+
+def test_real_images_select_what_the_reference_selects(ref_models, real_prefix):
+    images, x, cls_attn = real_prefix
+    ref = reference_scores(x, cls_attn)
+    with torch.no_grad():
+        assert torch.allclose(P.semantic_score(x, cls_attn, skip=1).double(), ref, rtol=1e-5, atol=1e-7)
+        for m in ref_models:                                           # K = 32 and K = 16
+            tokens, idx = m.forward_head(images)
+            assert torch.equal(idx, reference_rows(ref, m.keep, m.grid, m.cfg.region_size))
+            kept = torch.stack([x[b, [0] + (idx[b] + 1).tolist()] for b in range(len(x))])
+            assert torch.equal(tokens, kept)                           # CLS first, then the kept patches
+
+
+@pytest.mark.parametrize("levels", [3, 12, 0])
+@pytest.mark.parametrize("k,region", [(32, 2), (16, 2), (20, 4), (4, 4)])
+def test_ties_resolve_as_the_reference_in_torch(real_prefix, levels, k, region):
+    _, x, cls_attn = real_prefix
+    scores = P.semantic_score(x, cls_attn, skip=1)
+    scores = torch.zeros_like(scores) if levels == 0 else tied(scores, levels)   # 0: all equal
+    winners = (8 // region) ** 2
+    # the ties are real: inside subregions and across the K-th place
+    order = P.region_order(8, region)
+    assert (scores[:, order] == scores[:, order].amax(-1, keepdim=True)).sum(-1).gt(1).any()
+    if k > winners:
+        kth = scores.sort(-1, descending=True).values[:, k - winners - 1]
+        assert (scores == kth[:, None]).sum(-1).gt(1).float().mean() > 0.5
+    assert torch.equal(P.regional_select(scores, k, 8, region), reference_rows(scores, k, 8, region))
+
+
+class _Select(nn.Module):
+    def __init__(self, k: int, region: int):
+        super().__init__()
+        self.k, self.region = k, region
+
+    def forward(self, scores):
+        return P.regional_select(scores, self.k, 8, self.region)
+
+
+@pytest.mark.parametrize("k,region", [(32, 2), (16, 2), (20, 4)])
+def test_ties_resolve_as_the_reference_in_onnx(real_prefix, tmp_path, k, region):
+    _, x, cls_attn = real_prefix
+    scores = tied(P.semantic_score(x, cls_attn, skip=1), 12)
+    scores[0] = 0.0                                                    # and one all-equal row
+    path = tmp_path / "select.onnx"
+    export_onnx(_Select(k, region), (scores[:2],), path, ["scores"], ["indices"])
+    (got,) = session(path).run(None, {"scores": scores.numpy()})
+    assert np.array_equal(got, reference_rows(scores, k, 8, region).numpy())
+
+
+def test_onnx_head_selects_the_same_tokens_on_real_images(ref_models, real_prefix, tmp_path):
+    from mercury_onnx.export.graphs import HEAD_IO, HeadGraph
+
+    images = real_prefix[0][:64]
+    m = ref_models[1]                                                  # K = 16
+    with torch.no_grad():
+        tokens, idx = m.forward_head(images)
+    model = export_onnx(HeadGraph(m), (images[:2],), tmp_path / "head.onnx", *HEAD_IO)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("GatherND") == 1 and "GatherElements" not in ops       # no int64 index Expand
+    got_tokens, got_idx = session(tmp_path / "head.onnx").run(None, {"images": images.numpy()})
+    assert np.array_equal(got_idx, idx.numpy())
+    assert np.abs(got_tokens - tokens.numpy()).max() < 1e-4
