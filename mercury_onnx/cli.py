@@ -40,7 +40,7 @@ def info(
     prune_after_block: int = typer.Option(1),
     split_after_block: Optional[int] = typer.Option(None),
     region_size: int = typer.Option(2, help="tokens per side of a subregion"),
-    reconstruction: str = typer.Option("meta-ctx"),
+    reconstruction: str = typer.Option("meta-local"),
     img_size: Optional[int] = typer.Option(None), patch_size: Optional[int] = typer.Option(None),
     num_classes: Optional[int] = typer.Option(None),
 ) -> None:

@@ -114,7 +114,7 @@ def calibrate(
     temperature: float = typer.Option(1.0, help="distillation temperature"),
     ce_weight: float = typer.Option(0.0, help="add this times CE on the labels (0 = labels unused)"),
     no_init: bool = typer.Option(False, "--no-init", help="skip the closed-form init (ablation)"),
-    reconstruction: Optional[str] = typer.Option(None, help="default: meta-ctx / the checkpoint's"),
+    reconstruction: Optional[str] = typer.Option(None, help="default: meta-local / the checkpoint's"),
     pruning: Optional[str] = typer.Option(None, help="default: regional / the checkpoint's"),
     score: Optional[str] = typer.Option(None, help="default: mercury / the checkpoint's"),
     checkpoint: Optional[str] = typer.Option(None, help="backbone weights for a timm name"),

@@ -31,7 +31,7 @@ class Method:
     score: str = "mercury"
 
 
-def method_grid(recon: str = "meta-ctx", which: str = "all") -> list[Method]:
+def method_grid(recon: str = "meta-local", which: str = "all") -> list[Method]:
     """`recon`: the checkpoint's (Mercury's) reconstruction, also paired with the pruning
     baselines. which: 'main' (vanilla + mercury) or 'all'."""
     grid = [Method("vanilla", "none", "none"), Method("mercury", "regional", recon)]

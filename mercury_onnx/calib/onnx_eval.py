@@ -47,7 +47,7 @@ def evaluate_onnx(export_dir: str | Path, images: ImageSet, keep_ratios: list[fl
     n = len(images)
     rows = [{"method": "vanilla", "pruning": "none", "reconstruction": "none", "keep_ratio": 1.0,
              "top1": float(correct[0]) / n}]
-    recon = man.get("reconstruction", "meta-ctx")
+    recon = man.get("reconstruction", "meta-local")
     for j, (v, _, _) in enumerate(pairs, start=1):
         rows.append({"method": "mercury", "pruning": "regional", "reconstruction": recon,
                      "keep_ratio": float(v["keep_ratio"]), "top1": float(correct[j]) / n})

@@ -43,7 +43,7 @@ class MercuryConfig:
     region_size: int = 2                   # each subregion is region_size x region_size tokens
     pruning: str = "regional"
     score: str = "mercury"
-    reconstruction: str = "meta-ctx"
+    reconstruction: str = "meta-local"
     meta_rank: int | None = None           # None = largest rank that fits the 0.13% budget
     janus_blocks: int = 3                  # Janus-like baseline: prune progressively over this many blocks
     seed: int = 0                          # for the random-pruning baseline

@@ -60,7 +60,7 @@ def test_calibration_lowers_the_loss_and_touches_only_meta_parameters(ref, train
 
 
 def test_closed_form_init_beats_the_default_init_for_meta_ctx(ref, train64):
-    m = _fresh(ref)
+    m = _fresh(ref, reconstruction="meta-ctx")
     untrained = _loss(m, train64)
     init_from_statistics(m, train64, *head_outputs(m, train64))
     assert _loss(m, train64) < untrained

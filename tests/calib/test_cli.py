@@ -120,7 +120,8 @@ def test_eval_cli_all_methods(calibrated, cifar_test, tmp_path):
                      "--calib-images", 32, "--calib-steps", 1, "--json", js)
     assert res.exit_code == 0, text
     names = {r["method"] for r in json.loads(js.read_text())["results"]}
-    assert {"vanilla", "mercury", "evit", "janus+meta-ctx", "regional+generator", "score=similarity"} <= names
+    assert {"vanilla", "mercury", "evit", "janus+meta-local", "regional+generator", "regional+meta-ctx",
+            "score=similarity"} <= names
 
 
 def test_eval_onnx_matches_torch(ref_export, ref_json, cifar_test, tmp_path):
