@@ -430,10 +430,43 @@ def summarize(trace: str, method: str, keep_ratio, token_dtype, o: Outcome, top1
             "top1": top1, "measured": list(measured)}
 
 
+def best_at_accuracy(fixed: dict[str, dict], accuracy: float) -> tuple[str, dict]:
+    """The lowest SLO-violation rate reachable at mean accuracy >= `accuracy` by a fixed
+    strategy, or by a random mix of two (a request goes to one or the other: accuracy,
+    violation rate and mean latency mix linearly; three or more never do better than two).
+    So a planner at 0.5861 is compared with the right blend of a 0.586 and a 0.590 strategy,
+    not only with the 0.590 one. Returns (label, its stats)."""
+    best: tuple[str, dict] | None = None
+
+    def keep(label, stats):
+        nonlocal best
+        key = (stats["slo_violation_rate"], stats["mean_latency_ms"])
+        if best is None or key < (best[1]["slo_violation_rate"], best[1]["mean_latency_ms"]):
+            best = (label, stats)
+
+    for k, f in fixed.items():
+        if f["mean_accuracy"] >= accuracy - 1e-12:
+            keep(k, f)
+    for lo, flo in fixed.items():
+        for hi, fhi in fixed.items():
+            if not flo["mean_accuracy"] < accuracy - 1e-12 < fhi["mean_accuracy"]:
+                continue
+            w = (fhi["mean_accuracy"] - accuracy) / (fhi["mean_accuracy"] - flo["mean_accuracy"])   # share of lo
+            keep(f"{100 * w:.1f}% {lo} + {100 * (1 - w):.1f}% {hi}",
+                 {key: w * flo[key] + (1 - w) * fhi[key] for key in ("mean_latency_ms", "mean_accuracy",
+                                                                      "slo_violation_rate")})
+    if best is None:   # nothing reaches that accuracy: the most accurate
+        k = max(fixed, key=lambda k: fixed[k]["mean_accuracy"])
+        best = (k, fixed[k])
+    return best
+
+
 def fixed_vs_planner(outcomes: dict[str, Outcome], planner: Outcome, accuracy: dict[str, float],
                      planner_acc: float, slo_ms: float | None) -> dict:
     """The planner against every fixed strategy on one trace: SLO-violation rate, mean
-    latency, mean accuracy; and whether it is never worse than the best fixed strategy."""
+    latency, mean accuracy; and whether it is never worse than the best fixed strategy
+    (no SLO: by mean latency; with one: by violation rate at equal accuracy, see
+    best_at_accuracy)."""
     def stats(o, acc):
         lat = o.latency_ms
         return {"mean_latency_ms": float(lat.mean()), "mean_accuracy": acc,
@@ -443,16 +476,16 @@ def fixed_vs_planner(outcomes: dict[str, Outcome], planner: Outcome, accuracy: d
     mine = stats(planner, planner_acc)
     if slo_ms is None:
         best = min(fixed, key=lambda k: fixed[k]["mean_latency_ms"])
-        ok = mine["mean_latency_ms"] <= fixed[best]["mean_latency_ms"] * (1 + 1e-9)
-        strict = mine["mean_latency_ms"] < fixed[best]["mean_latency_ms"] * (1 - 1e-3)
+        best_stats = fixed[best]
+        ok = mine["mean_latency_ms"] <= best_stats["mean_latency_ms"] * (1 + 1e-9)
+        strict = mine["mean_latency_ms"] < best_stats["mean_latency_ms"] * (1 - 1e-3)
         basis = "mean latency (no SLO)"
-    else:   # at equal accuracy: against fixed strategies at least as accurate as the planner
-        peers = [k for k in fixed if fixed[k]["mean_accuracy"] >= planner_acc - 1e-9] or list(fixed)
-        best = min(peers, key=lambda k: (fixed[k]["slo_violation_rate"], fixed[k]["mean_latency_ms"]))
-        ok = mine["slo_violation_rate"] <= fixed[best]["slo_violation_rate"] + 1e-12
-        strict = mine["slo_violation_rate"] < fixed[best]["slo_violation_rate"] - 1e-12
-        basis = "SLO-violation rate among fixed strategies at least as accurate as the planner"
-    return {"planner": mine, "fixed": fixed, "best_fixed": best, "basis": basis,
+    else:
+        best, best_stats = best_at_accuracy(fixed, planner_acc)
+        ok = mine["slo_violation_rate"] <= best_stats["slo_violation_rate"] + 1e-12
+        strict = mine["slo_violation_rate"] < best_stats["slo_violation_rate"] - 1e-12
+        basis = "SLO-violation rate at the planner's accuracy (a fixed strategy or a mix of two)"
+    return {"planner": mine, "fixed": fixed, "best_fixed": best, "best": best_stats, "basis": basis,
             "never_worse": bool(ok), "strictly_better": bool(strict)}
 
 

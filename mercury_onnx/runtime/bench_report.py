@@ -43,7 +43,7 @@ def format_table(report: dict) -> str:
                 f"{s.get('vs cloud-only-jpeg', 0):6.2f} {s.get('vs cloud-only-hq', 0):6.2f}  "
                 f"{','.join(m.split(' ')[0] for m in r['measured']) or 'modelled'}")
         p = report["planner"][trace]
-        me, best = p["planner"], p["fixed"][p["best_fixed"]]
+        me, best = p["planner"], p["best"]
         slo = report["slo_ms"]
         viol = (lambda x: "" if slo is None else f", SLO {slo:g} ms violated {100 * x['slo_violation_rate']:.1f}%")
         acc = "accuracy" if p["accuracy_basis"].startswith("top1") else "proxy accuracy"

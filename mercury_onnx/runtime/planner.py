@@ -6,26 +6,28 @@ token dtype), each known by its device compute, payload bytes, cloud compute and
 What the device knows at a request's start: the rates (bytes / s) of its own recent transfers
 (the last `window`, as Janus does; a transfer still in flight that is already slower than the
 typical rate counts as bytes / elapsed-so-far, an upper bound on its rate, so an outage shows
-before the stuck transfer completes) and the mean of the last 100 RTTs. Nothing later.
+before the stuck transfer completes) and the last 100 RTTs it measured. Nothing later.
 
-The planner optimises the metric the bench reports. The rate of the next transfer is taken to
-be one of the recent rates r_1..r_n, each equally likely (their empirical distribution), and
-an upload is hedged: if it has not answered after `timeout`, the device starts the full model
-(`hedge_factor` x the upload's latency at the median recent rate; with an SLO the local run
-meets, at the latest SLO - local, so that it still does). So an upload's latency is
+The planner optimises the metric the bench reports. The next transfer's rate and RTT are
+taken to be one of the recent rates r_1..r_n and one of the recent RTTs t_1..t_m, all pairs
+equally likely (their empirical distributions), and an upload is hedged: if it has not
+answered after `timeout`, the device starts the full model (`hedge_factor` x the upload's
+latency at the median recent rate and RTT; with an SLO the local run meets, at the latest
+SLO - local, so that it still does). So an upload's latency is
 
-    U(r)     = device + payload / r + RTT + cloud
-    E[lat]   = mean_i min(U(r_i), timeout + local)        (a local run: local, known)
-    P[miss]  = mean_i [min(U(r_i), timeout + local) > SLO]
+    U(r, t)  = device + payload / r + t + cloud
+    E[lat]   = mean_ij min(U(r_i, t_j), timeout + local)        (a local run: local, known)
+    P[miss]  = mean_ij [min(U(r_i, t_j), timeout + local) > SLO]
 
-(E over r of payload / r is payload / harmonic mean of the r_i: with one sample per
-transfer this is Janus' estimate; the cap is what the hedge buys.)
+(Without the cap, E over r of payload / r is payload / harmonic mean of the r_i: Janus'
+estimate; the cap is what the hedge buys.)
 
     without an SLO: the candidate with the lowest E[lat]
-    with an SLO:    the most accurate candidate with P[miss] <= 1/2 and, among those
-                    as accurate, the lowest P[miss], then the lowest E[lat]; if none is,
-                    of those whose compute alone fits the SLO (a local run slower than the
-                    SLO never makes it, an upload might), the lowest P[miss], then E[lat]
+    with an SLO:    the highest accuracy x (1 - P[miss]), the chance of a correct answer in
+                    time (a late answer counts as a wrong one); ties: one whose compute alone
+                    fits the SLO (a local run slower than the SLO never makes it, an upload
+                    might, even when every recent sample says it will not), then the lowest
+                    P[miss], then the lowest E[lat]
 
 When the device runs the full model locally, it still sends one transfer to measure the link:
 the request's own upload (the fastest candidate at least as accurate as the local run, i.e.
@@ -110,43 +112,40 @@ class Planner:
         r = self.rates_Bps(now_s)
         return None if r is None else float(r.size / np.sum(1.0 / r))
 
-    def rtt_ms(self, now_s: float) -> float:
+    def rtts_ms(self, now_s: float) -> np.ndarray:
+        """The last `rtt_window` RTTs known by now ([0] before the first)."""
         known = [r for t, r in self.rtts if t <= now_s][-self.rtt_window:]
-        return sum(known) / len(known) if known else 0.0
+        return np.array(known or [0.0])
 
     # --- the decision ------------------------------------------------------------
-    def outcomes_ms(self, c: Candidate, rates: np.ndarray | None, rtt_ms: float) -> tuple[np.ndarray, float]:
-        """(possible latencies of candidate c, one per recent rate, hedge included; timeout ms)."""
+    def outcomes_ms(self, c: Candidate, rates: np.ndarray | None, rtts: np.ndarray) -> tuple[np.ndarray, float]:
+        """(possible latencies of candidate c, one per recent rate x recent RTT, hedge
+        included; its timeout in ms)."""
         if not c.offloads:
             return np.array([c.device_ms]), float("inf")
         if rates is None:                            # never seen the link: no basis to upload
             return np.array([float("inf")]), float("inf")
-        upload = c.device_ms + c.payload_bytes / rates * 1e3 + rtt_ms + c.cloud_ms
+        upload = (c.device_ms + c.payload_bytes / rates[:, None] * 1e3 + rtts[None, :] + c.cloud_ms).ravel()
         if self.local is None:
             return upload, float("inf")
         local_ms = self.candidates[self.local].device_ms
-        typical = c.device_ms + c.payload_bytes / float(np.median(rates)) * 1e3 + rtt_ms + c.cloud_ms
+        typical = c.device_ms + c.payload_bytes / float(np.median(rates)) * 1e3 + float(np.median(rtts)) + c.cloud_ms
         timeout = self.hedge_factor * typical
         if self.slo_ms is not None and local_ms <= self.slo_ms:     # late enough to still make the SLO
             timeout = min(timeout, self.slo_ms - local_ms)
         return np.minimum(upload, timeout + local_ms), timeout
 
     def choose(self, now_s: float) -> Decision:
-        rates, rtt = self.rates_Bps(now_s), self.rtt_ms(now_s)
+        rates, rtt = self.rates_Bps(now_s), self.rtts_ms(now_s)
         cs = self.candidates
         outs = [self.outcomes_ms(c, rates, rtt) for c in cs]
         expected = [float(o.mean()) for o, _ in outs]
         if self.slo_ms is None:
             best = min(range(len(cs)), key=lambda i: (expected[i], cs[i].offloads))
-        else:
+        else:   # the chance of a correct answer in time; ties: one that can make it, fewer misses, faster
             miss = [float((o > self.slo_ms).mean()) for o, _ in outs]
-            ok = [i for i in range(len(cs)) if miss[i] <= 0.5]
-            if ok:
-                top = max(cs[i].accuracy for i in ok)
-                best = min((i for i in ok if cs[i].accuracy >= top - 1e-12), key=lambda i: (miss[i], expected[i]))
-            else:   # none likely to make it: the likeliest of those whose compute alone still can
-                can = [i for i, c in enumerate(cs) if c.device_ms + c.cloud_ms <= self.slo_ms] or range(len(cs))
-                best = min(can, key=lambda i: (miss[i], expected[i]))
+            can = [c.device_ms + c.cloud_ms <= self.slo_ms for c in cs]
+            best = max(range(len(cs)), key=lambda i: (cs[i].accuracy * (1 - miss[i]), can[i], -miss[i], -expected[i]))
         race = None
         if not cs[best].offloads:                   # measure the link with this request's own upload
             ups = [i for i, c in enumerate(cs) if c.offloads and c.accuracy >= cs[best].accuracy - 1e-12]

@@ -132,3 +132,19 @@ def test_bench_cli_errors():
     assert r.exit_code == 2 and "unknown trace" in r.output
     r = runner.invoke(app, ["bench", "--model", "deit_tiny_patch16_224", "--device", "host"])
     assert r.exit_code == 2 and "EXPORT_DIR" in r.output
+
+
+def test_planner_with_an_slo_is_compared_at_its_accuracy():
+    fixed = {"jpeg": {"mean_accuracy": 0.586, "slo_violation_rate": 0.46, "mean_latency_ms": 48.0},
+             "m50": {"mean_accuracy": 0.590, "slo_violation_rate": 0.544, "mean_latency_ms": 53.0},
+             "m25": {"mean_accuracy": 0.574, "slo_violation_rate": 0.10, "mean_latency_ms": 40.0}}
+    # at 0.590 only m50 is accurate enough; at 0.586 a 25/75 blend of m25 and m50 (43.3%)
+    # beats jpeg (46%), unless jpeg misses less
+    assert B.best_at_accuracy(fixed, 0.590)[0] == "m50"
+    assert B.best_at_accuracy(fixed, 0.586)[0] == "25.0% m25 + 75.0% m50"
+    assert B.best_at_accuracy({**fixed, "jpeg": {**fixed["jpeg"], "slo_violation_rate": 0.40}}, 0.586)[0] == "jpeg"
+    # at 0.5861, a blend of m25 and m50 (24.4% / 75.6%) reaches it with 43.6% violations
+    label, best = B.best_at_accuracy(fixed, 0.5861)
+    assert label == "24.4% m25 + 75.6% m50"
+    assert best["mean_accuracy"] == pytest.approx(0.5861)
+    assert best["slo_violation_rate"] == pytest.approx(0.24375 * 0.10 + 0.75625 * 0.544)

@@ -84,7 +84,7 @@ def test_slo_prefers_accuracy_then_falls_back():
     # (422 ms) would end at 150 ms through the local run; local itself takes 100 ms
     d = p2.choose(10.0)
     assert p2.candidates[d.index].label == "mobile-only"
-    assert p2.outcomes_ms(JPEG, p2.rates_Bps(10.0), 20.0)[1] == pytest.approx(50.0)
+    assert p2.outcomes_ms(JPEG, p2.rates_Bps(10.0), p2.rtts_ms(10.0))[1] == pytest.approx(50.0)
 
 
 def stepped(segments):
