@@ -181,7 +181,8 @@ def evaluate(
     checkpoint: str = typer.Option(..., help="Mercury checkpoint (from calibrate) or backbone JSON"),
     keep_ratio: List[float] = typer.Option([0.5, 0.25], "--keep-ratio", "-r", help="repeatable"),
     images: Optional[int] = typer.Option(None, help="class-balanced seeded subset (default: all)"),
-    methods: str = typer.Option("all", help="'all' (every baseline) or 'main' (vanilla + mercury)"),
+    methods: str = typer.Option("all", help="'all' (every baseline), 'main' (vanilla + mercury), or "
+                                "a comma-separated list of baseline names, e.g. regional+duplicate,evit"),
     json_out: Optional[str] = typer.Option(None, "--json", help="write the results JSON here"),
     plot_out: Optional[str] = typer.Option(None, "--plot", help="write accuracy vs keep ratio (PNG)"),
     onnx_dir: Optional[str] = typer.Option(None, "--onnx", help="evaluate this export folder under onnxruntime"),
@@ -212,12 +213,11 @@ def evaluate(
     from .evaluate import evaluate as run_eval
     from .evaluate import format_table, method_grid, plot, prepare
 
-    if methods not in ("all", "main"):
-        fail("--methods must be 'all' or 'main'")
     t0 = time.time()
     try:
         models, stored = _backbone_models(checkpoint, None, {}, keep_ratio[:1])
         base = models[0]
+        grid = method_grid(base.cfg.reconstruction, methods)   # a bad --methods fails before any image is read
         pre = preprocess_for(base)
         test, _ = load_image_set(data_dir, pre, base.cfg.classes, count=images, seed=seed, cache=cache)
     except (ConfigError, DataError, ValueError) as e:
@@ -237,7 +237,6 @@ def evaluate(
                           temperature=budget.get("temperature", 1.0), ce_weight=budget.get("ce_weight", 0.0),
                           seed=seed)
         n_calib = calib_images if calib_images is not None else budget.get("images", 5000)
-        grid = method_grid(base.cfg.reconstruction, methods)
         stored_by_k = {} if recalibrate else {m.keep: m for m in stored}
         needs = [meth for meth in grid[1:] if meth.name != "mercury" or not stored_by_k]
         calib_pre = None

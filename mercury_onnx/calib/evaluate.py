@@ -33,10 +33,19 @@ class Method:
 
 def method_grid(recon: str = "meta-local", which: str = "all") -> list[Method]:
     """`recon`: the checkpoint's (Mercury's) reconstruction, also paired with the pruning
-    baselines. which: 'main' (vanilla + mercury) or 'all'."""
+    baselines. which: 'main' (vanilla + mercury), 'all', or a comma-separated list of names
+    from the 'all' grid (vanilla and mercury always come first)."""
     grid = [Method("vanilla", "none", "none"), Method("mercury", "regional", recon)]
     if which == "main":
         return grid
+    if which != "all":
+        full = method_grid(recon, "all")
+        wanted = {n.strip() for n in which.split(",") if n.strip()} - {"vanilla", "mercury", "main"}
+        unknown = wanted - {m.name for m in full}
+        if unknown:
+            raise ConfigError(f"unknown method(s) {sorted(unknown)}; choose from 'all', 'main' or "
+                              f"{[m.name for m in full[2:]]}")
+        return grid + [m for m in full[2:] if m.name in wanted]
     for p in ("random", "topk-attn", "uniform", "janus"):
         grid.append(Method(f"{p}+{recon}", p, recon))
     grid.append(Method("evit", "topk-attn-fuse", "none"))

@@ -7,7 +7,7 @@ from mercury_onnx.calib.calibrate import (CalibSettings, calibrate, choose_init,
                                           init_from_statistics, run_prefix, tail_logits)
 from mercury_onnx.calib.data import load_image_set, preprocess_for
 from mercury_onnx.calib.evaluate import Method, build_variant, evaluate, method_grid, prepare
-from mercury_onnx.models import MercuryConfig, build_mercury
+from mercury_onnx.models import ConfigError, MercuryConfig, build_mercury
 
 from ..conftest import CIFAR_TRAIN
 
@@ -106,6 +106,13 @@ def test_method_grid_covers_every_baseline():
               "score=similarity"):
         assert n in names
     assert "regional+meta-ctx" not in names and len(names) == len(set(names))
+
+
+def test_method_grid_takes_a_list_of_names():
+    grid = method_grid("meta-local", "regional+duplicate, evit,mercury")
+    assert [m.name for m in grid] == ["vanilla", "mercury", "evit", "regional+duplicate"]
+    with pytest.raises(ConfigError, match="unknown method"):
+        method_grid("meta-local", "regional+duplicate,topk")
 
 
 def test_variant_not_runnable_below_region_count(ref):

@@ -149,6 +149,7 @@ def test_eval_onnx_matches_torch(ref_export, ref_json, cifar_test, tmp_path):
     (["calibrate", "REF", "TRAIN", "--out", "/tmp/x", "--keep-ratio", 0.1], "smaller than the 16 subregions"),
     (["calibrate", "REF", "TRAIN", "--out", "/tmp/x", "--reconstruction", "zero"], "nothing to learn"),
     (["eval", "TINY", "--checkpoint", "/nonexistent/ck.json"], "cannot read checkpoint JSON"),
+    (["eval", "TINY", "--checkpoint", "REF", "--methods", "regional+duplicate,nope"], "unknown method(s) ['nope']"),
 ])
 def test_bad_input_gives_a_clear_error(args, msg, ref_json, tiny_dir):
     args = [{"REF": ref_json, "TINY": tiny_dir, "TRAIN": CIFAR_TRAIN}.get(a, a) for a in args]
