@@ -2,7 +2,7 @@
 the head, and the tail vs a vanilla tail (the same blocks on 1+N tokens, no reconstruction).
 
     .venv/bin/python benchmarks/export_latency.py [--models deit_tiny_patch16_224 ...] [--reps 15]
-        [--threads 1] [--keep-ratio 0.5] [--out docs/results/export.md]
+        [--threads 1] [--keep-ratio 0.5] [--profile] [--out docs/results/export.md]
 
 Each pair being compared is timed interleaved (A, B, A, B, ...) at batch 1 with one thread,
 as process CPU time (time.process_time), and the median is reported: the machine is shared,
@@ -10,10 +10,14 @@ and wall time would count the time other processes hold the cores.
 Random weights for the 224 models (latency does not depend on them); the reference model is
 ../shared/models/deit_tiny_patch4_32_cifar10.json.
 Targets: head ONNX <= 0.85x torch eager; pruning <= 3% of the head; tail <= 1.02x vanilla tail.
+The pruning's kernels are counted in onnxruntime's optimised graphs (head minus head without
+pruning); --profile adds onnxruntime's per-kernel profile of the head's pruning kernels.
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import json
 import platform
 import statistics
 import sys
@@ -80,7 +84,49 @@ def interleaved(fns: dict, reps: int, warmup: int = 2) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench_model(source: str, keep_ratio: float, reps: int, threads: int, tmp: Path) -> dict:
+def pruning_kernels(path: Path, threads: int) -> list[str]:
+    """Names of the kernels onnxruntime runs for the head's pruning: the nodes of its optimised
+    graph that the block output (the tensor the kept tokens are gathered from) does not need."""
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.log_severity_level = threads, 3
+    so.optimized_model_filepath = str(path.with_suffix(".opt.onnx"))
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    nodes = onnx.load(so.optimized_model_filepath).graph.node
+    producer = {o: n for n in nodes for o in n.output}
+    gather = producer["tokens"]
+    assert gather.op_type.startswith("Gather"), f"tokens come from {gather.op_type}, not a gather"
+    needed, todo = set(), [gather.input[0]]
+    while todo:
+        t = todo.pop()
+        if t in producer and producer[t].name not in needed:
+            needed.add(producer[t].name)
+            todo += list(producer[t].input)
+    return [n.name for n in nodes if n.name not in needed]
+
+
+def profile_kernels(path: Path, x, names: set[str], threads: int, runs: int = 200) -> list[tuple[str, str, float]]:
+    """onnxruntime's profiler on `path`: (name, op, median us) of the kernels in `names`, in
+    execution order. The profiler adds its own few us to every kernel."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.log_severity_level = threads, 3
+    so.enable_profiling, so.profile_file_prefix = True, str(path.with_suffix(""))
+    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        s.run(None, {"images": x})
+    durations, ops = collections.defaultdict(list), {}
+    for e in json.loads(Path(s.end_profiling()).read_text()):
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["name"][:-12] in names:
+            durations[e["name"][:-12]].append(e["dur"])
+            ops[e["name"][:-12]] = e["args"]["op_name"]
+    return [(n, ops[n], statistics.median(d)) for n, d in durations.items()]
+
+
+def bench_model(source: str, keep_ratio: float, reps: int, threads: int, tmp: Path, profile: bool = False) -> dict:
     m = mercury_from_any(source, keep_ratios=[keep_ratio])[0]
     h, w = m.backbone.patch_embed.img_size
     x = torch.randn(1, 3, h, w)
@@ -100,6 +146,7 @@ def bench_model(source: str, keep_ratio: float, reps: int, threads: int, tmp: Pa
         with torch.no_grad():
             m.forward_head(x)
 
+    pruning = pruning_kernels(files["head"], threads)
     head = interleaved({
         "torch_head": torch_head,
         "onnx_head": lambda: s["head"].run(None, {"images": xn}),
@@ -111,6 +158,8 @@ def bench_model(source: str, keep_ratio: float, reps: int, threads: int, tmp: Pa
     }, reps)
     return {"model": name, "img": h, "N": m.num_patches, "K": m.keep, "D": m.dim,
             **head, **tail,
+            "pruning_kernels": len(pruning),
+            "profile": profile_kernels(files["head"], xn, set(pruning), threads) if profile else None,
             "head_onnx_vs_torch": head["onnx_head"] / head["torch_head"],
             "pruning_share": (head["onnx_head"] - head["onnx_head_noprune"]) / head["onnx_head"],
             "tail_vs_vanilla": tail["onnx_tail"] / tail["onnx_vanilla_tail"]}
@@ -128,19 +177,30 @@ def to_markdown(rows: list[dict], args, cmd: str) -> str:
         f"process CPU time, medians of {4 * args.reps} interleaved runs for heads and {args.reps} for tails. "
         "All figures measured; "
         "224 models have random weights (latency does not depend on them).", "",
-        "| model | N→K | torch head ms | ONNX head ms | ONNX/torch (≤0.85) | head w/o pruning ms | pruning share (≤3%) | tail ms | vanilla tail ms | tail/vanilla (≤1.02) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | N→K | torch head ms | ONNX head ms | ONNX/torch (≤0.85) | head w/o pruning ms | pruning share (≤3%) | pruning kernels | µs per pruning kernel | tail ms | vanilla tail ms | tail/vanilla (≤1.02) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        extra_us = 1e6 * (r["onnx_head"] - r["onnx_head_noprune"])
         lines.append(
             f"| {r['model']} ({r['img']}px) | {r['N']}→{r['K']} | {ms(r['torch_head'])} | {ms(r['onnx_head'])} | "
             f"{r['head_onnx_vs_torch']:.2f} {ok(r['head_onnx_vs_torch'], 0.85)} | {ms(r['onnx_head_noprune'])} | "
-            f"{100 * r['pruning_share']:.1f}% {ok(r['pruning_share'], 0.03)} | {ms(r['onnx_tail'])} | "
+            f"{100 * r['pruning_share']:.1f}% {ok(r['pruning_share'], 0.03)} | {r['pruning_kernels']} | "
+            f"{extra_us / max(r['pruning_kernels'], 1):.1f} | {ms(r['onnx_tail'])} | "
             f"{ms(r['onnx_vanilla_tail'])} | {r['tail_vs_vanilla']:.3f} {ok(r['tail_vs_vanilla'], 1.02)} |")
     lines += ["", "Head without pruning = the same patch embedding and blocks exported without scoring, "
               "region ArgMax, TopK and Gather; pruning share = (head - head w/o pruning) / head. "
+              "Pruning kernels = nodes of onnxruntime's optimised head graph that the block output does not "
+              "need (scoring, selection, gather; the CLS-attention row included); µs per pruning kernel = (head - head w/o pruning) / pruning kernels. "
               "Vanilla tail = the same blocks + norm + classifier on 1+N tokens with no reconstruction "
               "(what the unsplit model runs after the split point).", ""]
+    for r in rows:
+        if r.get("profile"):
+            total = sum(us for _, _, us in r["profile"])
+            lines += [f"Per-kernel profile of the pruning in the {r['model']} head (onnxruntime profiler, median of "
+                      f"200 runs; the profiler adds a few µs to every kernel): {len(r['profile'])} kernels, "
+                      f"{total:.0f} µs in all, in execution order:", "",
+                      " · ".join(f"{op} {us:.0f}" for _, op, us in r["profile"]), ""]
     return "\n".join(lines)
 
 
@@ -150,19 +210,20 @@ def main() -> None:
     ap.add_argument("--keep-ratio", type=float, default=0.5)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1, help="1 = CPU time is the latency")
+    ap.add_argument("--profile", action="store_true", help="per-kernel profile of the pruning (onnxruntime profiler)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "export.md"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for src in args.models:
-            r = bench_model(src, args.keep_ratio, args.reps, args.threads, Path(tmp))
+            r = bench_model(src, args.keep_ratio, args.reps, args.threads, Path(tmp), args.profile)
             rows.append(r)
             print(f"{r['model']}: head ONNX/torch {r['head_onnx_vs_torch']:.2f}, pruning "
-                  f"{100 * r['pruning_share']:.1f}% of head, tail/vanilla {r['tail_vs_vanilla']:.3f} "
+                  f"{100 * r['pruning_share']:.1f}% of head ({r['pruning_kernels']} kernels), tail/vanilla {r['tail_vs_vanilla']:.3f} "
                   f"(ms: torch head {1e3 * r['torch_head']:.2f}, onnx head {1e3 * r['onnx_head']:.2f}, "
                   f"tail {1e3 * r['onnx_tail']:.2f}, vanilla tail {1e3 * r['onnx_vanilla_tail']:.2f})", flush=True)
-            for f in Path(tmp).glob("*.onnx"):
+            for f in Path(tmp).glob("*"):
                 f.unlink()
     cmd = "python benchmarks/export_latency.py " + " ".join(sys.argv[1:])
     md = to_markdown(rows, args, cmd.strip())
