@@ -4,9 +4,10 @@ the head, and the tail vs a vanilla tail (the same blocks on 1+N tokens, no reco
     .venv/bin/python benchmarks/export_latency.py [--models deit_tiny_patch16_224 ...] [--reps 15]
         [--threads 1] [--keep-ratio 0.5] [--profile] [--out docs/results/export.md]
 
-Each pair being compared is timed interleaved (A, B, A, B, ...) at batch 1 with one thread,
-as process CPU time (time.process_time), and the median is reported: the machine is shared,
-and wall time would count the time other processes hold the cores.
+The graphs being compared are timed interleaved (a round of A, B, C, ..., in a new random order
+each round) at batch 1 with one thread, as process CPU time (time.process_time), and the
+median is reported: the machine is shared, and wall time would count the time other processes
+hold the cores.
 Random weights for the 224 models (latency does not depend on them); the reference model is
 ../shared/models/deit_tiny_patch4_32_cifar10.json.
 Targets: head ONNX <= 0.85x torch eager; pruning <= 3% of the head; tail <= 1.02x vanilla tail.
@@ -19,6 +20,7 @@ import argparse
 import collections
 import json
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -70,16 +72,21 @@ class VanillaTail(nn.Module):
         return b.forward_head(b.norm(x))
 
 
-def interleaved(fns: dict, reps: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each fn, timed round-robin."""
+def interleaved(fns: dict, reps: int, warmup: int = 2, seed: int = 0) -> dict[str, float]:
+    """Median seconds per call of each fn, timed round-robin in a new random order every round:
+    whatever runs right after another job finds cold caches, and a fixed order would always
+    hand that to the same fn (with torch in the loop, it made the head look ~0.3 ms slower
+    than the head without pruning that ran after it)."""
     for _ in range(warmup):
         for f in fns.values():
             f()
+    order, rng = list(fns), random.Random(seed)
     times = {k: [] for k in fns}
     for _ in range(reps):
-        for k, f in fns.items():
+        rng.shuffle(order)
+        for k in order:
             t = time.process_time()
-            f()
+            fns[k]()
             times[k].append(time.process_time() - t)
     return {k: statistics.median(v) for k, v in times.items()}
 
