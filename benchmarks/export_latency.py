@@ -2,7 +2,7 @@
 the head, and the tail vs a vanilla tail (the same blocks on 1+N tokens, no reconstruction).
 
     .venv/bin/python benchmarks/export_latency.py [--models deit_tiny_patch16_224 ...] [--reps 15]
-        [--threads 1] [--keep-ratio 0.5] [--profile] [--out docs/results/export.md]
+        [--head-reps 400] [--threads 1] [--keep-ratio 0.5] [--profile] [--out docs/results/export.md]
 
 The graphs being compared are timed interleaved (a round of A, B, C, ..., in a new random order
 each round) at batch 1 with one thread, as process CPU time (time.process_time), and the
@@ -133,7 +133,8 @@ def profile_kernels(path: Path, x, names: set[str], threads: int, runs: int = 20
     return [(n, ops[n], statistics.median(d)) for n, d in durations.items()]
 
 
-def bench_model(source: str, keep_ratio: float, reps: int, threads: int, tmp: Path, profile: bool = False) -> dict:
+def bench_model(source: str, keep_ratio: float, reps: int, head_reps: int, threads: int, tmp: Path,
+                profile: bool = False) -> dict:
     m = mercury_from_any(source, keep_ratios=[keep_ratio])[0]
     h, w = m.backbone.patch_embed.img_size
     x = torch.randn(1, 3, h, w)
@@ -154,11 +155,14 @@ def bench_model(source: str, keep_ratio: float, reps: int, threads: int, tmp: Pa
             m.forward_head(x)
 
     pruning = pruning_kernels(files["head"], threads)
-    head = interleaved({
+    heads = {
         "torch_head": torch_head,
         "onnx_head": lambda: s["head"].run(None, {"images": xn}),
         "onnx_head_noprune": lambda: s["head_noprune"].run(None, {"images": xn}),
-    }, 4 * reps)
+    }
+    blocks = [interleaved(heads, head_reps // 4, seed=i) for i in range(4)]   # 4 blocks: the spread
+    head = {k: statistics.median(b[k] for b in blocks) for k in heads}
+    shares = [(b["onnx_head"] - b["onnx_head_noprune"]) / b["onnx_head"] for b in blocks]
     tail = interleaved({
         "onnx_tail": lambda: s["tail"].run(None, {"tokens": tokn, "indices": idxn}),
         "onnx_vanilla_tail": lambda: s["vanilla_tail"].run(None, {"tokens": fulln}),
@@ -169,6 +173,7 @@ def bench_model(source: str, keep_ratio: float, reps: int, threads: int, tmp: Pa
             "profile": profile_kernels(files["head"], xn, set(pruning), threads) if profile else None,
             "head_onnx_vs_torch": head["onnx_head"] / head["torch_head"],
             "pruning_share": (head["onnx_head"] - head["onnx_head_noprune"]) / head["onnx_head"],
+            "pruning_share_blocks": (min(shares), max(shares)),
             "tail_vs_vanilla": tail["onnx_tail"] / tail["onnx_vanilla_tail"]}
 
 
@@ -181,7 +186,8 @@ def to_markdown(rows: list[dict], args, cmd: str) -> str:
         f"Machine: 2-core x86_64 CPU, shared with other jobs, no GPU ({platform.processor() or platform.machine()}); "
         f"torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}; "
         f"{args.threads} thread(s) for torch and ORT, batch 1, keep ratio {args.keep_ratio}, "
-        f"process CPU time, medians of {4 * args.reps} interleaved runs for heads and {args.reps} for tails. "
+        f"process CPU time, medians of {args.head_reps} interleaved runs for heads (median of 4 blocks of "
+        f"{args.head_reps // 4}; the pruning share's range over the blocks in brackets) and {args.reps} for tails. "
         "All figures measured; "
         "224 models have random weights (latency does not depend on them).", "",
         "| model | N→K | torch head ms | ONNX head ms | ONNX/torch (≤0.85) | head w/o pruning ms | pruning share (≤3%) | pruning kernels | µs per pruning kernel | tail ms | vanilla tail ms | tail/vanilla (≤1.02) |",
@@ -192,7 +198,8 @@ def to_markdown(rows: list[dict], args, cmd: str) -> str:
         lines.append(
             f"| {r['model']} ({r['img']}px) | {r['N']}→{r['K']} | {ms(r['torch_head'])} | {ms(r['onnx_head'])} | "
             f"{r['head_onnx_vs_torch']:.2f} {ok(r['head_onnx_vs_torch'], 0.85)} | {ms(r['onnx_head_noprune'])} | "
-            f"{100 * r['pruning_share']:.1f}% {ok(r['pruning_share'], 0.03)} | {r['pruning_kernels']} | "
+            f"{100 * r['pruning_share']:.1f}% {ok(r['pruning_share'], 0.03)} "
+            f"({100 * r['pruning_share_blocks'][0]:.1f}–{100 * r['pruning_share_blocks'][1]:.1f}) | {r['pruning_kernels']} | "
             f"{extra_us / max(r['pruning_kernels'], 1):.1f} | {ms(r['onnx_tail'])} | "
             f"{ms(r['onnx_vanilla_tail'])} | {r['tail_vs_vanilla']:.3f} {ok(r['tail_vs_vanilla'], 1.02)} |")
     lines += ["", "Head without pruning = the same patch embedding and blocks exported without scoring, "
@@ -215,7 +222,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
     ap.add_argument("--keep-ratio", type=float, default=0.5)
-    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--reps", type=int, default=20, help="tail runs")
+    ap.add_argument("--head-reps", type=int, default=400, help="head runs (4 blocks)")
     ap.add_argument("--threads", type=int, default=1, help="1 = CPU time is the latency")
     ap.add_argument("--profile", action="store_true", help="per-kernel profile of the pruning (onnxruntime profiler)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "export.md"))
@@ -224,10 +232,11 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for src in args.models:
-            r = bench_model(src, args.keep_ratio, args.reps, args.threads, Path(tmp), args.profile)
+            r = bench_model(src, args.keep_ratio, args.reps, args.head_reps, args.threads, Path(tmp), args.profile)
             rows.append(r)
             print(f"{r['model']}: head ONNX/torch {r['head_onnx_vs_torch']:.2f}, pruning "
-                  f"{100 * r['pruning_share']:.1f}% of head ({r['pruning_kernels']} kernels), tail/vanilla {r['tail_vs_vanilla']:.3f} "
+                  f"{100 * r['pruning_share']:.1f}% of head ({r['pruning_kernels']} kernels; blocks "
+                  f"{100 * r['pruning_share_blocks'][0]:.1f}-{100 * r['pruning_share_blocks'][1]:.1f}%), tail/vanilla {r['tail_vs_vanilla']:.3f} "
                   f"(ms: torch head {1e3 * r['torch_head']:.2f}, onnx head {1e3 * r['onnx_head']:.2f}, "
                   f"tail {1e3 * r['onnx_tail']:.2f}, vanilla tail {1e3 * r['onnx_vanilla_tail']:.2f})", flush=True)
             for f in Path(tmp).glob("*"):
