@@ -1,11 +1,27 @@
 """Lower-precision graphs made from the validated fp32 ones.
 
-- int8 head (ARM devices): onnxruntime.quantization, QDQ format, per-channel weights,
-  static activation ranges from real calibration images. Both activation types are tried,
-  S8S8 (int8 activations) and U8S8 (uint8 activations); the one whose end-to-end top-1
+- int8 head (ARM devices): onnxruntime.quantization, QDQ format, static activation ranges
+  from real calibration images. Recipe: U8S8 (uint8 activations, int8 weights) with
+  reduce_range (7-bit weights), so the head computes the same integers on the x86 machine that
+  exports and validates it and on the Pi (aarch64) that runs it:
+  * S8S8 (int8 activations) fuses differently per platform: onnxruntime fuses int8-activation
+    Conv / Softmax / MatMul into integer kernels (QLinearConv, QLinearSoftmax, QLinearMatMul)
+    only on ARM; on x86 they run as float math on dequantised values. Same model, other
+    arithmetic, and other tokens selected on aarch64 (docs/results/edge.md).
+  * U8S8 fuses the same way on both, but x86 AVX2 without VNNI multiplies u8 x s8 pairs with
+    vpmaddubsw, whose int16 pair sums saturate with 8-bit weights (a quarter of the patch
+    embedding's outputs off, by up to 45 steps, on real images). With 7-bit weights a pair sum
+    is at most 2 * 255 * 64 < 2^15: no saturation, as the onnxruntime docs advise for x86
+    without VNNI. The ARM kernels are exact either way.
+  * Only the nodes with weights are quantised (the patch embedding's Conv, the qkv / proj /
+    fc1 / fc2 Gemms). Attention's activation x activation MatMuls (so its Softmax) and the
+    pruning's scoring stay float: with them in int8, one LayerNorm output that rounds to
+    another int8 step on ARM (onnxruntime's LayerNorm differs by a few ulps between the two
+    builds) moves the CLS attention by a whole step and swapped a near-tied token; in float
+    the move is small and continuous. It also agrees better with the fp32 head.
+  Per-channel and per-tensor weight scales are both tried; the one whose end-to-end top-1
   agrees best with the fp32 head (ties: higher accuracy) on held-out real images is kept.
-  Only the matmul-like ops are quantised (Conv, MatMul, Gemm): the pruning's scores, ArgMax,
-  TopK and Gather stay float, so K and the index semantics are untouched.
+  ArgMax, TopK and Gather stay float, so K and the index semantics are untouched.
 - fp16 tail (CUDA): onnxconverter-common's float16 conversion. IO: `tokens` float16 in,
   `indices` int64, `logits` float32 out (the cast back is inside the graph).
 """
@@ -30,13 +46,20 @@ class _Reader:
         return next(self.feeds, None)
 
 
-def _quantize(pre: Path, out: Path, images: np.ndarray, activation: str) -> None:
+def _quantize(pre: Path, out: Path, images: np.ndarray, per_channel: bool) -> None:
+    """U8S8, 7-bit weights, QDQ; only the matmul-like nodes that hold weights."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
+    model = onnx.load(str(pre))
+    for i, n in enumerate(model.graph.node):  # nodes_to_exclude goes by name
+        n.name = n.name or f"{n.op_type}_unnamed_{i}"
+    onnx.save(model, str(pre))
+    weights = {t.name for t in model.graph.initializer}
+    activation_only = [n.name for n in model.graph.node   # attention's QK^T and attn V, the pruning's scoring
+                       if n.op_type in QUANT_OPS and not weights & set(n.input)]
     quantize_static(str(pre), str(out), _Reader(images), quant_format=QuantFormat.QDQ,
-                    per_channel=True, weight_type=QuantType.QInt8,
-                    activation_type=QuantType.QInt8 if activation == "S8S8" else QuantType.QUInt8,
-                    op_types_to_quantize=QUANT_OPS)
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=True,
+                    per_channel=per_channel, op_types_to_quantize=QUANT_OPS, nodes_to_exclude=activation_only)
 
 
 def _split_logits(head: Path, tail, images: np.ndarray, threads: int) -> np.ndarray:
@@ -52,7 +75,8 @@ def _split_logits(head: Path, tail, images: np.ndarray, threads: int) -> np.ndar
 
 def quantize_head(fp32_head: Path, out: Path, tail: Path, calib: np.ndarray, select: np.ndarray,
                   labels: np.ndarray | None, threads: int = 1) -> dict:
-    """Write the better of S8S8 / U8S8 to `out`; returns the manifest fields and the choice."""
+    """Write the better of per-channel / per-tensor U8S8 (7-bit weights) to `out`; returns the
+    manifest fields and the choice."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from .validate import session
@@ -64,8 +88,8 @@ def quantize_head(fp32_head: Path, out: Path, tail: Path, calib: np.ndarray, sel
         td = Path(td)
         pre = td / "pre.onnx"
         quant_pre_process(str(fp32_head), str(pre), skip_symbolic_shape=False)
-        for kind in ("S8S8", "U8S8"):
-            _quantize(pre, td / f"{kind}.onnx", calib, kind)
+        for kind in ("per_channel", "per_tensor"):
+            _quantize(pre, td / f"{kind}.onnx", calib, kind == "per_channel")
             logits = _split_logits(td / f"{kind}.onnx", tail_s, select, threads)
             agree = float((logits.argmax(-1) == ref.argmax(-1)).mean())
             acc = None if labels is None else float((logits.argmax(-1) == labels).mean())
@@ -73,7 +97,8 @@ def quantize_head(fp32_head: Path, out: Path, tail: Path, calib: np.ndarray, sel
         best = max(scores, key=lambda k: (scores[k]["top1_agreement"], scores[k]["accuracy"] or 0))
         (td / f"{best}.onnx").replace(out)
     fp32_acc = None if labels is None else round(float((ref.argmax(-1) == labels).mean()), 4)
-    return {"quant": best, "format": "QDQ", "per_channel": True, "ops": QUANT_OPS,
+    return {"quant": "U8S8", "format": "QDQ", "reduce_range": True, "per_channel": best == "per_channel",
+            "ops": QUANT_OPS,
             "calibration_images": len(calib),
             "selection": {"images": len(select), "fp32_accuracy": fp32_acc, **scores}}
 

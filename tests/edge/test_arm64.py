@@ -50,40 +50,11 @@ def arm64_root():
 
 
 @pytest.fixture(scope="module")
-def export(request, tmp_path_factory) -> Path:
-    """MERCURY_ARM64_EXPORT=DIR checks that export folder. By default the session's reference
-    export, plus an int8 (QDQ) head for its last keep ratio when it has none: made by the
-    exporter's own quantize_head on a copy, calibrated on 64 real CIFAR-10 train images (the
-    ARM-specific graph must not go unchecked)."""
+def export(request) -> Path:
+    """MERCURY_ARM64_EXPORT=DIR checks that export folder; by default the session's reference
+    export with an int8 head made by the exporter's quantize_head (tests/edge/conftest.py)."""
     given = os.environ.get("MERCURY_ARM64_EXPORT")
-    if given:
-        return Path(given)
-    ref = request.getfixturevalue("ref_export")
-    manifest = json.loads((ref / "manifest.json").read_text())
-    if any(v.get("head_int8") for v in manifest["variants"]):
-        return ref
-    from mercury_onnx.export.images import load_images
-    from mercury_onnx.export.manifest import write_manifest
-    from mercury_onnx.export.quantize import quantize_head
-
-    from ..conftest import CIFAR_TRAIN
-
-    if not CIFAR_TRAIN.exists():
-        return ref
-    out = tmp_path_factory.mktemp("arm64_export")
-    for f in manifest["files"]:
-        os.link(ref / f, out / f)
-    pre, v = manifest["preprocess"], manifest["variants"][-1]
-    size, classes = tuple(pre["size"]), manifest.get("classes")
-    calib, _ = load_images(CIFAR_TRAIN, 32, size, pre["mean"], pre["std"])
-    select, labels = load_images(CIFAR_TRAIN, 32, size, pre["mean"], pre["std"], classes, offset=32)
-    v["head_int8"] = {"file": f"head_k{v['keep_tokens']}_int8.onnx"}
-    v["head_int8"].update(quantize_head(out / v["head"]["file"], out / v["head_int8"]["file"],
-                                        out / v["tail"]["file"], calib, select, labels))
-    files = [*manifest.pop("files"), v["head_int8"]["file"]]
-    manifest.pop("format")
-    write_manifest(out, manifest, files)
-    return out
+    return Path(given) if given else request.getfixturevalue("int8_export")
 
 
 def head_graphs(export_dir: Path) -> set[tuple[str, str]]:
@@ -103,6 +74,8 @@ def test_export_heads_agree_on_arm64(arm64_root, export, cifar_test):
     table = [line.split() for line in r.stdout.splitlines() if line.startswith("k")]
     assert table and all(row[-1] == "PASS" for row in table)
     assert {(row[0], row[1]) for row in table} == graphs
+    # int8 heads are held to equal indices as well (the default gate, not only reported)
+    assert all(row[-2] == "equal" for row in table if row[2] == "indices")
     if not os.environ.get("MERCURY_ARM64_EXPORT"):
         assert any(kind == "head_int8" for _, kind in graphs), "the int8 head (the ARM graph) went unchecked"
 
