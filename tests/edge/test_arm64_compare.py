@@ -54,7 +54,7 @@ def outputs(seed=0) -> dict:
     }
 
 
-def compare(tmp_path, export, change=None, machine="aarch64", ort_arm="1.32.0", strict=False) -> tuple[int, str]:
+def compare(tmp_path, export, change=None, machine="aarch64", ort_arm="1.32.0", lenient=False) -> int:
     x86, arm = outputs(), outputs()
     if change:
         change(arm)
@@ -63,7 +63,7 @@ def compare(tmp_path, export, change=None, machine="aarch64", ort_arm="1.32.0", 
                                                                  "onnxruntime": "1.32.0"})), **x86)
     np.savez(tmp_path / "a.npz", __facts__=np.array(json.dumps({**facts, "machine": machine,
                                                                  "onnxruntime": ort_arm})), **arm)
-    return heads.compare(tmp_path / "x.npz", tmp_path / "a.npz", export, strict)
+    return heads.compare(tmp_path / "x.npz", tmp_path / "a.npz", export, lenient)
 
 
 def add(key, delta, where=(0, 1, 2)):
@@ -87,7 +87,7 @@ def test_identical_runs_pass(tmp_path, export, capsys):
     (add("k4/head_tok8/indices", 1), 1),
     (add("k4/head_tok16/tokens", np.float16(0.004), where=(0, 1, 0)), 0),  # 40-ish: ulp 0.03125
     (add("k4/head_tok16/tokens", np.float16(0.1), where=(0, 1, 0)), 1),  # 3 ulps
-    (add("k4/head_int8/indices", 1), 0),  # int8: index swaps reported, top-1 unchanged
+    (add("k4/head_int8/indices", 1), 1),  # int8 heads must select equal indices too
     (add("k4/head_int8/tokens", np.float32(500), where=(slice(0, 2), 1, 9)), 1),  # top-1 moves on 2/6 images
 ], ids=["fp32-5e-5", "fp32-2e-4", "fp32-index", "tok8-1step", "tok8-2steps", "tok8-scale", "tok8-index",
         "tok16-1ulp", "tok16-3ulp", "int8-index", "int8-top1"])
@@ -95,9 +95,14 @@ def test_rules(tmp_path, export, change, rc):
     assert compare(tmp_path, export, change) == rc
 
 
-def test_int8_index_swap_fails_when_strict(tmp_path, export, capsys):
-    assert compare(tmp_path, export, add("k4/head_int8/indices", 1), strict=True) == 1
+def test_int8_index_swap_fails_unless_lenient(tmp_path, export, capsys):
+    assert compare(tmp_path, export, add("k4/head_int8/indices", 1)) == 1
     assert "head_int8 indices" in capsys.readouterr().out.split("FAIL:")[-1]
+    # lenient (older S8S8 exports): the swap is reported, the end-to-end top-1 still gates
+    assert compare(tmp_path, export, add("k4/head_int8/indices", 1), lenient=True) == 0
+    assert "1 of 6 rows differ" in capsys.readouterr().out
+    move_top1 = add("k4/head_int8/tokens", np.float32(500), where=(slice(0, 2), 1, 9))
+    assert compare(tmp_path, export, move_top1, lenient=True) == 1
 
 
 def test_not_aarch64_or_other_version_fails(tmp_path, export):
