@@ -23,7 +23,7 @@ def export(
     calib_data: Optional[str] = typer.Option(None, help="images for int8 calibration "
                                              "(DIR/<class>/*.jpg; default CIFAR-10 train)"),
     calib_images: int = typer.Option(128, help="images used to calibrate the int8 head"),
-    int8_select_images: int = typer.Option(256, help="held-out images that pick S8S8 vs U8S8"),
+    int8_select_images: int = typer.Option(256, help="held-out images that pick per-channel vs per-tensor int8 weight scales"),
     fp16_tail: bool = typer.Option(False, "--fp16-tail", help="also an fp16 tail for CUDA"),
     token_dtype: List[str] = typer.Option([], "--token-dtype",
                                           help="extra head with int8 (+ per-token scales) or fp16 tokens"),

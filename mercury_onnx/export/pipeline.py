@@ -162,7 +162,7 @@ def _export(models, source, is_ckpt, out, opset, token_dtypes, int8_head, fp16_t
                 raise ExportError(f"int8 calibration images: {e}") from e
             for v in variants:
                 log(f"  K={v['keep_tokens']}: int8 head (calibrate on {len(cal_x)} images from {cal_dir}, "
-                    f"pick S8S8/U8S8 on {len(sel_x)} more)")
+                    f"pick per-channel or per-tensor weight scales on {len(sel_x)} more)")
                 v["head_int8"] = {"file": f"head_k{v['keep_tokens']}_int8.onnx"}
                 v["head_int8"].update(quantize_head(tmp / v["head"]["file"], tmp / v["head_int8"]["file"],
                                                     tmp / v["tail"]["file"], cal_x, sel_x, sel_y, threads))
