@@ -186,9 +186,9 @@ def lookup_top1(evals: list[dict], method: str, keep_ratio: float | None, token_
     elif method == "janus-like":
         rows = [r for r in evals if close(r) and ("janus" in str(r.get("method", "")) or r.get("pruning") == "janus")]
     else:   # the export's reconstruction when the eval has it (e.g. regional+meta-local), else "mercury"
-        rows = [r for r in evals if close(r) and r.get("pruning") == "regional"
-                and str(r.get("reconstruction", "")).startswith("meta")
-                and (r.get("method") == "mercury" or "+" in str(r.get("method", "")))]
+        rows = [r for r in evals if close(r) and (r.get("method") == "mercury" or (
+                r.get("pruning") == "regional" and str(r.get("reconstruction", "")).startswith("meta")
+                and "+" in str(r.get("method", ""))))]
         if reconstruction and any(r.get("reconstruction") == reconstruction for r in rows):
             rows = [r for r in rows if r.get("reconstruction") == reconstruction]
         rows = sorted(rows, key=lambda r: r.get("method") != "mercury")

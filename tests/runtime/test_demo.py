@@ -34,7 +34,12 @@ def test_demo_tiny(tmp_path):
     assert all(v["ms"]["payload_bytes"] > 0 and v["ms"]["round_trip"] > 0 for v in split)
     bench = json.loads((tmp_path / "results" / "bench.json").read_text())
     assert {x["trace"] for x in bench["results"]} == {"5g-driving"}
-    assert all("cloud_compute" in x["measured"] for x in bench["results"] if x["method"] == "mercury")
+    mercury = [x for x in bench["results"] if x["method"] == "mercury"]
+    assert mercury and all("cloud_compute" in x["measured"] for x in mercury)
+    # the bench table carries the split's top-1 measured in step 4 (same keep ratio and token dtype)
+    for x in mercury:
+        if x["token_dtype"] == "int8":
+            assert x["top1"] == client[f"mercury r={x['keep_ratio']} int8 (split)"]["top1"]
     assert (tmp_path / "results" / "latency_cdf_5g-driving.png").exists()
     assert "calibrate" in r.output and "demo done" in r.output
     assert list(tmp_path.glob("calib-*.json")) and list(tmp_path.glob("export-*/manifest.json"))
