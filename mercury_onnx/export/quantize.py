@@ -46,20 +46,24 @@ class _Reader:
         return next(self.feeds, None)
 
 
-def _quantize(pre: Path, out: Path, images: np.ndarray, per_channel: bool) -> None:
-    """U8S8, 7-bit weights, QDQ; only the matmul-like nodes that hold weights."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-
+def _activation_only_nodes(pre: Path) -> list[str]:
+    """Names every node of `pre` (in place: nodes_to_exclude goes by name) and returns the
+    matmul-like nodes that hold no weights: attention's QK^T and attn V, the pruning's scoring."""
     model = onnx.load(str(pre))
-    for i, n in enumerate(model.graph.node):  # nodes_to_exclude goes by name
+    for i, n in enumerate(model.graph.node):
         n.name = n.name or f"{n.op_type}_unnamed_{i}"
     onnx.save(model, str(pre))
     weights = {t.name for t in model.graph.initializer}
-    activation_only = [n.name for n in model.graph.node   # attention's QK^T and attn V, the pruning's scoring
-                       if n.op_type in QUANT_OPS and not weights & set(n.input)]
+    return [n.name for n in model.graph.node if n.op_type in QUANT_OPS and not weights & set(n.input)]
+
+
+def _quantize(pre: Path, out: Path, images: np.ndarray, per_channel: bool, exclude: list[str]) -> None:
+    """U8S8, 7-bit weights, QDQ; the matmul-like nodes except `exclude`."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
     quantize_static(str(pre), str(out), _Reader(images), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=True,
-                    per_channel=per_channel, op_types_to_quantize=QUANT_OPS, nodes_to_exclude=activation_only)
+                    per_channel=per_channel, op_types_to_quantize=QUANT_OPS, nodes_to_exclude=exclude)
 
 
 def _split_logits(head: Path, tail, images: np.ndarray, threads: int) -> np.ndarray:
@@ -88,8 +92,9 @@ def quantize_head(fp32_head: Path, out: Path, tail: Path, calib: np.ndarray, sel
         td = Path(td)
         pre = td / "pre.onnx"
         quant_pre_process(str(fp32_head), str(pre), skip_symbolic_shape=False)
+        exclude = _activation_only_nodes(pre)
         for kind in ("per_channel", "per_tensor"):
-            _quantize(pre, td / f"{kind}.onnx", calib, kind == "per_channel")
+            _quantize(pre, td / f"{kind}.onnx", calib, kind == "per_channel", exclude)
             logits = _split_logits(td / f"{kind}.onnx", tail_s, select, threads)
             agree = float((logits.argmax(-1) == ref.argmax(-1)).mean())
             acc = None if labels is None else float((logits.argmax(-1) == labels).mean())

@@ -100,8 +100,8 @@ def regional_select(scores: torch.Tensor, k: int, grid: int, region: int) -> tor
     """
     order = region_order(grid, region).to(scores.device)                # (l^2, r^2)
     win = scores[:, order].argmax(dim=-1)                                # (B, l^2)  Eq. 15: first best slot
-    region_of = torch.argsort(order.flatten()) // (region * region)      # (N,) subregion of each patch
-    slot_of = torch.argsort(order.flatten()) % (region * region)         # (N,) its slot in the subregion
+    place = torch.argsort(order.flatten())                              # (N,) each patch's place in `order`
+    region_of, slot_of = place // (region * region), place % (region * region)   # subregion, slot in it
     is_winner = win[:, region_of] == slot_of                             # (B, N)  Eq. 16
     key = torch.where(is_winner, float("inf"), scores)                   # (B, N)
     return sort_indices(top_k(key, k))
@@ -126,6 +126,11 @@ def uniform_select(batch: int, n: int, k: int) -> torch.Tensor:
     return idx.unsqueeze(0).expand(batch, k)
 
 
+def _gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x (B, T, D), rows (B, R) -> x[b, rows[b]] (B, R, D)."""
+    return torch.gather(x, 1, rows.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
 class _BatchGather(torch.autograd.Function):
     """x (B, T, D), rows (B, R) -> x[b, rows[b]] (B, R, D). Only used while exporting: it
     becomes one GatherND (batch_dims=1) instead of torch.gather's Expand of the int64 index
@@ -133,7 +138,7 @@ class _BatchGather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, rows):
-        return torch.gather(x, 1, rows.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        return _gather_rows(x, rows)
 
     @staticmethod
     def symbolic(g, x, rows):   # GatherND's batch_dims needs opset >= 12
@@ -149,7 +154,7 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     rows = F.pad(idx + 1, (1, 0))                                        # (B, 1+K): CLS = row 0
     if torch.onnx.is_in_onnx_export():
         return _BatchGather.apply(x, rows)
-    return torch.gather(x, 1, rows.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return _gather_rows(x, rows)
 
 
 def fuse_pruned(x: torch.Tensor, idx: torch.Tensor, cls_attn: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,11 @@ class Decision:
     race: int | None = None          # local run: the upload sent alongside it (None: none)
 
 
+def upload_ms(c: Candidate, rate_Bps, rtt_ms):
+    """U(r, t) above: device + payload / r + t + cloud (numpy broadcasts r and t)."""
+    return c.device_ms + c.payload_bytes / rate_Bps * 1e3 + rtt_ms + c.cloud_ms
+
+
 def proxy_accuracy(method: str, keep_ratio: float | None, token_dtype: str | None) -> float:
     if keep_ratio is None:
         return 1.0
@@ -125,12 +130,11 @@ class Planner:
             return np.array([c.device_ms]), float("inf")
         if rates is None:                            # never seen the link: no basis to upload
             return np.array([float("inf")]), float("inf")
-        upload = (c.device_ms + c.payload_bytes / rates[:, None] * 1e3 + rtts[None, :] + c.cloud_ms).ravel()
+        upload = upload_ms(c, rates[:, None], rtts[None, :]).ravel()
         if self.local is None:
             return upload, float("inf")
         local_ms = self.candidates[self.local].device_ms
-        typical = c.device_ms + c.payload_bytes / float(np.median(rates)) * 1e3 + float(np.median(rtts)) + c.cloud_ms
-        timeout = self.hedge_factor * typical
+        timeout = self.hedge_factor * upload_ms(c, float(np.median(rates)), float(np.median(rtts)))
         if self.slo_ms is not None and local_ms <= self.slo_ms:     # late enough to still make the SLO
             timeout = min(timeout, self.slo_ms - local_ms)
         return np.minimum(upload, timeout + local_ms), timeout
