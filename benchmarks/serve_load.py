@@ -14,6 +14,13 @@ Targets: serve-tail >= 0.9x bare ORT throughput; p99 <= 2x p50 at 32 clients.
 Also CPU ms per image, server process (all threads, /proc) vs bare ORT (this process): on a
 shared, loaded machine wall-clock throughput drifts a lot; CPU cost per image much less.
 
+CPU pinning (Linux, on by default with >= 2 CPUs): the server and the bare-ORT reference run on
+the same CPUs (--server-cpus, default all but the last) with the same ORT thread count, and the
+load generator runs on the others (--client-cpus, default the last one). Real clients are other
+machines; without pinning, the load generator takes its CPU from the server's ORT threads but
+not from the bare session's, and the ratio measures the load generator as much as the server.
+--no-pin gives the old everything-on-every-CPU run.
+
 The load generator is a minimal asyncio HTTP/1.1 client (prebuilt request bytes) so that
 it takes as little CPU as possible from the server: both run on the same machine.
 Prints markdown tables.
@@ -104,6 +111,34 @@ def metrics(url: str, model: str) -> dict:
     return {"runs": get("mercury_batch_size_count"), "images": get("mercury_batch_size_sum")}
 
 
+def parse_cpus(text: str) -> set[int]:
+    """'0', '0,2' or '0-2' -> {0, ...}."""
+    out = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def pinning(args) -> tuple[set[int], set[int]]:
+    """(server CPUs, client CPUs); empty sets = no pinning."""
+    if args.no_pin or not hasattr(os, "sched_setaffinity"):
+        return set(), set()
+    avail = sorted(os.sched_getaffinity(0))
+    if args.server_cpus or args.client_cpus:
+        server = parse_cpus(args.server_cpus) if args.server_cpus else set(avail) - parse_cpus(args.client_cpus)
+        client = parse_cpus(args.client_cpus) if args.client_cpus else set(avail) - server
+    elif len(avail) >= 2:
+        server, client = set(avail[:-1]), {avail[-1]}
+    else:
+        return set(), set()
+    bad = (server | client) - set(avail)
+    if not server or not client or bad or server & client:
+        raise SystemExit(f"bad CPU split: server {sorted(server)}, client {sorted(client)} "
+                         f"(this process may use {avail}; the two sets must be disjoint and non-empty)")
+    return server, client
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("export_dir")
@@ -114,7 +149,14 @@ def main() -> None:
     ap.add_argument("--max-delay-ms", type=float, default=2.0)
     ap.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (bare and server)")
     ap.add_argument("--seconds", type=float, default=3.0, help="per bare-ORT measurement")
+    ap.add_argument("--server-cpus", default=None, help="e.g. 0 or 0-2: server and bare ORT (default: all but the last)")
+    ap.add_argument("--client-cpus", default=None, help="load generator CPUs (default: the last)")
+    ap.add_argument("--no-pin", action="store_true", help="no CPU pinning: everything shares every CPU")
     args = ap.parse_args()
+    server_cpus, client_cpus = pinning(args)
+    if server_cpus and not args.threads:
+        args.threads = len(server_cpus)                                 # same ORT threads on both sides
+    pin = (lambda cpus: os.sched_setaffinity(0, cpus) if cpus else None)  # noqa: E731  this thread only
 
     manifest = load_manifest(args.export_dir)
     v = variant(manifest, args.keep_ratio)
@@ -128,15 +170,27 @@ def main() -> None:
     print(f"export {args.export_dir}: {manifest['timm_model']} {manifest.get('overrides') or ''}, "
           f"{model} (K={v['keep_tokens']}, D={manifest['dim']}), max batch {mb}, "
           f"max delay {args.max_delay_ms:g} ms, ORT threads {args.threads or 'default'}; "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
+          + (f"server + bare ORT on CPUs {sorted(server_cpus)}, load generator on CPUs {sorted(client_cpus)}"
+             if server_cpus else "no CPU pinning"))
 
     # bare ORT is measured right before and right after each server run (the mean is the
     # reference), so that drifting load on a shared machine hits both sides alike
+    pin(server_cpus)                                                    # ORT's pool threads inherit it
     tail = Tail(args.export_dir, v["keep_ratio"], provider="cpu", threads=args.threads, manifest=manifest)
-    bare = lambda b: bare_ort(tail, tokens, indices, b, args.seconds)   # noqa: E731
+
+    def bare(b):
+        pin(server_cpus)
+        try:
+            return bare_ort(tail, tokens, indices, b, args.seconds)
+        finally:
+            pin(client_cpus)
+
     extra = ["--threads", str(args.threads)] if args.threads else []
     proc, url = spawn(args.export_dir, "--provider", "cpu", "--max-batch", str(mb), "--max-delay-ms",
-                      str(args.max_delay_ms), "--keep-ratio", str(v["keep_ratio"]), *extra)
+                      str(args.max_delay_ms), "--keep-ratio", str(v["keep_ratio"]), *extra,
+                      cpus=server_cpus or None)
+    pin(client_cpus)
     try:
         params = {"model_id": manifest["model_id"]}
         body, hlen = build_request({"tokens": tokens, "indices": indices}, params)

@@ -22,6 +22,7 @@ import asyncio
 import hmac
 import json
 import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -532,9 +533,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def spawn(export_dir: str | Path, *args: str, port: int | None = None, ready_timeout: float = 60.0,
-          log=None):
+          log=None, cpus: set[int] | None = None):
     """Start `mercury-onnx serve-tail` in a subprocess on 127.0.0.1 and wait until it is ready.
-    Returns (process, url). For tests and benchmarks; stop it with proc.terminate()."""
+    Returns (process, url). For tests and benchmarks; stop it with proc.terminate().
+    `cpus` pins the server (all its threads) to those CPUs (Linux), as `taskset` would."""
     import subprocess
     import sys
     import urllib.request
@@ -542,7 +544,8 @@ def spawn(export_dir: str | Path, *args: str, port: int | None = None, ready_tim
     port = port or free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mercury_onnx.cli", "serve-tail", str(export_dir),
                              "--port", str(port), *args],
-                            stdout=log or subprocess.DEVNULL, stderr=log or subprocess.DEVNULL)
+                            stdout=log or subprocess.DEVNULL, stderr=log or subprocess.DEVNULL,
+                            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
