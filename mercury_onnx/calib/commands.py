@@ -116,7 +116,7 @@ def calibrate(
     no_init: bool = typer.Option(False, "--no-init", help="skip the closed-form init (ablation)"),
     reconstruction: Optional[str] = typer.Option(None, help="default: meta-local / the checkpoint's"),
     pruning: Optional[str] = typer.Option(None, help="default: regional / the checkpoint's"),
-    score: Optional[str] = typer.Option(None, help="default: mercury / the checkpoint's"),
+    score: Optional[str] = typer.Option(None, help="similarity (default), product or attention; default: the checkpoint's"),
     checkpoint: Optional[str] = typer.Option(None, help="backbone weights for a timm name"),
     img_size: Optional[int] = typer.Option(None), patch_size: Optional[int] = typer.Option(None),
     num_classes: Optional[int] = typer.Option(None),
@@ -217,7 +217,7 @@ def evaluate(
     try:
         models, stored = _backbone_models(checkpoint, None, {}, keep_ratio[:1])
         base = models[0]
-        grid = method_grid(base.cfg.reconstruction, methods)   # a bad --methods fails before any image is read
+        grid = method_grid(base.cfg.reconstruction, methods, base.cfg.score)   # a bad --methods fails before any image is read
         pre = preprocess_for(base)
         test, _ = load_image_set(data_dir, pre, base.cfg.classes, count=images, seed=seed, cache=cache)
     except (ConfigError, DataError, ValueError) as e:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.config import ConfigError
+from ..models.config import SCORE_VARIANTS, ConfigError
 from ..models.mercury import Mercury, build_mercury
 from .calibrate import CalibSettings, Prefixed, calibrate, finish_vanilla
 from .data import ImageSet
@@ -28,10 +28,10 @@ class Method:
     name: str
     pruning: str
     reconstruction: str
-    score: str = "mercury"
+    score: str | None = None     # None = the checkpoint's score
 
 
-def method_grid(recon: str = "meta-local", which: str = "all") -> list[Method]:
+def method_grid(recon: str = "meta-local", which: str = "all", score: str = "similarity") -> list[Method]:
     """`recon`: the checkpoint's (Mercury's) reconstruction, also paired with the pruning
     baselines. which: 'main' (vanilla + mercury), 'all', or a comma-separated list of names
     from the 'all' grid (vanilla and mercury always come first)."""
@@ -39,7 +39,7 @@ def method_grid(recon: str = "meta-local", which: str = "all") -> list[Method]:
     if which == "main":
         return grid
     if which != "all":
-        full = method_grid(recon, "all")
+        full = method_grid(recon, "all", score)
         wanted = {n.strip() for n in which.split(",") if n.strip()} - {"vanilla", "mercury", "main"}
         unknown = wanted - {m.name for m in full}
         if unknown:
@@ -52,15 +52,17 @@ def method_grid(recon: str = "meta-local", which: str = "all") -> list[Method]:
     for r in ("none", "zero", "duplicate", "mask", "generator", "meta-pos", "meta-ctx", "meta-local"):
         if r != recon:
             grid.append(Method(f"regional+{r}", "regional", r))
-    for sc in ("attention", "similarity"):
-        grid.append(Method(f"score={sc}", "regional", recon, sc))
+    for sc in SCORE_VARIANTS:
+        if sc != score:
+            grid.append(Method(f"score={sc}", "regional", recon, sc))
     return grid
 
 
 def build_variant(base: Mercury, method: Method, keep_ratio: float) -> Mercury | None:
     """The method as a Mercury wrapper on the shared backbone; None if it cannot run at this K."""
     cfg = copy.deepcopy(base.cfg)
-    cfg.pruning, cfg.reconstruction, cfg.score = method.pruning, method.reconstruction, method.score
+    cfg.pruning, cfg.reconstruction = method.pruning, method.reconstruction
+    cfg.score = method.score or base.cfg.score
     cfg.keep_ratio, cfg.keep_tokens = keep_ratio, None
     try:
         return build_mercury(cfg, base.backbone)
@@ -121,10 +123,15 @@ def evaluate(base: Mercury, ready: list[tuple[Method, float, Mercury]], images: 
     return rows
 
 
+def label(row: dict) -> str:
+    """A row's name in the table and the plot (int8-token rows of `eval --onnx` share "mercury")."""
+    return row["method"] + (f" ({row['token_dtype']} tokens)" if row.get("token_dtype") else "")
+
+
 def format_table(rows: list[dict]) -> str:
     ratios = sorted({r["keep_ratio"] for r in rows if r["method"] != "vanilla"}, reverse=True)
-    names = list(dict.fromkeys(r["method"] for r in rows))
-    cell = {(r["method"], r["keep_ratio"]): r["top1"] for r in rows}
+    names = list(dict.fromkeys(label(r) for r in rows))
+    cell = {(label(r), r["keep_ratio"]): r["top1"] for r in rows}
     vanilla = cell.get(("vanilla", 1.0))
     head = f"{'method':<24}" + "".join(f"{'keep ' + format(k, 'g'):>12}" for k in ratios)
     lines = [head, "-" * len(head)]
@@ -147,10 +154,10 @@ def plot(rows: list[dict], path, title: str = "") -> None:
     if vanilla is not None:
         ax.axhline(100 * vanilla, color="black", ls="--", lw=1, label="vanilla")
     colors = plt.get_cmap("tab20").colors
-    names = [n for n in dict.fromkeys(r["method"] for r in rows) if n != "vanilla"]
+    names = [n for n in dict.fromkeys(label(r) for r in rows) if n != "vanilla"]
     for j, name in enumerate(names):
-        pts = sorted((r["keep_ratio"], 100 * r["top1"]) for r in rows if r["method"] == name)
-        mercury = name.startswith("mercury")
+        pts = sorted((r["keep_ratio"], 100 * r["top1"]) for r in rows if label(r) == name)
+        mercury = name == "mercury"
         ax.plot(*zip(*pts), marker="o", lw=2.8 if mercury else 1.2, ls="-" if mercury or j % 2 else "--",
                 color="black" if mercury else colors[j % len(colors)], label=name)
     ax.set_xlabel("keep ratio (fraction of patch tokens sent)")

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PRUNING_METHODS = ("regional", "random", "topk-attn", "topk-attn-fuse", "uniform", "janus")
-SCORE_VARIANTS = ("mercury", "attention", "similarity")
+SCORE_VARIANTS = ("similarity", "product", "attention")
+SCORE_ALIASES = {"mercury": "product"}   # the name checkpoints written before the default changed use
 RECONSTRUCTIONS = ("meta-pos", "meta-ctx", "meta-local", "none", "zero", "duplicate", "mask", "generator")
 META_RECONSTRUCTIONS = ("meta-pos", "meta-ctx", "meta-local")
 
@@ -42,7 +43,7 @@ class MercuryConfig:
     keep_tokens: int | None = None         # ... or K directly (wins over keep_ratio)
     region_size: int = 2                   # each subregion is region_size x region_size tokens
     pruning: str = "regional"
-    score: str = "mercury"
+    score: str = "similarity"              # Eq. 12 variant; "product" = a_i * d_i (see pruning.py)
     reconstruction: str = "meta-local"
     meta_rank: int | None = None           # None = largest rank that fits the 0.13% budget
     janus_blocks: int = 3                  # Janus-like baseline: prune progressively over this many blocks
@@ -67,6 +68,7 @@ class MercuryConfig:
                               "is read from it and it is always kept); this model has none")
         if self.pruning not in PRUNING_METHODS:
             raise ConfigError(f"unknown pruning {self.pruning!r}; choose from {PRUNING_METHODS}")
+        self.score = SCORE_ALIASES.get(self.score, self.score)
         if self.score not in SCORE_VARIANTS:
             raise ConfigError(f"unknown score {self.score!r}; choose from {SCORE_VARIANTS}")
         if self.reconstruction not in RECONSTRUCTIONS:

@@ -75,12 +75,19 @@ def pick_images(folder: Path, n: int, classes: list[str] | None) -> tuple[list[P
     return [f for f, _ in chosen], [names.index(c) for _, c in chosen]
 
 
+def _method_defaults() -> tuple:
+    """The method's defaults go into the cache keys: a changed default is a new calibration."""
+    from ..models.config import MercuryConfig
+    d = MercuryConfig()
+    return d.score, d.reconstruction, d.region_size, d.prune_after_block
+
+
 def calibrate(opts: DemoOptions, source: str, train: Path, echo) -> str:
     """Mercury checkpoint path (cached), or the source unchanged when calibration is skipped."""
     if not opts.calibrate:
         echo("[1/5] calibrate: skipped (--no-calibrate): uncalibrated meta-parameters")
         return source
-    out = opts.cache / f"calib-{_key(Path(source), train, opts.keep_ratios, opts.calib_images, opts.calib_steps)}"
+    out = opts.cache / f"calib-{_key(Path(source), train, opts.keep_ratios, opts.calib_images, opts.calib_steps, *_method_defaults())}"
     if out.with_suffix(".json").exists():
         echo(f"[1/5] calibrate: cached {out}.json")
         return str(out.with_suffix(".json"))
@@ -103,7 +110,7 @@ def calibrate(opts: DemoOptions, source: str, train: Path, echo) -> str:
 
 def export(opts: DemoOptions, source: str, data: Path, echo) -> Path:
     from ..export import export_model
-    out = opts.cache / f"export-{_key(Path(source), opts.keep_ratios, opts.token_dtype)}"
+    out = opts.cache / f"export-{_key(Path(source), opts.keep_ratios, opts.token_dtype, *_method_defaults())}"
     if (out / "manifest.json").exists():
         echo(f"[2/5] export: cached {out}")
         return out

@@ -103,9 +103,12 @@ def test_method_grid_covers_every_baseline():
     for n in ("vanilla", "mercury", "random+meta-ctx", "topk-attn+meta-ctx", "uniform+meta-ctx",
               "janus+meta-ctx", "evit", "regional+none", "regional+zero", "regional+duplicate",
               "regional+mask", "regional+generator", "regional+meta-pos", "score=attention",
-              "score=similarity"):
+              "score=product"):
         assert n in names
-    assert "regional+meta-ctx" not in names and len(names) == len(set(names))
+    # mercury itself is regional + the checkpoint's reconstruction + the checkpoint's score
+    assert "regional+meta-ctx" not in names and "score=similarity" not in names
+    assert len(names) == len(set(names))
+    assert "score=similarity" in [m.name for m in method_grid("meta-ctx", score="product")]
 
 
 def test_method_grid_takes_a_list_of_names():

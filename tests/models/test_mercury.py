@@ -107,6 +107,16 @@ def test_baselines_share_the_interface(ref, pruning, recon):
         assert m.split > m.prune_at
 
 
+def test_score_default_and_old_name(ref):
+    cfg, backbone = ref
+    assert MercuryConfig().score == "similarity"
+    # checkpoints written before the default changed say "mercury" for the product a_i * d_i
+    m = build_mercury(MercuryConfig(**{**cfg.to_dict(), "keep_ratio": 0.5, "score": "mercury"}), backbone)
+    assert m.cfg.score == "product"
+    with pytest.raises(ConfigError, match="unknown score 'sum'"):
+        build_mercury(MercuryConfig(**{**cfg.to_dict(), "keep_ratio": 0.5, "score": "sum"}), backbone)
+
+
 def test_error_cases(ref):
     cfg, backbone = ref
     base = cfg.to_dict()

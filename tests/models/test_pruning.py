@@ -1,3 +1,4 @@
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -51,14 +52,18 @@ def test_distinctness_leaves_the_cls_out():
     x[:, 0] *= 100                                   # a CLS unlike the patches changes nothing
     assert torch.allclose(P.distinctness(x, skip=1), P.distinctness(x[:, 1:]), atol=1e-6)
     a = torch.rand(2, 16)
-    assert torch.allclose(P.semantic_score(x, a, skip=1), a * P.distinctness(x[:, 1:]), atol=1e-6)
+    assert torch.allclose(P.semantic_score(x, a, "product", skip=1), a * P.distinctness(x[:, 1:]), atol=1e-6)
+    assert torch.allclose(P.semantic_score(x, a, skip=1), P.distinctness(x[:, 1:]), atol=1e-6)   # default
 
 
 def test_score_variants():
     x, a = torch.randn(2, 16, 8), torch.rand(2, 16)
     assert torch.equal(P.semantic_score(x, a, "attention"), a)
     assert torch.allclose(P.semantic_score(x, a, "similarity"), P.distinctness(x))
-    assert torch.allclose(P.semantic_score(x, a, "mercury"), a * P.distinctness(x))
+    assert torch.allclose(P.semantic_score(x, a, "product"), a * P.distinctness(x))
+    assert torch.equal(P.semantic_score(x, a, "mercury"), P.semantic_score(x, a, "product"))   # old name
+    with pytest.raises(ValueError, match="unknown score"):
+        P.semantic_score(x, a, "sum")
 
 
 def test_uniform_and_random_are_exact_and_sorted():

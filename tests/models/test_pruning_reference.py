@@ -22,14 +22,16 @@ from mercury_onnx.models.loading import create_backbone
 IMAGES = 256
 
 
-def reference_scores(x: torch.Tensor, cls_attn: torch.Tensor) -> torch.Tensor:
-    """Eq. 11-12 from the definition, in float64: s_i = a_i * (1 - mean_{j != i} cos(x_i, x_j))."""
+def reference_scores(x: torch.Tensor, cls_attn: torch.Tensor, score: str = "similarity") -> torch.Tensor:
+    """Eq. 11-12 from the definition, in float64: d_i = 1 - mean_{j != i} cos(x_i, x_j), and
+    s_i = d_i (similarity, the default) or a_i * d_i (product)."""
     p = x[:, 1:].double()                                              # (B, N, D) patch tokens
     unit = p / p.norm(dim=-1, keepdim=True)
     sim = unit @ unit.transpose(1, 2)                                  # (B, N, N)
     n = p.shape[1]
     mean_sim = (sim.sum(-1) - sim.diagonal(dim1=1, dim2=2)) / (n - 1)
-    return cls_attn.double() * (1 - mean_sim)
+    d = 1 - mean_sim
+    return d if score == "similarity" else cls_attn.double() * d
 
 
 def reference_select(scores: list[float], k: int, grid: int, region: int) -> list[int]:
@@ -78,9 +80,11 @@ def tied(scores: torch.Tensor, levels: int) -> torch.Tensor:
 
 def test_real_images_select_what_the_reference_selects(ref_models, real_prefix):
     images, x, cls_attn = real_prefix
-    ref = reference_scores(x, cls_attn)
+    assert ref_models[0].cfg.score == "similarity"                     # the default
+    for score in ("product", "similarity"):
+        ref = reference_scores(x, cls_attn, score)
+        assert torch.allclose(P.semantic_score(x, cls_attn, score, skip=1).double(), ref, rtol=1e-5, atol=1e-7)
     with torch.no_grad():
-        assert torch.allclose(P.semantic_score(x, cls_attn, skip=1).double(), ref, rtol=1e-5, atol=1e-7)
         for m in ref_models:                                           # K = 32 and K = 16
             tokens, idx = m.forward_head(images)
             assert torch.equal(idx, reference_rows(ref, m.keep, m.grid, m.cfg.region_size))
