@@ -121,7 +121,7 @@ def test_eval_cli_all_methods(calibrated, cifar_test, tmp_path):
     assert res.exit_code == 0, text
     names = {r["method"] for r in json.loads(js.read_text())["results"]}
     assert {"vanilla", "mercury", "evit", "janus+meta-local", "regional+generator", "regional+meta-ctx",
-            "score=similarity"} <= names
+            "score=product", "score=attention"} <= names
 
 
 def test_eval_onnx_matches_torch(ref_export, ref_json, cifar_test, tmp_path):
@@ -132,7 +132,12 @@ def test_eval_onnx_matches_torch(ref_export, ref_json, cifar_test, tmp_path):
     res, text = _run("eval", cifar_test, "--checkpoint", ref_json, "--onnx", ref_export,
                      "--keep-ratio", 0.25, "--images", 32, "--json", js)
     assert res.exit_code == 0, text
-    rows = {r["method"]: r["top1"] for r in json.loads(js.read_text())["results"]}
+    rows = {(r["method"], r.get("token_dtype")): r["top1"] for r in json.loads(js.read_text())["results"]}
+    # the export has int8-token heads too: their own row, through the same tail
+    assert set(rows) == {("vanilla", None), ("mercury", None), ("mercury", "int8")}
+    assert "mercury (int8 tokens)" in text
+    assert abs(rows[("mercury", "int8")] - rows[("mercury", None)]) <= 2 / 32
+    rows = {m: t for (m, dt), t in rows.items() if dt is None}
     # the same graphs in torch: the export holds the reference model with uncalibrated meta
     (m,) = mercury_from_any(str(ref_json), keep_ratios=[0.25])
     ds, _ = load_image_set(cifar_test, preprocess_for(m), m.cfg.classes, count=32, progress=False)
