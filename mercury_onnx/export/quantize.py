@@ -91,7 +91,15 @@ def quantize_head(fp32_head: Path, out: Path, tail: Path, calib: np.ndarray, sel
     with tempfile.TemporaryDirectory() as td:
         td = Path(td)
         pre = td / "pre.onnx"
-        quant_pre_process(str(fp32_head), str(pre), skip_symbolic_shape=False)
+        # its symbolic shape inference gives GatherND(batch_dims=1) one axis too many, which ORT
+        # repairs while optimising, with a scary "Error merging shape info" warning; the file it
+        # writes carries the right shapes (onnx shape inference runs last), so silence that step
+        import onnxruntime as ort
+        ort.set_default_logger_severity(3)
+        try:
+            quant_pre_process(str(fp32_head), str(pre), skip_symbolic_shape=False)
+        finally:
+            ort.set_default_logger_severity(2)
         exclude = _activation_only_nodes(pre)
         for kind in ("per_channel", "per_tensor"):
             _quantize(pre, td / f"{kind}.onnx", calib, kind == "per_channel", exclude)
