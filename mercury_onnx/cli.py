@@ -68,6 +68,9 @@ def info(
     typer.echo(f"tokens N         {n} patches ({g}x{g} grid) + CLS, width D={first.dim}, "
                f"{first.depth} blocks")
     typer.echo(f"prune / split    after block {first.prune_at} / device runs blocks 0..{first.split - 1}")
+    score = {"similarity": "distinctness d_i", "product": "CLS attention x distinctness a_i*d_i",
+             "attention": "CLS attention a_i"}.get(first.cfg.score, first.cfg.score)
+    typer.echo(f"pruning          {first.cfg.pruning}, score {first.cfg.score} ({score})")
     for m in models:
         l = g // m.cfg.region_size
         f = split_flops(m)
