@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.config import SCORE_VARIANTS, ConfigError
+from ..models.config import SCORE_VARIANTS, ConfigError, MercuryConfig
 from ..models.mercury import Mercury, build_mercury
 from .calibrate import CalibSettings, Prefixed, calibrate, finish_vanilla
 from .data import ImageSet
@@ -31,7 +31,7 @@ class Method:
     score: str | None = None     # None = the checkpoint's score
 
 
-def method_grid(recon: str = "meta-local", which: str = "all", score: str = "similarity") -> list[Method]:
+def method_grid(recon: str = "meta-local", which: str = "all", score: str = MercuryConfig.score) -> list[Method]:
     """`recon`: the checkpoint's (Mercury's) reconstruction, also paired with the pruning
     baselines. which: 'main' (vanilla + mercury), 'all', or a comma-separated list of names
     from the 'all' grid (vanilla and mercury always come first)."""

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .config import SCORE_ALIASES
+
 
 # ---------------------------------------------------------------- scores (Eq. 11, Eq. 12)
 
@@ -60,12 +62,13 @@ def semantic_score(tokens: torch.Tensor, cls_attn: torch.Tensor, variant: str = 
     a^(1/4) * d fell in between. So `similarity` is the default and the product an ablation.
     Without attention in the score the head also skips 3 ONNX kernels.
     """
+    variant = SCORE_ALIASES.get(variant, variant)
     if variant == "attention":
         return cls_attn
     d = distinctness(tokens, skip)
     if variant == "similarity":
         return d
-    if variant in ("product", "mercury"):
+    if variant == "product":
         return cls_attn * d
     raise ValueError(f"unknown score variant {variant!r}")
 
