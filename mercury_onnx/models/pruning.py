@@ -158,12 +158,16 @@ class _BatchGather(torch.autograd.Function):
         return g.op("GatherND", x, index, batch_dims_i=1)
 
 
-def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x (B, 1+N, D), idx (B, K) patch indices -> (B, 1+K, D), CLS first."""
-    rows = F.pad(idx + 1, (1, 0))                                        # (B, 1+K): CLS = row 0
+def batch_gather(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x (B, T, D), rows (B, R) -> x[b, rows[b]] (B, R, D); one GatherND in ONNX."""
     if torch.onnx.is_in_onnx_export():
         return _BatchGather.apply(x, rows)
     return _gather_rows(x, rows)
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (B, 1+N, D), idx (B, K) patch indices -> (B, 1+K, D), CLS first."""
+    return batch_gather(x, F.pad(idx + 1, (1, 0)))                      # rows (B, 1+K): CLS = row 0
 
 
 def fuse_pruned(x: torch.Tensor, idx: torch.Tensor, cls_attn: torch.Tensor) -> torch.Tensor:

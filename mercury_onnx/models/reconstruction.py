@@ -21,8 +21,10 @@ Rank r is the largest that fits the budget unless given.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from . import pruning as P
 from .config import ConfigError, meta_budget
 
 
@@ -103,6 +105,21 @@ class MetaLocal(MetaCtx):
         meta = self.pos_code @ self.basis + self.bias                    # (N, D)
         return near + meta.unsqueeze(0) + (near @ self.ctx_down) @ self.ctx_up
 
+    def forward(self, tokens, idx):
+        """scatter_kept(fill(tokens, idx)) without the scatter. A received position's nearest
+        received token is itself (distance 0), so one row gather puts every received token in
+        place and the neighbour copy everywhere else; the correction is then added only where
+        nothing was received (CLS included as row 0, with no correction). In ONNX: a GatherND and
+        a few (B, N) ops instead of int64 (B, N, D) and (B, K, D) index Expands, GatherElements
+        and ScatterElements, whose generic per-element index loops made the DeiT-T tail ~2.5%
+        slower than the vanilla tail (docs/results/export.md)."""
+        rank = self.nearest.nearest_rank(idx)                            # (B, N) into kept
+        x = P.batch_gather(tokens, F.pad(rank + 1, (1, 0)))              # (B, 1+N, D)  row 0 = CLS
+        received = torch.gather(idx, 1, rank) == self.nearest.positions   # (B, N)
+        missing = F.pad(torch.where(received, 0.0, 1.0), (1, 0)).unsqueeze(-1)   # (B, 1+N, 1)  CLS: 0
+        meta = F.pad(self.pos_code @ self.basis + self.bias, (0, 0, 1, 0))   # (1+N, D)
+        return x + (meta + (x @ self.ctx_down) @ self.ctx_up) * missing
+
 
 class ZeroPos(Reconstruction):
     def __init__(self, num_patches, dim, pos_embed):
@@ -129,15 +146,20 @@ class DuplicateNearest(Reconstruction):
         super().__init__(num_patches, dim)
         yx = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij"), -1)
         yx = yx.reshape(-1, 2).float()
-        dist = torch.cdist(yx, yx)                                       # (N, N)
-        dist = dist + torch.arange(num_patches) * 1e-4                   # break ties: lower index
+        dist = torch.cdist(yx, yx)                                       # (N, N) symmetric
+        dist = dist + torch.arange(num_patches).unsqueeze(-1) * 1e-4     # break ties: lower index
+        # dist[j, i]: from position i to candidate j. Rows, so that the K received candidates
+        # are one row gather (contiguous in ONNX too), not a column gather + transpose.
         self.register_buffer("dist", dist, persistent=False)
+        self.register_buffer("positions", torch.arange(num_patches), persistent=False)
+
+    def nearest_rank(self, idx):
+        """idx (B, K) received positions -> (B, N): for every position, which received token
+        (its rank in idx) is spatially nearest; a received position's is itself."""
+        return self.dist[idx].argmin(1)                                  # (B, K, N) -> (B, N)
 
     def fill(self, tokens, idx):
-        b, k = idx.shape
-        d = self.dist[:, idx].permute(1, 0, 2)                           # (B, N, K)
-        nearest = d.argmin(-1)                                           # (B, N) into kept
-        return torch.gather(tokens[:, 1:], 1, nearest.unsqueeze(-1).expand(-1, -1, self.dim))
+        return P.batch_gather(tokens, self.nearest_rank(idx) + 1)        # (B, N, D)
 
 
 class Generator(MaskToken):

@@ -103,7 +103,8 @@ def test_tail_folds_meta_parameters(ref_export):
     g = onnx.load(str(ref_export / "tail_k16.onnx")).graph
     names = {i.name for i in g.initializer}
     assert not any(n.endswith(("pos_code", "basis")) for n in names)    # U V + b is one constant
-    assert "ScatterElements" in {n.op_type for n in g.node}
+    ops = {n.op_type for n in g.node}   # meta-local: one row gather, no scatter (reconstruction.py)
+    assert "GatherND" in ops and not ops & {"ScatterElements", "ScatterND"}
     assert [i.name for i in g.input] == ["tokens", "indices"] and [o.name for o in g.output] == ["logits"]
 
 

@@ -78,9 +78,30 @@ def test_meta_parameters_fit_budget(name, recon):
         assert m.num_meta_params() < 115_000   # the paper: ~0.11 M for DeiT-B
 
 
+@pytest.mark.parametrize("keep", [0.5, 0.25])
+def test_meta_local_without_scatter_equals_scatter_of_fill(ref, keep):
+    """MetaLocal.forward skips the scatter; it must equal the definition scatter_kept(fill(...)):
+    received tokens exactly in place, the CLS untouched, the corrected copy elsewhere."""
+    from mercury_onnx.models.reconstruction import Reconstruction
+    cfg, backbone = ref
+    m = build_mercury(MercuryConfig(**{**cfg.to_dict(), "keep_ratio": keep, "reconstruction": "meta-local"}), backbone)
+    for p in m.recon.parameters():   # calibrated-like, not the zero init (which makes it 'duplicate')
+        p.data.normal_(0, 0.5, generator=torch.Generator().manual_seed(p.numel()))
+    with torch.no_grad():
+        tokens, idx = m.forward_head(_images(32, b=4))
+        fast = m.recon(tokens, idx)
+        slow = Reconstruction.forward(m.recon, tokens, idx)
+    assert fast.shape == slow.shape == (4, 1 + m.num_patches, m.dim)
+    assert torch.equal(fast[:, 0], tokens[:, 0])
+    received = torch.gather(fast[:, 1:], 1, idx[..., None].expand(-1, -1, m.dim))
+    assert torch.equal(received, tokens[:, 1:])
+    assert torch.allclose(fast, slow, atol=1e-4, rtol=1e-4)   # float association only (values ~50)
+    assert (slow[:, 1:] - tokens[:, 1:2]).abs().amax() > 0.1   # the fill is not trivially the CLS/first token
+
+
 def test_tail_flops_equal_vanilla(ref):
     cfg, backbone = ref
-    for recon in ["meta-ctx", "meta-pos", "zero", "duplicate", "mask"]:
+    for recon in ["meta-local", "meta-ctx", "meta-pos", "zero", "duplicate", "mask"]:
         m = build_mercury(MercuryConfig(**{**cfg.to_dict(), "keep_ratio": 0.25, "reconstruction": recon}), backbone)
         f = split_flops(m)
         assert f["tail"] - f["reconstruction"] == f["vanilla_tail"], recon
