@@ -48,13 +48,35 @@ class _Reader:
 
 def _activation_only_nodes(pre: Path) -> list[str]:
     """Names every node of `pre` (in place: nodes_to_exclude goes by name) and returns the
-    matmul-like nodes that hold no weights: attention's QK^T and attn V, the pruning's scoring."""
+    matmul-like nodes that stay float: those without weights (attention's QK^T and attn V) and
+    the pruning's scoring."""
     model = onnx.load(str(pre))
     for i, n in enumerate(model.graph.node):
         n.name = n.name or f"{n.op_type}_unnamed_{i}"
     onnx.save(model, str(pre))
     weights = {t.name for t in model.graph.initializer}
-    return [n.name for n in model.graph.node if n.op_type in QUANT_OPS and not weights & set(n.input)]
+    ranking = _selection_only(model.graph)
+    return [n.name for n in model.graph.node
+            if n.op_type in QUANT_OPS and (not weights & set(n.input) or n.name in ranking)]
+
+
+def _selection_only(graph) -> set[str]:
+    """Nodes that only decide which tokens are kept: ancestors of a GatherND's index that are not
+    ancestors of any GatherND's data. The scoring's MatMul by a constant (1, T) weight is one;
+    int8 would blur the near-ties the ranking turns on, for no speed (it is tiny)."""
+    producer = {o: n for n in graph.node for o in n.output}
+
+    def ancestors(names):
+        seen, todo = set(), list(names)
+        while todo:
+            n = producer.get(todo.pop())
+            if n is not None and n.name not in seen:
+                seen.add(n.name)
+                todo += list(n.input)
+        return seen
+
+    gathers = [n for n in graph.node if n.op_type == "GatherND"]
+    return ancestors(n.input[1] for n in gathers) - ancestors(n.input[0] for n in gathers)
 
 
 def _quantize(pre: Path, out: Path, images: np.ndarray, per_channel: bool, exclude: list[str]) -> None:

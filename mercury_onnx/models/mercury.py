@@ -107,8 +107,7 @@ class Mercury(nn.Module):
         if k >= n:
             return torch.arange(n, device=x.device).unsqueeze(0).expand(b, n)
         if cfg.pruning == "regional":
-            scores = P.semantic_score(x, cls_attn, cfg.score, skip=1)
-            return P.regional_select(scores, k, self.grid, cfg.region_size)
+            return self.regional_rows(x, cls_attn, k)[:, 1:, 0] - 1
         if cfg.pruning in ("topk-attn", "topk-attn-fuse", "janus"):
             return P.topk_select(cls_attn, k)
         if cfg.pruning == "random":
@@ -116,6 +115,11 @@ class Mercury(nn.Module):
         if cfg.pruning == "uniform":
             return P.uniform_select(b, n, k).to(x.device)
         raise ConfigError(f"unknown pruning {cfg.pruning!r}")
+
+    def regional_rows(self, x: torch.Tensor, cls_attn: torch.Tensor, k: int) -> torch.Tensor:
+        """Mercury's selection as token rows (B, 1+K, 1): 0 (CLS), then 1 + kept patch indices."""
+        cost = P.selection_cost(x, cls_attn, self.cfg.score)             # (B, 1+N, 1)
+        return P.regional_rows(cost, k, self.grid, self.cfg.region_size)
 
     def forward_prefix(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Blocks [0, prune_after_block): the part every pruning method shares.
@@ -133,8 +137,13 @@ class Mercury(nn.Module):
         """From the prefix output to what the device sends: select, gather, run the rest of the
         device blocks (EViT / Janus-like baselines) -> tokens (B, 1+K, D), indices (B, K)."""
         blocks = self.backbone.blocks
-        idx = self.select(x, cls_attn, self.schedule[0])                 # (B, K0)
-        tokens = P.gather_tokens(x, idx)                                 # (B, 1+K0, D)
+        k0 = self.schedule[0]
+        if self.cfg.pruning == "regional" and k0 < self.num_patches:   # rows: the gather index as is
+            rows = self.regional_rows(x, cls_attn, k0)                   # (B, 1+K0, 1)
+            tokens, idx = P.batch_gather(x, rows), rows[:, 1:, 0] - 1    # (B, 1+K0, D), (B, K0)
+        else:
+            idx = self.select(x, cls_attn, k0)                           # (B, K0)
+            tokens = P.gather_tokens(x, idx)                             # (B, 1+K0, D)
         fused = (P.fuse_pruned(x, idx, cls_attn)
                  if self.cfg.pruning == "topk-attn-fuse" and idx.shape[1] < self.num_patches else None)
         for step, blk in enumerate(blocks[self.prune_at: self.split], start=1):

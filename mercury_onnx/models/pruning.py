@@ -1,18 +1,21 @@
 """Token scoring and selection: Mercury's regional pruning (Algorithm 1) and the baselines.
 
-Everything here maps to static-shape ONNX ops (MatMul, ReduceSum, ArgMax, TopK, Equal, Where,
-Gather, GatherND). There is no NonZero and no boolean indexing, so K is a constant of the graph.
+Everything here maps to static-shape ONNX ops (LpNormalization, MatMul, Gather, ArgMin,
+Equal, Where, TopK, GatherND). There is no NonZero and no boolean indexing, so K is a constant
+of the graph.
 
-The formulations are shaped for the exported head. There every small op is one ORT kernel
-with a fixed cost, paid cold right after the block's large matmuls, so the pruning is written
-in few ops (about 27 after the block, down from about 45): the distinctness without a
-normalised copy of the tokens (two MatMuls), the subregions as constant index tables (one
-Gather, no reshape/transpose round trip), and the kept tokens as one GatherND (no int64 index
-Expand to (B, K, D) + GatherElements). docs/results/export.md has the measurements.
+The formulations are shaped for the exported head. There every small op is one ORT kernel that
+runs cold right after the block's large matmuls (~8-15 us each on this machine, where the
+same kernel in a hot loop takes ~1 us), so the default pruning is 15 kernels after the block
+(was 24, and ~45 before that): the similarity as a normalised copy and two MatMuls, ranked as
+it is (lower = more distinct, no Sub, no Slice of the CLS); the subregions as constant index
+tables over the 1+N token rows, with the CLS as one more subregion that always wins, so the
+TopK's rows are the GatherND index as they are (no Add, Pad, Unsqueeze). docs/results/export.md
+has the measurements.
 
 Shapes: B batch, N patch tokens (a g x g grid, N = g*g), D width, K kept patch tokens.
 Ties: every selection takes the lower index first among equal scores (the rule of ONNX TopK
-and ArgMax), in eager PyTorch too, so torch and the ONNX head pick the same tokens.
+and ArgMin/ArgMax), in eager PyTorch too, so torch and the ONNX head pick the same tokens.
 """
 from __future__ import annotations
 
@@ -24,24 +27,48 @@ from .config import SCORE_ALIASES
 
 # ---------------------------------------------------------------- scores (Eq. 11, Eq. 12)
 
-def distinctness(tokens: torch.Tensor, skip: int = 0) -> torch.Tensor:
-    """1 - mean cosine similarity of each patch token to the other patch tokens (Eq. 11).
-    tokens (B, skip+N, D): the first `skip` tokens (the CLS) take no part -> (B, N).
+class _LpNormalize(torch.autograd.Function):
+    """x / |x| over the last axis, zero rows stay zero. Only used while exporting: it becomes
+    one LpNormalization, where F.normalize exports as ReduceL2 + Clip + Expand + Div."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    @staticmethod
+    def symbolic(g, x):
+        return g.op("LpNormalization", x, axis_i=-1, p_i=2)
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    if torch.onnx.is_in_onnx_export():
+        return _LpNormalize.apply(x)
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def similarity_cost(tokens: torch.Tensor, skip: int = 0) -> torch.Tensor:
+    """Mean cosine similarity of each token to the patch tokens, up to a constant: (B, T, D) ->
+    (B, T, 1). The first `skip` tokens (the CLS) are left out of the sum. Lower = more distinct:
+    distinctness d_i = 1 + c - cost_i (Eq. 11).
 
     With x^ = x / |x| and S = sum_j x^_j over the N patches, mean_{j != i} cos(x_i, x_j) =
     (x^_i . S - 1) / (N - 1), so this costs O(N D) instead of the O(N^2 D) of the similarity
-    matrix. It is computed as 1 + c - x_i . (c S) / |x_i| with c = 1 / (N - 1), shaped for the
-    exported head, where each op is one ORT kernel: no normalised copy of the tokens, S and the
-    dot products are two MatMuls over reshaped (not transposed) vectors, and |x| is a Mul +
-    ReduceSum + Sqrt (ORT's ReduceL2 takes about twice as long).
+    matrix: cost_i = x^_i . (c S), c = 1 / (N - 1). In the exported head that is 4 kernels:
+    LpNormalization, MatMul by a constant (1, T) weight (c, 0 for the CLS), Reshape, MatMul.
     """
-    _, t, d = tokens.shape
+    t, d = tokens.shape[1:]
     c = 1.0 / max(t - skip - 1, 1)
-    norms = (tokens * tokens).sum(-1, keepdim=True).sqrt().clamp_min(1e-12)   # (B, T, 1) |x|
-    weight = (torch.arange(t, device=tokens.device) >= skip).to(tokens.dtype).unsqueeze(-1) * c   # (T, 1)
-    total = (weight / norms).reshape(-1, 1, t) @ tokens                    # (B, 1, D)  c S
-    sims = (tokens @ total.reshape(-1, d, 1)) / norms                      # (B, T, 1)  x^_i . c S
-    return (1.0 + c) - sims.reshape(-1, t)[:, skip:]                       # (B, N)
+    xn = _normalize(tokens)                                                  # (B, T, D)
+    weight = ((torch.arange(t, device=tokens.device) >= skip).to(tokens.dtype) * c).reshape(1, t)
+    total = weight @ xn                                                      # (B, 1, D)  c S
+    return xn @ total.reshape(-1, d, 1)                                      # (B, T, 1)
+
+
+def distinctness(tokens: torch.Tensor, skip: int = 0) -> torch.Tensor:
+    """1 - mean cosine similarity of each patch token to the other patch tokens (Eq. 11).
+    tokens (B, skip+N, D): the first `skip` tokens (the CLS) take no part -> (B, N)."""
+    c = 1.0 / max(tokens.shape[1] - skip - 1, 1)
+    return (1.0 + c) - similarity_cost(tokens, skip)[:, skip:, 0]
 
 
 def semantic_score(tokens: torch.Tensor, cls_attn: torch.Tensor, variant: str = "similarity",
@@ -60,7 +87,6 @@ def semantic_score(tokens: torch.Tensor, cls_attn: torch.Tensor, variant: str = 
     meta-local calibrated for each score on the same 5,000 images, KL to the unpruned model on
     a held-out train slice was 0.021 vs 0.036 at K = 32 and 0.071 vs 0.086 at K = 16, and
     a^(1/4) * d fell in between. So `similarity` is the default and the product an ablation.
-    Without attention in the score the head also skips 3 ONNX kernels.
     """
     variant = SCORE_ALIASES.get(variant, variant)
     if variant == "attention":
@@ -71,6 +97,15 @@ def semantic_score(tokens: torch.Tensor, cls_attn: torch.Tensor, variant: str = 
     if variant == "product":
         return cls_attn * d
     raise ValueError(f"unknown score variant {variant!r}")
+
+
+def selection_cost(x: torch.Tensor, cls_attn: torch.Tensor, variant: str = "similarity") -> torch.Tensor:
+    """What regional_rows ranks: x (B, 1+N, D), cls_attn (B, N) -> (B, 1+N, 1), lower = keep;
+    row 0 (the CLS) is always kept, whatever its value. For the default score this is the
+    similarity cost itself (no Sub to turn it into d, no Slice to drop the CLS)."""
+    if SCORE_ALIASES.get(variant, variant) == "similarity":
+        return similarity_cost(x, skip=1)
+    return F.pad(-semantic_score(x, cls_attn, variant, skip=1), (1, 0)).unsqueeze(-1)
 
 
 # ---------------------------------------------------------------- selection
@@ -86,9 +121,17 @@ def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.sort(dim=-1, descending=True, stable=True).indices[:, :k]
 
 
-def sort_indices(idx: torch.Tensor) -> torch.Tensor:
+def bottom_k(cost: torch.Tensor, k: int) -> torch.Tensor:
+    """Along dim 1: indices of the k lowest values, ties to the lower index (ONNX TopK's rule;
+    eager takes the first k of a stable ascending sort). (B, T, 1) -> (B, k, 1)."""
+    if torch.onnx.is_in_onnx_export():
+        return cost.topk(k, dim=1, largest=False, sorted=False).indices
+    return cost.sort(dim=1, stable=True).indices[:, :k]
+
+
+def sort_indices(idx: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Ascending order (exports as a TopK, no Sort op needed)."""
-    return torch.sort(idx, dim=-1).values
+    return torch.sort(idx, dim=dim).values
 
 
 def region_order(grid: int, region: int) -> torch.Tensor:
@@ -99,21 +142,42 @@ def region_order(grid: int, region: int) -> torch.Tensor:
     return ids.reshape(l * l, region * region)
 
 
-def regional_select(scores: torch.Tensor, k: int, grid: int, region: int) -> torch.Tensor:
-    """Eq. 17: every subregion's winner, plus the top (K - l^2) of the rest. Returns (B, K)
-    sorted patch indices. Eq. 18 (the pruned set) is the complement and is never materialised.
-
-    Winners are lifted to +inf so one TopK takes all l^2 of them and then the best of the rest
-    (lower index first on equal scores). In ONNX: Gather, ArgMax, Gather, Equal, Where, TopK,
-    TopK (ascending order); the subregion layout lives in constant index tables.
-    """
-    order = region_order(grid, region).to(scores.device)                # (l^2, r^2)
-    win = scores[:, order].argmax(dim=-1)                                # (B, l^2)  Eq. 15: first best slot
+def _row_tables(grid: int, region: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Constant tables over the 1+N token rows (row 0 = CLS, row 1+p = patch p):
+    members (l^2+1, r^2): subregion j's rows, then a last 'subregion' made of the CLS row only
+    (repeated), whose winner is therefore always slot 0, the CLS;
+    region_of (1+N,), slot_of (1+N, 1): each row's subregion and its slot in it."""
+    order = region_order(grid, region)                                  # (l^2, r^2)
+    r2, l2 = order.shape[1], order.shape[0]
+    members = torch.cat([order + 1, torch.zeros(1, r2, dtype=torch.long)])
     place = torch.argsort(order.flatten())                              # (N,) each patch's place in `order`
-    region_of, slot_of = place // (region * region), place % (region * region)   # subregion, slot in it
-    is_winner = win[:, region_of] == slot_of                             # (B, N)  Eq. 16
-    key = torch.where(is_winner, float("inf"), scores)                   # (B, N)
-    return sort_indices(top_k(key, k))
+    region_of = torch.cat([torch.tensor([l2]), place // r2])
+    slot_of = torch.cat([torch.tensor([0]), place % r2]).unsqueeze(-1)
+    return members, region_of, slot_of
+
+
+def regional_rows(cost: torch.Tensor, k: int, grid: int, region: int) -> torch.Tensor:
+    """Eq. 15-17 on token rows: cost (B, 1+N, 1), lower = keep -> rows (B, 1+K, 1) ascending:
+    0 (the CLS), then 1 + the kept patch indices. Every subregion's winner (its lowest cost, the
+    first one in raster order on a tie) and the CLS are lowered to -inf, so one TopK takes them
+    and then the K - l^2 lowest of the rest (lower index first on equal costs). Eq. 18 (the
+    pruned set) is the complement and is never materialised.
+
+    Exported: Gather (costs by subregion, a constant index table), ArgMin, Gather (each row's
+    winner slot), Equal, Where, TopK, TopK (ascending): 7 kernels, and the rows are the
+    GatherND index as they are.
+    """
+    members, region_of, slot_of = (t.to(cost.device) for t in _row_tables(grid, region))
+    win = cost[:, members].argmin(dim=2)                                 # (B, l^2+1, 1)  Eq. 15
+    is_winner = win[:, region_of] == slot_of                             # (B, 1+N, 1)  Eq. 16, CLS too
+    key = torch.where(is_winner, float("-inf"), cost)                    # (B, 1+N, 1)
+    return sort_indices(bottom_k(key, k + 1), dim=1)                     # (B, 1+K, 1)
+
+
+def regional_select(scores: torch.Tensor, k: int, grid: int, region: int) -> torch.Tensor:
+    """Eq. 17 on patch scores (B, N), higher = keep -> (B, K) sorted patch indices."""
+    rows = regional_rows(F.pad(-scores, (1, 0)).unsqueeze(-1), k, grid, region)
+    return rows[:, 1:, 0] - 1
 
 
 def topk_select(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -141,28 +205,25 @@ def _gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 class _BatchGather(torch.autograd.Function):
-    """x (B, T, D), rows (B, R) -> x[b, rows[b]] (B, R, D). Only used while exporting: it
-    becomes one GatherND (batch_dims=1) instead of torch.gather's Expand of the int64 index
+    """x (B, T, D), rows (B, R, 1) -> x[b, rows[b, :, 0]] (B, R, D). Only used while exporting:
+    it becomes one GatherND (batch_dims=1) instead of torch.gather's Expand of the int64 index
     to (B, R, D) + GatherElements."""
 
     @staticmethod
     def forward(ctx, x, rows):
-        return _gather_rows(x, rows)
+        return _gather_rows(x, rows[..., 0])
 
     @staticmethod
-    def symbolic(g, x, rows):   # GatherND's batch_dims needs opset >= 12
-        if g.opset < 13:        # Unsqueeze took its axes as an attribute
-            index = g.op("Unsqueeze", rows, axes_i=[2])
-        else:
-            index = g.op("Unsqueeze", rows, g.op("Constant", value_t=torch.tensor([2], dtype=torch.long)))
-        return g.op("GatherND", x, index, batch_dims_i=1)
+    def symbolic(g, x, rows):   # rows (B, R, 1); GatherND's batch_dims needs opset >= 12
+        return g.op("GatherND", x, rows, batch_dims_i=1)
 
 
 def batch_gather(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """x (B, T, D), rows (B, R) -> x[b, rows[b]] (B, R, D); one GatherND in ONNX."""
+    """x (B, T, D), rows (B, R) or (B, R, 1) -> x[b, rows[b]] (B, R, D); one GatherND in ONNX
+    (plus an Unsqueeze for (B, R) rows)."""
     if torch.onnx.is_in_onnx_export():
-        return _BatchGather.apply(x, rows)
-    return _gather_rows(x, rows)
+        return _BatchGather.apply(x, rows if rows.dim() == 3 else rows.unsqueeze(-1))
+    return _gather_rows(x, rows if rows.dim() == 2 else rows[..., 0])
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
