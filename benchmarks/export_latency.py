@@ -1,12 +1,12 @@
 """Latency of the exported graphs on CPU: head ONNX vs torch eager, the pruning's share of
 the head, and the tail vs a vanilla tail (the same blocks on 1+N tokens, no reconstruction).
 
-    .venv/bin/python benchmarks/export_latency.py [--models deit_tiny_patch16_224 ...] [--reps 15]
-        [--head-reps 400] [--threads 1] [--keep-ratio 0.5] [--profile] [--out docs/results/export.md]
+    .venv/bin/python benchmarks/export_latency.py [--models deit_tiny_patch16_224 ...] [--reps 40]
+        [--head-reps 800] [--threads 1] [--keep-ratio 0.5] [--profile] [--out docs/results/export.md]
 
 The graphs being compared are timed interleaved (a round of A, B, C, ..., in a new random order
 each round) at batch 1 with one thread, as process CPU time (time.process_time), and the
-median is reported: the machine is shared, and wall time would count the time other processes
+medians are reported, the pruning and the tail ratio paired round by round: the machine is shared, and wall time would count the time other processes
 hold the cores.
 Random weights for the 224 models (latency does not depend on them); the reference model is
 ../shared/models/deit_tiny_patch4_32_cifar10.json.
@@ -72,11 +72,13 @@ class VanillaTail(nn.Module):
         return b.forward_head(b.norm(x))
 
 
-def interleaved(fns: dict, reps: int, warmup: int = 2, seed: int = 0) -> dict[str, float]:
-    """Median seconds per call of each fn, timed round-robin in a new random order every round:
-    whatever runs right after another job finds cold caches, and a fixed order would always
-    hand that to the same fn (with torch in the loop, it made the head look ~0.3 ms slower
-    than the head without pruning that ran after it)."""
+def interleaved(fns: dict, reps: int, warmup: int = 2, seed: int = 0) -> dict[str, list[float]]:
+    """Seconds per call of each fn, one list per fn, timed round-robin in a new random order
+    every round: whatever runs right after another job finds cold caches, and a fixed order
+    would always hand that to the same fn (with torch in the loop, it made the head look
+    ~0.3 ms slower than the head without pruning that ran after it). Round i of every list is
+    the same round, so A[i] - B[i] and A[i] / B[i] are paired: slow drifts of a shared machine
+    (minutes of other load) cancel, where a ratio of two medians keeps them."""
     for _ in range(warmup):
         for f in fns.values():
             f()
@@ -88,7 +90,15 @@ def interleaved(fns: dict, reps: int, warmup: int = 2, seed: int = 0) -> dict[st
             t = time.process_time()
             fns[k]()
             times[k].append(time.process_time() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def paired(a: list[float], b: list[float], fn, blocks: int = 4) -> tuple[float, float, float]:
+    """median over rounds of fn(a[i], b[i]), and its range over `blocks` consecutive blocks."""
+    vals = [fn(x, y) for x, y in zip(a, b)]
+    size = len(vals) // blocks
+    per_block = [statistics.median(vals[i * size:(i + 1) * size]) for i in range(blocks)]
+    return statistics.median(vals), min(per_block), max(per_block)
 
 
 def pruning_kernels(path: Path, threads: int) -> list[str]:
@@ -160,21 +170,24 @@ def bench_model(source: str, keep_ratio: float, reps: int, head_reps: int, threa
         "onnx_head": lambda: s["head"].run(None, {"images": xn}),
         "onnx_head_noprune": lambda: s["head_noprune"].run(None, {"images": xn}),
     }
-    blocks = [interleaved(heads, head_reps // 4, seed=i) for i in range(4)]   # 4 blocks: the spread
-    head = {k: statistics.median(b[k] for b in blocks) for k in heads}
-    shares = [(b["onnx_head"] - b["onnx_head_noprune"]) / b["onnx_head"] for b in blocks]
-    tail = interleaved({
+    times = interleaved(heads, head_reps)
+    head = {k: statistics.median(v) for k, v in times.items()}
+    extra, lo, hi = paired(times["onnx_head"], times["onnx_head_noprune"], lambda a, b: a - b)
+    tails = interleaved({
         "onnx_tail": lambda: s["tail"].run(None, {"tokens": tokn, "indices": idxn}),
         "onnx_vanilla_tail": lambda: s["vanilla_tail"].run(None, {"tokens": fulln}),
     }, reps)
+    tail = {k: statistics.median(v) for k, v in tails.items()}
+    ratio, rlo, rhi = paired(tails["onnx_tail"], tails["onnx_vanilla_tail"], lambda a, b: a / b)
     return {"model": name, "img": h, "N": m.num_patches, "K": m.keep, "D": m.dim,
             **head, **tail,
             "pruning_kernels": len(pruning),
             "profile": profile_kernels(files["head"], xn, set(pruning), threads) if profile else None,
             "head_onnx_vs_torch": head["onnx_head"] / head["torch_head"],
-            "pruning_share": (head["onnx_head"] - head["onnx_head_noprune"]) / head["onnx_head"],
-            "pruning_share_blocks": (min(shares), max(shares)),
-            "tail_vs_vanilla": tail["onnx_tail"] / tail["onnx_vanilla_tail"]}
+            "pruning_us": 1e6 * extra,
+            "pruning_share": extra / head["onnx_head"],
+            "pruning_share_blocks": (lo / head["onnx_head"], hi / head["onnx_head"]),
+            "tail_vs_vanilla": ratio, "tail_vs_vanilla_blocks": (rlo, rhi)}
 
 
 def to_markdown(rows: list[dict], args, cmd: str) -> str:
@@ -186,26 +199,30 @@ def to_markdown(rows: list[dict], args, cmd: str) -> str:
         f"Machine: 2-core x86_64 CPU, shared with other jobs, no GPU ({platform.processor() or platform.machine()}); "
         f"torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}; "
         f"{args.threads} thread(s) for torch and ORT, batch 1, keep ratio {args.keep_ratio}, "
-        f"process CPU time, medians of {args.head_reps} interleaved runs for heads (median of 4 blocks of "
-        f"{args.head_reps // 4}; the pruning share's range over the blocks in brackets) and {args.reps} for tails. "
+        f"process CPU time; {args.head_reps} interleaved rounds for the heads and {args.reps} for the tails. "
+        "Pruning = median over rounds of (head - head w/o pruning) in the same round; tail/vanilla = median "
+        "over rounds of the same-round ratio (paired: the machine's slow drifts cancel); in brackets the "
+        "range of that median over 4 consecutive blocks of rounds. "
         "All figures measured; "
         "224 models have random weights (latency does not depend on them).", "",
-        "| model | N→K | torch head ms | ONNX head ms | ONNX/torch (≤0.85) | head w/o pruning ms | pruning share (≤3%) | pruning kernels | µs per pruning kernel | tail ms | vanilla tail ms | tail/vanilla (≤1.02) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | N→K | torch head ms | ONNX head ms | ONNX/torch (≤0.85) | head w/o pruning ms | pruning µs | pruning share (≤3%) | pruning kernels | µs per pruning kernel | tail ms | vanilla tail ms | tail/vanilla (≤1.02) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        extra_us = 1e6 * (r["onnx_head"] - r["onnx_head_noprune"])
+        lo, hi = r["pruning_share_blocks"]
+        tlo, thi = r["tail_vs_vanilla_blocks"]
         lines.append(
             f"| {r['model']} ({r['img']}px) | {r['N']}→{r['K']} | {ms(r['torch_head'])} | {ms(r['onnx_head'])} | "
             f"{r['head_onnx_vs_torch']:.2f} {ok(r['head_onnx_vs_torch'], 0.85)} | {ms(r['onnx_head_noprune'])} | "
-            f"{100 * r['pruning_share']:.1f}% {ok(r['pruning_share'], 0.03)} "
-            f"({100 * r['pruning_share_blocks'][0]:.1f}–{100 * r['pruning_share_blocks'][1]:.1f}) | {r['pruning_kernels']} | "
-            f"{extra_us / max(r['pruning_kernels'], 1):.1f} | {ms(r['onnx_tail'])} | "
-            f"{ms(r['onnx_vanilla_tail'])} | {r['tail_vs_vanilla']:.3f} {ok(r['tail_vs_vanilla'], 1.02)} |")
+            f"{r['pruning_us']:.0f} | {100 * r['pruning_share']:.1f}% {ok(r['pruning_share'], 0.03)} "
+            f"({100 * lo:.1f}–{100 * hi:.1f}) | {r['pruning_kernels']} | "
+            f"{r['pruning_us'] / max(r['pruning_kernels'], 1):.1f} | {ms(r['onnx_tail'])} | "
+            f"{ms(r['onnx_vanilla_tail'])} | {r['tail_vs_vanilla']:.3f} {ok(r['tail_vs_vanilla'], 1.02)} "
+            f"({tlo:.3f}–{thi:.3f}) |")
     lines += ["", "Head without pruning = the same patch embedding and blocks exported without scoring, "
-              "region ArgMax, TopK and Gather; pruning share = (head - head w/o pruning) / head. "
+              "region ArgMin, TopK and Gather; pruning share = pruning µs / ONNX head. "
               "Pruning kernels = nodes of onnxruntime's optimised head graph that the block output does not "
-              "need (scoring, selection, gather; the CLS-attention row included); µs per pruning kernel = (head - head w/o pruning) / pruning kernels. "
+              "need (scoring, selection, gather); µs per pruning kernel = pruning µs / pruning kernels. "
               "Vanilla tail = the same blocks + norm + classifier on 1+N tokens with no reconstruction "
               "(what the unsplit model runs after the split point).", ""]
     for r in rows:
@@ -222,8 +239,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
     ap.add_argument("--keep-ratio", type=float, default=0.5)
-    ap.add_argument("--reps", type=int, default=20, help="tail runs")
-    ap.add_argument("--head-reps", type=int, default=400, help="head runs (4 blocks)")
+    ap.add_argument("--reps", type=int, default=40, help="tail rounds")
+    ap.add_argument("--head-reps", type=int, default=800, help="head rounds")
     ap.add_argument("--threads", type=int, default=1, help="1 = CPU time is the latency")
     ap.add_argument("--profile", action="store_true", help="per-kernel profile of the pruning (onnxruntime profiler)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "export.md"))
@@ -235,7 +252,7 @@ def main() -> None:
             r = bench_model(src, args.keep_ratio, args.reps, args.head_reps, args.threads, Path(tmp), args.profile)
             rows.append(r)
             print(f"{r['model']}: head ONNX/torch {r['head_onnx_vs_torch']:.2f}, pruning "
-                  f"{100 * r['pruning_share']:.1f}% of head ({r['pruning_kernels']} kernels; blocks "
+                  f"{100 * r['pruning_share']:.1f}% of head ({r['pruning_us']:.0f} us, {r['pruning_kernels']} kernels; blocks "
                   f"{100 * r['pruning_share_blocks'][0]:.1f}-{100 * r['pruning_share_blocks'][1]:.1f}%), tail/vanilla {r['tail_vs_vanilla']:.3f} "
                   f"(ms: torch head {1e3 * r['torch_head']:.2f}, onnx head {1e3 * r['onnx_head']:.2f}, "
                   f"tail {1e3 * r['onnx_tail']:.2f}, vanilla tail {1e3 * r['onnx_vanilla_tail']:.2f})", flush=True)

@@ -7,8 +7,8 @@ MODEL is what benchmarks/export_latency.py takes (timm name or backbone JSON). T
 current code and the head without pruning are exported here; every head given with --heads
 (same model, same keep ratio, images (1,3,H,W) -> tokens, indices) joins them. All of them and
 the torch eager head run round-robin (new random order each round) at batch 1, one thread,
-timed as process CPU time, as in export_latency.py; printed: median ms of each, and each head's pruning cost (head - head
-without pruning) in us and as a share of the head.
+timed as process CPU time, as in export_latency.py; printed: median ms of each, and each head's pruning cost (the median over rounds of head - head
+without pruning in the same round, and its range over 4 blocks of rounds) in us and as a share of the head.
 """
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from export_latency import HeadNoPrune, interleaved  # noqa: E402
+import statistics  # noqa: E402
+
+from export_latency import HeadNoPrune, interleaved, paired  # noqa: E402
 
 from mercury_onnx.export import graphs as G  # noqa: E402
 from mercury_onnx.export.convert import export_onnx  # noqa: E402
@@ -55,14 +57,15 @@ def main() -> None:
             m.forward_head(x)
 
     fns = {"torch": torch_head, **{k: (lambda s: lambda: s.run(None, {"images": xn}))(s) for k, s in sessions.items()}}
-    med = interleaved(fns, args.reps, warmup=5)
-    base = med["noprune"]
-    print(f"{Path(args.model).stem}: {args.reps} interleaved runs, medians: torch head {1e3 * med['torch']:.2f} ms, "
-          f"head without pruning {1e3 * base:.3f} ms")
+    times = interleaved(fns, args.reps, warmup=5)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"{Path(args.model).stem}: {args.reps} interleaved rounds, medians: torch head {1e3 * med['torch']:.2f} ms, "
+          f"head without pruning {1e3 * med['noprune']:.3f} ms")
     for k in files:
         if k != "noprune":
-            print(f"  {k:10s} head {1e3 * med[k]:.3f} ms, pruning +{1e6 * (med[k] - base):.0f} us "
-                  f"= {100 * (med[k] - base) / med[k]:.1f}% of the head")
+            extra, lo, hi = paired(times[k], times["noprune"], lambda a, b: a - b)
+            print(f"  {k:10s} head {1e3 * med[k]:.3f} ms, pruning +{1e6 * extra:.0f} us (blocks {1e6 * lo:.0f}-{1e6 * hi:.0f}) "
+                  f"= {100 * extra / med[k]:.1f}% of the head")
 
 
 if __name__ == "__main__":
