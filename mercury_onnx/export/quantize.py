@@ -21,7 +21,8 @@
     the move is small and continuous. It also agrees better with the fp32 head.
   Per-channel and per-tensor weight scales are both tried; the one whose end-to-end top-1
   agrees best with the fp32 head (ties: higher accuracy) on held-out real images is kept.
-  ArgMax, TopK and Gather stay float, so K and the index semantics are untouched.
+  Every node that only ranks tokens (ancestors of the GatherND index, not of its data: the
+  scoring MatMuls included) stays float, so K and the index semantics are untouched.
 - fp16 tail (CUDA): onnxconverter-common's float16 conversion. IO: `tokens` float16 in,
   `indices` int64, `logits` float32 out (the cast back is inside the graph).
 """

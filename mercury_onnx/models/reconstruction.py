@@ -1,7 +1,8 @@
 """Cloud-side reconstruction: (B, 1+K, D) kept tokens + (B, K) indices -> (B, 1+N, D).
 
 Received tokens go back to their positions with one scatter (ScatterElements in ONNX, no
-FLOPs); pruned positions get a fill. Mercury's fills are learned meta-parameters within the
+FLOPs; meta-local, the default, needs none: see MetaLocal.forward); pruned positions get a
+fill. Mercury's fills are learned meta-parameters within the
 paper's budget (0.13% of the backbone). The baselines the paper compares against live here
 too, behind the same call.
 
