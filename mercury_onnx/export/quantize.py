@@ -56,28 +56,29 @@ def _activation_only_nodes(pre: Path) -> list[str]:
         n.name = n.name or f"{n.op_type}_unnamed_{i}"
     onnx.save(model, str(pre))
     weights = {t.name for t in model.graph.initializer}
-    ranking = _selection_only(model.graph)
+    ranking = {n.name for n in selection_only(model.graph)}
     return [n.name for n in model.graph.node
             if n.op_type in QUANT_OPS and (not weights & set(n.input) or n.name in ranking)]
 
 
-def _selection_only(graph) -> set[str]:
-    """Nodes that only decide which tokens are kept: ancestors of a GatherND's index that are not
-    ancestors of any GatherND's data. The scoring's MatMul by a constant (1, T) weight is one;
-    int8 would blur the near-ties the ranking turns on, for no speed (it is tiny)."""
+def selection_only(graph) -> list:
+    """The nodes that only decide which tokens are kept: ancestors of a GatherND's index that
+    are not ancestors of any GatherND's data. The scoring's MatMul by a constant (1, T) weight
+    is one; int8 would blur the near-ties the ranking turns on, for no speed (it is tiny)."""
     producer = {o: n for n in graph.node for o in n.output}
 
-    def ancestors(names):
+    def ancestors(names) -> set[str]:   # nodes, by their first output (unique, names may be empty)
         seen, todo = set(), list(names)
         while todo:
             n = producer.get(todo.pop())
-            if n is not None and n.name not in seen:
-                seen.add(n.name)
+            if n is not None and n.output[0] not in seen:
+                seen.add(n.output[0])
                 todo += list(n.input)
         return seen
 
     gathers = [n for n in graph.node if n.op_type == "GatherND"]
-    return ancestors(n.input[1] for n in gathers) - ancestors(n.input[0] for n in gathers)
+    only = ancestors(n.input[1] for n in gathers) - ancestors(n.input[0] for n in gathers)
+    return [n for n in graph.node if n.output[0] in only]
 
 
 def _quantize(pre: Path, out: Path, images: np.ndarray, per_channel: bool, exclude: list[str]) -> None:

@@ -15,6 +15,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from mercury_onnx.export.images import load_images
+from mercury_onnx.export.quantize import selection_only
 
 
 def fused(path, tmp_path, arm_fusion: bool) -> tuple[collections.Counter, ort.InferenceSession]:
@@ -40,7 +41,9 @@ def test_int8_head_runs_the_arm_graph_on_x86(int8_export, cifar_test, tmp_path):
     # every node with weights runs as an integer kernel, none as float math on dequantised weights
     fp32 = onnx.load(str(int8_export / v["head"]["file"]))
     weights = {t.name for t in fp32.graph.initializer}
-    weighted = sum(n.op_type in ("Conv", "MatMul", "Gemm") and bool(weights & set(n.input)) for n in fp32.graph.node)
+    ranking = {n.output[0] for n in selection_only(fp32.graph)}   # the scoring's constant-weight MatMul stays float
+    weighted = sum(n.op_type in ("Conv", "MatMul", "Gemm") and bool(weights & set(n.input)) and n.output[0] not in ranking
+                   for n in fp32.graph.node)
     assert x86_ops["QLinearConv"] + x86_ops["QGemm"] + x86_ops["QLinearMatMul"] == weighted > 0
     assert x86_ops["Conv"] == x86_ops["Gemm"] == 0
     pre = manifest["preprocess"]
@@ -65,7 +68,7 @@ def test_int8_head_weights_cannot_saturate_avx2(int8_export):
 
 def pruning_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """The nodes that score tokens for the pruning: downstream of the tensor the kept tokens are
-    gathered from (the Gather* fed by `indices`) and upstream of the TopK that ranks them."""
+    gathered from (the GatherND's data) and upstream of the TopK that ranks them."""
     consumers, producer = collections.defaultdict(list), {o: n for n in model.graph.node for o in n.output}
     for n in model.graph.node:
         for i in n.input:
@@ -80,8 +83,7 @@ def pruning_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
                 todo += step(t)
         return seen
 
-    after_indices = walk(["indices"], lambda t: [o for n in consumers[t] for o in n.output])
-    sources = {n.input[0] for n in model.graph.node if n.op_type.startswith("Gather") and n.input[1] in after_indices}
+    sources = {n.input[0] for n in model.graph.node if n.op_type == "GatherND"}
     topk = next(n for n in model.graph.node if n.op_type == "TopK")
     on_path = (walk(sources, lambda t: [o for n in consumers[t] for o in n.output]) - sources) \
         & walk([topk.input[0]], lambda t: list(producer[t].input) if t in producer else [])
