@@ -5,9 +5,9 @@ the head, and the tail vs a vanilla tail (the same blocks on 1+N tokens, no reco
         [--head-reps 800] [--threads 1] [--keep-ratio 0.5] [--profile] [--out docs/results/export.md]
 
 The graphs being compared are timed interleaved (a round of A, B, C, ..., in a new random order
-each round) at batch 1 with one thread, as process CPU time (time.process_time), and the
-medians are reported, the pruning and the tail ratio paired round by round: the machine is shared, and wall time would count the time other processes
-hold the cores.
+each round) at batch 1 with one thread, as process CPU time (time.process_time): the machine
+is shared, and wall time would count the time other processes hold the cores. Medians are
+reported; the pruning and the tail ratio are paired round by round (see `paired`).
 Random weights for the 224 models (latency does not depend on them); the reference model is
 ../shared/models/deit_tiny_patch4_32_cifar10.json.
 Targets: head ONNX <= 0.85x torch eager; pruning <= 3% of the head; tail <= 1.02x vanilla tail.

@@ -7,12 +7,14 @@ MODEL is what benchmarks/export_latency.py takes (timm name or backbone JSON). T
 current code and the head without pruning are exported here; every head given with --heads
 (same model, same keep ratio, images (1,3,H,W) -> tokens, indices) joins them. All of them and
 the torch eager head run round-robin (new random order each round) at batch 1, one thread,
-timed as process CPU time, as in export_latency.py; printed: median ms of each, and each head's pruning cost (the median over rounds of head - head
-without pruning in the same round, and its range over 4 blocks of rounds) in us and as a share of the head.
+timed as process CPU time, as in export_latency.py; printed: median ms of each, and each head's
+pruning cost (the median over rounds of head - head without pruning in the same round, and its
+range over 4 blocks of rounds) in us and as a share of the head.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -22,8 +24,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import statistics  # noqa: E402
 
 from export_latency import HeadNoPrune, interleaved, paired  # noqa: E402
 
