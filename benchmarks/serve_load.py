@@ -36,7 +36,7 @@ import urllib.request
 
 import numpy as np
 
-from mercury_onnx.export.manifest import load_manifest, variant
+from mercury_onnx.formats.manifest import load_manifest, variant
 from mercury_onnx.runtime.client import build_request
 from mercury_onnx.runtime.head import Head
 from mercury_onnx.runtime.server import spawn

@@ -56,7 +56,7 @@ def run_heads(export_dir: Path, batch_path: Path, out: Path) -> None:
     sequential execution, no spinning) with a Pi's 4 intra-op threads."""
     import onnxruntime as ort
 
-    from mercury_onnx.export.manifest import load_manifest
+    from mercury_onnx.formats.manifest import load_manifest
     from mercury_onnx.runtime.head import Head
 
     t0 = time.perf_counter()
@@ -98,7 +98,7 @@ def compare(x86_path: Path, arm_path: Path, export_dir: Path, lenient_int8: bool
     reported (a float op that differs by an ulp can move one value across a rounding step).
     lenient_int8 only reports the int8 head's indices (for older S8S8 exports, whose int8 graph
     onnxruntime fuses differently on x86 and ARM: see mercury_onnx/export/quantize.py)."""
-    from mercury_onnx.export.manifest import load_manifest
+    from mercury_onnx.formats.manifest import load_manifest
 
     x86, arm = np.load(x86_path), np.load(arm_path)
     fx, fa = (json.loads(str(d["__facts__"])) for d in (x86, arm))
@@ -188,7 +188,7 @@ def probe_graphs(export_dir: Path, out: Path) -> None:
 
     import onnx
 
-    from mercury_onnx.export.manifest import load_manifest
+    from mercury_onnx.formats.manifest import load_manifest
 
     out.mkdir(parents=True, exist_ok=True)
     for v in load_manifest(export_dir)["variants"]:

@@ -1,4 +1,4 @@
-"""CLI commands of this area, registered on the main typer app by mercury_onnx/cli.py.
+"""CLI commands of this area, defined here, registered on the app by mercury_onnx/cli.py.
 
 Keep module-level imports light (no torch/timm/onnx): import inside each command.
 """
@@ -11,11 +11,7 @@ from typing import List, Optional
 
 import typer
 
-
-def register(app) -> None:
-    app.command("train")(train)
-    app.command("calibrate")(calibrate)
-    app.command("eval")(evaluate)
+from ..app import fail, need_export_extra
 
 
 def _overrides(img_size, patch_size, num_classes) -> dict:
@@ -69,8 +65,6 @@ def train(
     seed: int = typer.Option(0),
 ) -> None:
     """Train or fine-tune a timm backbone (AdamW, cosine + warmup, label smoothing, crop + flip)."""
-    from ..cli import fail, need_export_extra
-
     need_export_extra("train")
     from ..models import ConfigError, MercuryConfig
     from .data import DataError, list_images
@@ -123,8 +117,6 @@ def calibrate(
     seed: int = typer.Option(0), cache: bool = typer.Option(False, "--cache", help="cache decoded images in ~/.cache/mercury-onnx"),
 ) -> None:
     """Learn the meta-parameters (backbone frozen) by distilling the unpruned model."""
-    from ..cli import fail, need_export_extra
-
     need_export_extra("calibrate")
     from ..models import ConfigError
     from ..models.checkpoint import save_mercury
@@ -203,8 +195,6 @@ def evaluate(
     calibrated here on train images with the checkpoint's calibration budget (images, steps,
     batch size, lr) unless --calib-* say otherwise: with --recalibrate every learned method
     gets exactly the same budget and recipe."""
-    from ..cli import fail, need_export_extra
-
     need_export_extra("eval")
     from ..models import ConfigError
     from ..models.checkpoint import is_mercury_checkpoint, read_checkpoint_json
@@ -224,7 +214,7 @@ def evaluate(
         fail(str(e))
     dataset = f"{Path(data_dir).resolve().parent.name}/{Path(data_dir).name}"
     if onnx_dir is not None:
-        from ..export.manifest import ManifestError
+        from ..formats.manifest import ManifestError
         from .onnx_eval import evaluate_onnx
         try:
             rows = evaluate_onnx(onnx_dir, test, keep_ratio, batch_size=batch_size)

@@ -26,7 +26,7 @@ def evaluate_onnx(export_dir: str | Path, images: ImageSet, keep_ratios: list[fl
                   batch_size: int = 256, threads: int = 2, progress: bool = True) -> list[dict]:
     from tqdm import tqdm
 
-    from ..export.manifest import load_manifest, variant
+    from ..formats.manifest import load_manifest, variant
 
     export_dir = Path(export_dir)
     man = load_manifest(export_dir)

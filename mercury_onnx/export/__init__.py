@@ -1,5 +1,5 @@
-"""ONNX export of the Mercury head and tail. Heavy imports stay inside functions: the
-runtime (and a Raspberry Pi) import `mercury_onnx.export.manifest` without torch."""
+"""ONNX export of the Mercury head and tail. Heavy imports stay inside functions; the manifest
+the runtime reads lives in the torch-free mercury_onnx.formats."""
 
 
 def export_model(source, out_dir, keep_ratios=(0.5,), **kw):

@@ -1,4 +1,4 @@
-"""CLI commands of this area, registered on the main typer app by mercury_onnx/cli.py.
+"""CLI commands of this area, defined here, registered on the app by mercury_onnx/cli.py.
 
 Keep module-level imports light (no torch/timm/onnx): import inside each command.
 """
@@ -8,9 +8,7 @@ from typing import List, Optional
 
 import typer
 
-
-def register(app) -> None:
-    app.command("export")(export)
+from ..app import fail, need_export_extra
 
 
 def export(
@@ -38,8 +36,6 @@ def export(
 ) -> None:
     """Export head(s), tail(s) and the full model to ONNX, validate against PyTorch on real
     images, and write manifest.json (docs/FORMAT.md)."""
-    from ..cli import fail, need_export_extra
-
     need_export_extra("export")
     from ..models import ConfigError
     from .convert import ExportError
@@ -68,7 +64,7 @@ def export(
 
 
 def _print_summary(out) -> None:
-    from .manifest import load_manifest
+    from ..formats.manifest import load_manifest
 
     m = load_manifest(out)
     val = m["validation"]

@@ -23,7 +23,7 @@ import torch
 from . import graphs as G
 from .convert import ExportError, check_static_head, export_onnx, op_counts
 from .images import load_images
-from .manifest import MANIFEST, write_manifest
+from ..formats.manifest import MANIFEST, write_manifest
 from .validate import Tolerances, validate_export
 
 CIFAR10 = Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10"

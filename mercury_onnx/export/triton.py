@@ -13,7 +13,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .manifest import load_manifest
+from ..formats.manifest import load_manifest
 
 TEMPLATE = """name: "{name}"
 platform: "onnxruntime_onnx"

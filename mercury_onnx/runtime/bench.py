@@ -1,18 +1,11 @@
 """bench: end-to-end latency, payload and device energy of split strategies over real traces.
 
-For each trace, requests arrive in streams (S streams of M requests, one every
-`interval_ms`, each stream starting at a random point of the trace). Every request of every
-strategy gets the same start time and the same RTT sample (drawn from the trace's ping file):
-
-    latency = device compute + transmission(payload, starting when the device is done)
-              + RTT + cloud compute                         (device compute alone: mobile-only)
-
-Transmission integrates the trace's bandwidth curve (network.Trace.transmit_s). Strategies:
-mobile-only, cloud-only-jpeg (real images as JPEG q90 at the model's input size),
+Strategies: mobile-only, cloud-only-jpeg (real images as JPEG q90 at the model's input size),
 cloud-only-hq (JPEG q90 at hq_size), mercury (each keep ratio, fp16 and int8 tokens, the
 codec's exact payload bytes), janus-like (progressive pruning over 3 device blocks, modelled),
-and mercury-adaptive (planner.Planner, per request). Requests are independent: no queueing
-on the device or the link between them (stated, not modelled).
+and mercury-adaptive (planner.Planner, per request). The model and profiles come from
+bench_setup, the request simulation from bench_sim; this module builds the strategies, runs
+them over each trace and writes the report.
 
 numpy + onnxruntime (+ pillow for the JPEG sizes, matplotlib optional for plots); no torch.
 """
@@ -21,95 +14,20 @@ from __future__ import annotations
 import io
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import vit_flops as VF
+from .bench_setup import JANUS_BLOCKS, BenchError, ModelSetup, graph_flops
+from .bench_sim import Outcome, Strategy, make_requests, run_fixed, run_planner
 from .network import Trace
-from .planner import Candidate, Planner, proxy_accuracy
+from .planner import proxy_accuracy
 from .profiles import CloudProfile, DeviceProfile
 
 METHODS = ("mobile-only", "cloud-only-jpeg", "cloud-only-hq", "mercury", "janus-like", "mercury-adaptive")
-JANUS_BLOCKS = 3
 JPEG_QUALITY = 90
-PROBE_BYTES = 16_000
-PROBE_TIMEOUT_S = 1.0          # a probe is abandoned (radio off) after this long
-
-
-class BenchError(ValueError):
-    """Bad bench input; the message says what to change."""
-
-
-# ----------------------------------------------------------------------------- the model
-@dataclass
-class ModelSetup:
-    """What the bench needs to know about the model: geometry, variants, graph files."""
-    label: str
-    geom: VF.VitGeometry
-    input_size: tuple[int, int]
-    prune_after: int
-    split: int
-    keep_tokens: list[int]
-    model_id: str | None = None
-    export_dir: Path | None = None
-    manifest: dict | None = None
-
-    @property
-    def keep_ratios(self) -> list[float]:
-        return [k / self.geom.num_patches for k in self.keep_tokens]
-
-    def files(self, k: int) -> dict:
-        """Graph files of the variant with K kept tokens (empty without an export)."""
-        if self.manifest is None:
-            return {}
-        v = next(v for v in self.manifest["variants"] if v["keep_tokens"] == k)
-        return {key: v[key]["file"] for key in ("head", "head_tok8", "head_tok16", "tail") if v.get(key)}
-
-
-def setup_from_export(export_dir: str | Path, verify: bool = True) -> ModelSetup:
-    from ..export.manifest import load_manifest
-    m = load_manifest(export_dir, verify=verify)
-    g = VF.VitGeometry.from_manifest(m)
-    label = m["timm_model"] + (f" {m['overrides']}" if m.get("overrides") else "")
-    return ModelSetup(label=label, geom=g, input_size=tuple(m["preprocess"]["size"]),
-                      prune_after=int(m.get("prune_after_block", 1)),
-                      split=int(m.get("split_after_block", m.get("prune_after_block", 1))),
-                      keep_tokens=[int(v["keep_tokens"]) for v in m["variants"]],
-                      model_id=m.get("model_id"), export_dir=Path(export_dir), manifest=m)
-
-
-def setup_from_name(name: str, keep_ratios: list[float], img_size: int | None = None,
-                    patch_size: int | None = None, num_classes: int = 1000) -> ModelSetup:
-    """A timm name alone (no export): everything is modelled from its FLOPs."""
-    try:
-        g = VF.VitGeometry.from_timm_name(name, img_size, patch_size, num_classes)
-    except ValueError as e:
-        raise BenchError(str(e)) from e
-    side = int(round(g.num_patches ** 0.5)) * g.patch_size
-    ks = [max(1, int(round(r * g.num_patches))) for r in keep_ratios]
-    return ModelSetup(label=f"{name} (no export: modelled)", geom=g, input_size=(side, side),
-                      prune_after=1, split=1, keep_tokens=ks)
-
-
-def graph_flops(s: ModelSetup) -> dict:
-    """Analytic FLOPs per graph (the manifest carries none): 'full', ('head', K), ('tail', K),
-    ('janus_head', K), ('janus_tail', K); plus the export's file names for measured lookups."""
-    g = s.geom
-    out: dict = {"full": VF.vanilla_flops(g)}
-    for k in s.keep_tokens:
-        out[("head", k)] = VF.head_flops(g, s.split)
-        out[("tail", k)] = VF.tail_flops(g, s.split)
-        jsplit = min(g.depth, s.prune_after + JANUS_BLOCKS - 1)
-        out[("janus_head", k)] = VF.head_flops(g, jsplit, VF.janus_schedule(g.num_patches, k, JANUS_BLOCKS))
-        out[("janus_tail", k)] = VF.tail_flops(g, jsplit)
-    if s.manifest is not None:
-        out[s.manifest["full"]["file"]] = out["full"]
-        for k in s.keep_tokens:
-            for key, f in s.files(k).items():
-                out[f] = out[("tail", k)] if key == "tail" else out[("head", k)]
-    return out
 
 
 # ----------------------------------------------------------------------------- payloads
@@ -197,29 +115,6 @@ def lookup_top1(evals: list[dict], method: str, keep_ratio: float | None, token_
     return float(rows[0]["top1"]) if rows else None
 
 
-# ----------------------------------------------------------------------------- strategies
-@dataclass
-class Strategy:
-    method: str
-    keep_ratio: float | None
-    token_dtype: str | None
-    device_ms: float
-    payload: np.ndarray            # (P,) bytes per image (cycled over requests); [0] for none
-    cloud_ms: float
-    top1: float | None
-    measured: list[str] = field(default_factory=list)
-    notes: str = ""
-
-    @property
-    def label(self) -> str:
-        if self.keep_ratio is None:
-            return self.method
-        return f"{self.method} r={self.keep_ratio:.3g} {self.token_dtype}"
-
-    @property
-    def offloads(self) -> bool:
-        return bool(self.payload.max() > 0)
-
 
 def build_strategies(s: ModelSetup, device: DeviceProfile, cloud: CloudProfile, images: list[Path],
                      hq_size: int, evals: list[dict], token_dtypes=("fp16", "int8")) -> list[Strategy]:
@@ -266,155 +161,6 @@ def build_strategies(s: ModelSetup, device: DeviceProfile, cloud: CloudProfile, 
                                 notes=f"{JANUS_BLOCKS} device blocks, tokens "
                                       f"{VF.janus_schedule(s.geom.num_patches, k, JANUS_BLOCKS)}"))
     return out
-
-
-# ----------------------------------------------------------------------------- simulation
-@dataclass
-class Requests:
-    start_s: np.ndarray            # (S, M) request start times on the trace
-    rtt_ms: np.ndarray             # (S, M)
-    image: np.ndarray              # (S, M) which image (for per-image payloads)
-    stream_start_s: np.ndarray     # (S,) when each stream's first bandwidth probe goes out
-
-
-def make_requests(trace: Trace, n: int, rng: np.random.Generator, interval_ms: float = 500.0,
-                  per_stream: int = 50) -> Requests:
-    m = max(1, min(per_stream, n))
-    s = max(1, int(np.ceil(n / m)))
-    t0 = trace.sample_starts(s, rng)                                   # (S,)
-    starts = t0[:, None] + interval_ms / 1e3 * np.arange(1, m + 1)[None]
-    return Requests(starts, trace.sample_rtt_ms(s * m, rng).reshape(s, m),
-                    rng.integers(0, 1 << 30, size=(s, m)), t0)
-
-
-@dataclass
-class Outcome:
-    latency_ms: np.ndarray         # (S, M)
-    device_ms: np.ndarray
-    tx_ms: np.ndarray
-    rtt_ms: np.ndarray
-    cloud_ms: np.ndarray
-    payload: np.ndarray
-    energy_mj: np.ndarray
-    accuracy: np.ndarray
-    fallback_rate: float = 0.0     # planner only: share of requests the local hedge answered
-    race_rate: float = 0.0         # planner only: share of requests a local run's upload alongside answered
-
-
-def run_fixed(st: Strategy, trace: Trace, req: Requests, device: DeviceProfile) -> Outcome:
-    shape = req.start_s.shape
-    payload = st.payload[req.image % len(st.payload)] if st.offloads else np.zeros(shape)
-    dev = np.full(shape, st.device_ms)
-    if st.offloads:
-        tx = trace.transmit_s(payload, req.start_s + st.device_ms / 1e3) * 1e3
-        rtt, cloud = req.rtt_ms.copy(), np.full(shape, st.cloud_ms)
-    else:
-        tx, rtt, cloud = np.zeros(shape), np.zeros(shape), np.zeros(shape)
-    lat = dev + tx + rtt + cloud
-    energy = device.energy_mj(dev, tx, payload, rtt + cloud)
-    acc = np.full(shape, np.nan if st.top1 is None else st.top1)
-    return Outcome(lat, dev, tx, rtt, cloud, payload, energy, acc)
-
-
-def send(trace: Trace, planner: Planner, start_s: float, nbytes: float, abandon_s: float) -> tuple[float, float, bool]:
-    """A transfer the planner learns from, given up after `abandon_s` (radio off). Records what
-    the device sees: (start, end, bytes) when it completes, else (start, start + abandon_s,
-    bytes sent by then). Returns (seconds the radio was on, bytes sent, completed?)."""
-    tx = float(trace.transmit_s(nbytes, start_s))
-    if tx <= abandon_s:
-        planner.observe_transfer(start_s, start_s + tx, nbytes)
-        return tx, nbytes, True
-    sent = float(trace.bytes_until(start_s + abandon_s) - trace.bytes_until(start_s))
-    planner.observe_transfer(start_s, start_s + abandon_s, sent)
-    return abandon_s, sent, False
-
-
-def run_planner(strategies: list[Strategy], outcomes: list[Outcome], trace: Trace, req: Requests,
-                device: DeviceProfile, slo_ms: float | None, window: int = 10,
-                hedge_factor: float = 2.0) -> tuple[Outcome, np.ndarray]:
-    """mercury-adaptive over the same requests. Returns its outcome and the chosen index
-    (into `strategies`) per request. The planner sees only what the device saw before each
-    request starts (its transfers, their RTTs). Both ways of running race the other path:
-
-    - an upload that has not answered by the planner's timeout starts the full model on the
-      device (the CPU is idle while it waits); the first answer wins, so a hedged request is
-      never slower than the upload alone, and the local run's energy is counted for as long
-      as it ran (the client's fallback="local");
-    - a local run sends the request's own upload alongside (Decision.race, the JPEG): it keeps
-      the bandwidth estimate fresh, and when it answers first the local run stops. The upload
-      is given up when the local run answers or after PROBE_TIMEOUT_S, whichever is later; its
-      radio energy is counted. Without such a candidate a PROBE_BYTES probe is sent instead.
-
-    Before a stream's first request the device sends one PROBE_BYTES probe."""
-    allowed = [i for i, st in enumerate(strategies) if st.method in ("mobile-only", "cloud-only-jpeg", "mercury")]
-    local = next((i for i in allowed if strategies[i].method == "mobile-only"), None)
-    cands = [Candidate(strategies[i].label, strategies[i].method, strategies[i].device_ms,
-                       float(strategies[i].payload.mean()), strategies[i].cloud_ms,
-                       strategies[i].top1 if strategies[i].top1 is not None else
-                       proxy_accuracy(strategies[i].method, strategies[i].keep_ratio, strategies[i].token_dtype))
-             for i in allowed]
-    S, M = req.start_s.shape
-    choice = np.zeros((S, M), dtype=np.int64)
-    fields = ("latency_ms", "device_ms", "tx_ms", "rtt_ms", "cloud_ms", "payload", "energy_mj", "accuracy")
-    out = {f: np.zeros((S, M)) for f in fields}
-    fallbacks = races_won = 0
-    radio_w, j_per_byte_mj = device.radio_base_w, device.radio_j_per_byte * 1e3
-    for s in range(S):
-        p = Planner(cands, slo_ms, window, hedge_factor=hedge_factor)
-        t = req.stream_start_s[s]                        # initial probe before the first request
-        on_s, _, ok = send(trace, p, t, PROBE_BYTES, PROBE_TIMEOUT_S)
-        if ok:
-            p.observe_rtt(t + on_s + req.rtt_ms[s, -1] / 1e3, req.rtt_ms[s, -1])
-        for j in range(M):
-            now = req.start_s[s, j]
-            d = p.choose(now)
-            i = allowed[d.index]
-            choice[s, j] = i
-            o = outcomes[i]
-            for f in fields:
-                out[f][s, j] = getattr(o, f)[s, j]
-            if strategies[i].offloads:
-                start = now + o.device_ms[s, j] / 1e3
-                p.observe_transfer(start, start + o.tx_ms[s, j] / 1e3, o.payload[s, j])
-                p.observe_rtt(now + o.latency_ms[s, j] / 1e3, o.rtt_ms[s, j])
-                if local is None or o.latency_ms[s, j] <= d.timeout_ms:
-                    continue
-                loc = strategies[local].device_ms        # late: start the full model here too
-                done = min(o.latency_ms[s, j], d.timeout_ms + loc)
-                out["latency_ms"][s, j] = done
-                out["energy_mj"][s, j] += (device.active_w - device.idle_w) * (done - d.timeout_ms)
-                if done < o.latency_ms[s, j]:             # the local run answered first
-                    fallbacks += 1
-                    out["device_ms"][s, j] = o.device_ms[s, j] + loc
-                    out["tx_ms"][s, j] = d.timeout_ms - o.device_ms[s, j]
-                    out["rtt_ms"][s, j] = out["cloud_ms"][s, j] = 0.0
-                    out["accuracy"][s, j] = outcomes[local].accuracy[s, j]
-                continue
-            loc = o.latency_ms[s, j]                     # a local run, with an upload alongside
-            if d.race is None:
-                on_s, sent, ok = send(trace, p, now, PROBE_BYTES, PROBE_TIMEOUT_S)
-                if ok:
-                    p.observe_rtt(now + on_s + req.rtt_ms[s, j] / 1e3, req.rtt_ms[s, j])
-                out["energy_mj"][s, j] += radio_w * on_s * 1e3 + j_per_byte_mj * sent
-                out["payload"][s, j] = sent
-                continue
-            k = allowed[d.race]
-            r = outcomes[k]
-            start = now + r.device_ms[s, j] / 1e3
-            on_s, sent, ok = send(trace, p, start, r.payload[s, j], max(PROBE_TIMEOUT_S, loc / 1e3))
-            if ok:
-                p.observe_rtt(now + r.latency_ms[s, j] / 1e3, r.rtt_ms[s, j])
-            won = ok and r.latency_ms[s, j] < loc
-            lat = r.latency_ms[s, j] if won else loc
-            # the CPU is busy until the first answer; the radio is on while the upload runs
-            out["energy_mj"][s, j] = device.active_w * lat + radio_w * on_s * 1e3 + j_per_byte_mj * sent
-            out["payload"][s, j] = sent
-            if won:
-                races_won += 1
-                for f in ("latency_ms", "device_ms", "tx_ms", "rtt_ms", "cloud_ms", "payload", "accuracy"):
-                    out[f][s, j] = getattr(r, f)[s, j]
-    return Outcome(**{f: out[f] for f in fields}, fallback_rate=fallbacks / choice.size,
-                   race_rate=races_won / choice.size), choice
 
 
 # ----------------------------------------------------------------------------- report rows

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from ..export.manifest import load_manifest, variant
+from ..formats.manifest import load_manifest, variant
 from . import codec
 from .head import FullModel, Head
 from .preprocess import preprocess

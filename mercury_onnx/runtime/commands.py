@@ -9,6 +9,8 @@ from typing import List, Optional
 
 import typer
 
+from ..app import fail
+
 
 def serve_tail(
     export_dir: str = typer.Argument(..., help="export folder (manifest.json + tail_k*.onnx)"),
@@ -26,8 +28,7 @@ def serve_tail(
     keep_ratio: List[float] = typer.Option([], "--keep-ratio", "-r", help="serve only these (default all)"),
 ) -> None:
     """Serve the tail over the KServe v2 / Open Inference Protocol REST API."""
-    from ..cli import fail
-    from ..export.manifest import ManifestError
+    from ..formats.manifest import ManifestError
     from .tail import ProviderError
 
     if max_batch < 1 or max_delay_ms < 0 or max_body_mb <= 0 or timeout_s <= 0:
@@ -61,8 +62,7 @@ def infer(
     threads: Optional[int] = typer.Option(None, help="ORT threads for the head"),
 ) -> None:
     """Run the head here, the tail on the server; print top-5 and where the time went."""
-    from ..cli import fail
-    from ..export.manifest import ManifestError
+    from ..formats.manifest import ManifestError
     from .client import Client, RequestRejected, ServerError
     from .preprocess import ImageError
 
@@ -106,7 +106,3 @@ def infer(
                    f"encode {b['encode']:.2f} ms, round trip {b['round_trip']:.2f} ms{server}, "
                    f"total {b['total']:.2f} ms")
 
-
-def register(app) -> None:
-    app.command("serve-tail")(serve_tail)
-    app.command("infer")(infer)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ..export.manifest import ManifestError, load_manifest, variant
+from ..formats.manifest import ManifestError, load_manifest, variant
 
 HEAD_KINDS = ("fp32", "int8", "tok8", "tok16")   # tok8: int8 tokens + scales; tok16: fp16 tokens
 

@@ -36,7 +36,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..export.manifest import load_manifest, variant
+from ..formats.manifest import load_manifest, variant
 from .codec import cast, check_indices
 from .tail import Tail
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ..export.manifest import ManifestError, load_manifest, variant
+from ..formats.manifest import ManifestError, load_manifest, variant
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"

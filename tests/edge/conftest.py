@@ -14,7 +14,7 @@ def int8_export(ref_export, tmp_path_factory) -> Path:
     has none: made by the exporter's own quantize_head on a copy, calibrated on 32 real CIFAR-10
     train images and picked on 32 more (the ARM-specific graph must not go unchecked)."""
     from mercury_onnx.export.images import load_images
-    from mercury_onnx.export.manifest import write_manifest
+    from mercury_onnx.formats.manifest import write_manifest
     from mercury_onnx.export.quantize import quantize_head
 
     from ..conftest import CIFAR_TRAIN

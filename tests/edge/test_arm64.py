@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mercury_onnx.export.manifest import sha256_file
+from mercury_onnx.formats.manifest import sha256_file
 
 pytestmark = pytest.mark.arm64
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mercury_onnx.export.manifest import write_manifest
+from mercury_onnx.formats.manifest import write_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("arm64_run_heads", ROOT / "tools" / "arm64_run_heads.py")

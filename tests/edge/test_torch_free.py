@@ -24,7 +24,7 @@ BLOCK = "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in HEAVY)
 # What a Pi runs: the head runner, preprocessing, the token codec, the client (`infer`), and
 # `bench --device pi` (bench, the network model, device profiles, the planner).
 DEVICE_MODULES = [
-    "mercury_onnx.export.manifest",
+    "mercury_onnx.formats.manifest",
     "mercury_onnx.runtime.head",
     "mercury_onnx.runtime.preprocess",
     "mercury_onnx.runtime.codec",

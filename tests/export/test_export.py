@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from mercury_onnx.cli import app
 from mercury_onnx.export import export_model
 from mercury_onnx.export.images import load_images
-from mercury_onnx.export.manifest import ManifestError, load_manifest, variant
+from mercury_onnx.formats.manifest import ManifestError, load_manifest, variant
 from mercury_onnx.models.checkpoint import mercury_from_any
 
 

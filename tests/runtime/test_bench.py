@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from mercury_onnx.cli import app
 from mercury_onnx.runtime import bench as B
+from mercury_onnx.runtime import bench_setup as BS
 from mercury_onnx.runtime.network import load_trace
 from mercury_onnx.runtime.profiles import pi_profile, rtx4090_cloud
 from tests.conftest import CIFAR_TEST, TRACES
@@ -37,7 +38,7 @@ def check_contract(report, traces):
 
 @needs_data
 def test_modelled_deit_b_on_the_pi():
-    setup = B.setup_from_name("deit_base_patch16_224", [0.25])
+    setup = BS.setup_from_name("deit_base_patch16_224", [0.25])
     images = B.list_images(CIFAR_TEST, 8)
     cfg = B.BenchConfig(traces=[load_trace("lte-driving"), load_trace("const:50mbps:30ms")], requests=200)
     report, curves = B.run_bench(setup, pi_profile(), rtx4090_cloud(), images, cfg, [])
@@ -85,7 +86,7 @@ def test_eval_json_lookup(tmp_path):
     assert B.lookup_top1(evals, "mercury", 0.25, "int8") == 0.5
     f = tmp_path / "bad.json"
     f.write_text("[]")
-    with pytest.raises(B.BenchError, match="eval JSON"):
+    with pytest.raises(BS.BenchError, match="eval JSON"):
         B.load_eval(f)
 
 

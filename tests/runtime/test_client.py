@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mercury_onnx.cli import app
-from mercury_onnx.export.manifest import load_manifest
+from mercury_onnx.formats.manifest import load_manifest
 from mercury_onnx.runtime.client import Client, ServerError
 from mercury_onnx.runtime.head import FullModel, Head
 from mercury_onnx.runtime.preprocess import preprocess

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from mercury_onnx.runtime import bench as B
+from mercury_onnx.runtime import bench_setup as BS
+from mercury_onnx.runtime import bench_sim as BM
 from mercury_onnx.runtime.network import Trace, load_trace
 from mercury_onnx.runtime.planner import Candidate, Planner
 from mercury_onnx.runtime.profiles import pi_profile, rtx4090_cloud
@@ -93,13 +95,13 @@ def stepped(segments):
 
 
 def simulate(trace, starts, slo_ms=None):
-    strategies = [B.Strategy("mobile-only", None, None, 100.0, np.zeros(1), 0.0, 0.8),
-                  B.Strategy("cloud-only-jpeg", None, None, 1.0, np.array([16_000.0]), 1.0, 0.8)]
+    strategies = [BM.Strategy("mobile-only", None, None, 100.0, np.zeros(1), 0.0, 0.8),
+                  BM.Strategy("cloud-only-jpeg", None, None, 1.0, np.array([16_000.0]), 1.0, 0.8)]
     starts = np.asarray(starts, dtype=np.float64)[None]
-    req = B.Requests(starts, np.full(starts.shape, 20.0), np.zeros(starts.shape, int), np.array([0.0]))
+    req = BM.Requests(starts, np.full(starts.shape, 20.0), np.zeros(starts.shape, int), np.array([0.0]))
     device = pi_profile()
-    outcomes = [B.run_fixed(st, trace, req, device) for st in strategies]
-    out, choice = B.run_planner(strategies, outcomes, trace, req, device, slo_ms=slo_ms)
+    outcomes = [BM.run_fixed(st, trace, req, device) for st in strategies]
+    out, choice = BM.run_planner(strategies, outcomes, trace, req, device, slo_ms=slo_ms)
     return outcomes, out, choice
 
 
@@ -135,7 +137,7 @@ def test_a_local_run_is_raced_by_its_own_upload():
 def test_never_worse_than_the_best_fixed_strategy_on_real_traces(trace):
     """DeiT-T on the Pi profile: the two traces where the point-estimate planner was worse
     (a slow probe or transfer sent a few requests to the 147 ms local run)."""
-    setup = B.setup_from_name("deit_tiny_patch16_224", [0.5, 0.25])
+    setup = BS.setup_from_name("deit_tiny_patch16_224", [0.5, 0.25])
     cfg = B.BenchConfig(traces=[load_trace(trace)], requests=2000)
     report, _ = B.run_bench(setup, pi_profile(), rtx4090_cloud(), B.list_images(CIFAR_TEST, 8), cfg, [])
     rep = report["planner"][trace]

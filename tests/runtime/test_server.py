@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from mercury_onnx.export.manifest import load_manifest
+from mercury_onnx.formats.manifest import load_manifest
 from mercury_onnx.runtime import codec
 from mercury_onnx.runtime.client import build_request, parse_response
 from mercury_onnx.runtime.head import Head

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from mercury_onnx.export.manifest import ManifestError, load_manifest
+from mercury_onnx.formats.manifest import ManifestError, load_manifest
 from mercury_onnx.runtime.head import FullModel, Head
 from mercury_onnx.runtime.preprocess import ImageError, preprocess
 from mercury_onnx.runtime.tail import ProviderError, Tail

@@ -8,6 +8,7 @@
 5. a short bench on one 5G trace (Pi profile, tail times measured on the running server)
 
 Everything it writes goes under the cache folder (default ~/.cache/mercury-onnx/demo).
+It orchestrates every stage (calib, export, runtime), so it lives above them, not in runtime/.
 """
 from __future__ import annotations
 
@@ -19,10 +20,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import List, Optional
 
 import numpy as np
+import typer
 
-SHARED = Path(__file__).resolve().parents[3] / "shared"
+from .app import fail, need_export_extra
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
 REF_MODEL = SHARED / "models" / "deit_tiny_patch4_32_cifar10.json"
 CIFAR = SHARED / "data" / "cifar10"
 
@@ -64,7 +69,7 @@ def _key(*parts) -> str:
 def pick_images(folder: Path, n: int, classes: list[str] | None) -> tuple[list[Path], list[int]]:
     """n images spread over the class folders (label = index in the model's class list).
     The round robin is the exporter's validation pick (`export.images.pick`)."""
-    from ..export.images import list_images, pick
+    from .export.images import list_images, pick
 
     try:
         files = list_images(folder)
@@ -77,7 +82,7 @@ def pick_images(folder: Path, n: int, classes: list[str] | None) -> tuple[list[P
 
 def _method_defaults() -> tuple:
     """The method's defaults go into the cache keys: a changed default is a new calibration."""
-    from ..models.config import MercuryConfig
+    from .models.config import MercuryConfig
     d = MercuryConfig()
     return d.score, d.reconstruction, d.region_size, d.prune_after_block
 
@@ -109,7 +114,7 @@ def calibrate(opts: DemoOptions, source: str, train: Path, echo) -> str:
 
 
 def export(opts: DemoOptions, source: str, data: Path, echo) -> Path:
-    from ..export import export_model
+    from .export import export_model
     out = opts.cache / f"export-{_key(Path(source), opts.keep_ratios, opts.token_dtype, *_method_defaults())}"
     if (out / "manifest.json").exists():
         echo(f"[2/5] export: cached {out}")
@@ -124,10 +129,10 @@ def run_client(export_dir: Path, url: str, paths: list[Path], labels: list[int],
     """Every image through the server one at a time (the device's view), and through full.onnx."""
     from tqdm import tqdm
 
-    from ..export.manifest import load_manifest
-    from .client import Client
-    from .head import FullModel
-    from .preprocess import preprocess
+    from .formats.manifest import load_manifest
+    from .runtime.client import Client
+    from .runtime.head import FullModel
+    from .runtime.preprocess import preprocess
 
     manifest = load_manifest(export_dir)
     full = FullModel(export_dir, manifest=manifest)
@@ -155,12 +160,12 @@ def run_client(export_dir: Path, url: str, paths: list[Path], labels: list[int],
 
 
 def run_demo(opts: DemoOptions, echo=print) -> dict:
-    from .bench import BenchConfig, list_images, run_bench, setup_from_export
-    from .bench_commands import resolve_cloud
-    from .bench_report import format_table, plot
-    from .network import load_trace
-    from .profiles import pi_profile
-    from .server import spawn
+    from .runtime.bench import BenchConfig, list_images, run_bench
+    from .runtime.bench_report import format_table, plot
+    from .runtime.bench_setup import resolve_cloud, setup_from_export
+    from .runtime.network import load_trace
+    from .runtime.profiles import pi_profile
+    from .runtime.server import spawn
 
     t0 = time.time()
     source = opts.model or (str(REF_MODEL) if REF_MODEL.exists() else None)
@@ -226,3 +231,35 @@ def run_demo(opts: DemoOptions, echo=print) -> dict:
     echo("plots: " + (", ".join(map(str, plots)) if plots else "skipped (matplotlib not installed)"))
     echo(f"demo done in {time.time() - t0:.0f} s")
     return {"client": rows, "bench": report, "plots": [str(p) for p in plots], "export": str(export_dir)}
+
+
+def demo(
+    model: Optional[str] = typer.Option(None, help="timm name or backbone JSON (default: the reference "
+                                                     "checkpoint in ../shared/models)"),
+    data: Optional[Path] = typer.Option(None, help="test images DIR/<class>/<image> (default CIFAR-10 test)"),
+    train_data: Optional[Path] = typer.Option(None, help="calibration images (default DATA/../train)"),
+    images: int = typer.Option(100, help="test images sent through the server"),
+    keep_ratio: List[float] = typer.Option([0.5, 0.25], "--keep-ratio", "-r"),
+    token_dtype: str = typer.Option("int8", help="int8 | fp16 tokens on the wire"),
+    calib_images: int = typer.Option(500), calib_steps: int = typer.Option(10),
+    calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate"),
+    trace: str = typer.Option("5g-driving", help="trace for the short bench"),
+    requests: int = typer.Option(500, help="requests in the short bench"),
+    cache: Optional[Path] = typer.Option(None, help="default ~/.cache/mercury-onnx/demo"),
+) -> None:
+    """The whole system end to end on loopback: calibrate, export, serve-tail, client on real
+    images (accuracy vs vanilla, measured latency), and a short bench on a 5G trace."""
+    need_export_extra("demo")
+    if images < 1 or requests < 1:
+        fail("--images and --requests must be >= 1")
+    if token_dtype not in ("int8", "fp16"):
+        fail("--token-dtype: int8 or fp16")
+    opts = DemoOptions(model=model, data=data, train_data=train_data, images=images,
+                       keep_ratios=list(keep_ratio), token_dtype=token_dtype, calib_images=calib_images,
+                       calib_steps=calib_steps, calibrate=calibrate, trace=trace, requests=requests)
+    if cache is not None:
+        opts.cache = cache
+    try:
+        run_demo(opts, typer.echo)
+    except DemoError as e:
+        fail(str(e))

@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mercury_onnx.cli import app
-from mercury_onnx.runtime.demo import REF_MODEL, pick_images
+from mercury_onnx.demo import REF_MODEL, pick_images
 from tests.conftest import CIFAR_TEST, TRACES
 
 

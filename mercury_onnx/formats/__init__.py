@@ -1,0 +1,1 @@
+"""Torch-free formats shared by export and runtime: the contract between the stages."""
