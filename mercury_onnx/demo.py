@@ -67,17 +67,18 @@ def _key(*parts) -> str:
 
 
 def pick_images(folder: Path, n: int, classes: list[str] | None) -> tuple[list[Path], list[int]]:
-    """n images spread over the class folders (label = index in the model's class list).
-    The round robin is the exporter's validation pick (`export.images.pick`)."""
-    from .export.images import list_images, pick
+    """n images spread over the class folders (label = index in the model's class list), by
+    the exporter's validation pick (`formats.images.pick`)."""
+    from .formats.images import ImageError, list_images, pick
 
     try:
-        files = list_images(folder)
-    except FileNotFoundError as e:
-        raise DemoError(f"{e} (expected DATA/<class>/<image>)") from e
-    names = classes or sorted({c for _, c in files})
-    chosen = pick([(f, c) for f, c in files if c in names], n)
-    return [f for f, _ in chosen], [names.index(c) for _, c in chosen]
+        paths, labels, found = list_images(folder)
+    except ImageError as e:
+        raise DemoError(str(e)) from e
+    names = classes or found
+    usable = [i for i, y in enumerate(labels) if found[y] in names]
+    chosen = [usable[j] for j in pick([labels[i] for i in usable], n)]
+    return [paths[i] for i in chosen], [names.index(found[labels[i]]) for i in chosen]
 
 
 def _method_defaults() -> tuple:
@@ -129,10 +130,10 @@ def run_client(export_dir: Path, url: str, paths: list[Path], labels: list[int],
     """Every image through the server one at a time (the device's view), and through full.onnx."""
     from tqdm import tqdm
 
+    from .formats.images import preprocess
     from .formats.manifest import load_manifest
     from .runtime.client import Client
     from .runtime.head import FullModel
-    from .runtime.preprocess import preprocess
 
     manifest = load_manifest(export_dir)
     full = FullModel(export_dir, manifest=manifest)
@@ -160,7 +161,7 @@ def run_client(export_dir: Path, url: str, paths: list[Path], labels: list[int],
 
 
 def run_demo(opts: DemoOptions, echo=print) -> dict:
-    from .runtime.bench import BenchConfig, list_images, run_bench
+    from .runtime.bench import BenchConfig, run_bench, sample_images
     from .runtime.bench_report import format_table, plot
     from .runtime.bench_setup import resolve_cloud, setup_from_export
     from .runtime.network import load_trace
@@ -202,7 +203,7 @@ def run_demo(opts: DemoOptions, echo=print) -> dict:
         evals = [{"method": "vanilla", "keep_ratio": 1.0, "top1": rows[VANILLA]["top1"]}]
         evals += [{"method": "mercury", "keep_ratio": r, "token_dtype": opts.token_dtype,
                    "top1": rows[f"mercury r={r} {opts.token_dtype} (split)"]["top1"]} for r in opts.keep_ratios]
-        report, curves = run_bench(setup, pi_profile(), cloud, list_images(data, 32),
+        report, curves = run_bench(setup, pi_profile(), cloud, sample_images(data, 32),
                                    BenchConfig([load_trace(opts.trace)], requests=opts.requests), evals)
     finally:
         proc.terminate()

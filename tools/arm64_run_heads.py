@@ -38,7 +38,7 @@ def head_graphs(manifest: dict) -> list[tuple[dict, str, str]]:
 def make_batch(export_dir: Path, images_dir: Path, out: Path, n: int) -> None:
     """n real images, round-robin over the class folders in sorted order, preprocessed by the
     device's own preprocessing with the manifest's settings."""
-    from mercury_onnx.runtime.preprocess import preprocess
+    from mercury_onnx.formats.images import preprocess
 
     pre = json.loads((export_dir / "manifest.json").read_text())["preprocess"]
     classes = sorted(p for p in images_dir.iterdir() if p.is_dir()) or [images_dir]

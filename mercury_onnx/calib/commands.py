@@ -67,7 +67,7 @@ def train(
     """Train or fine-tune a timm backbone (AdamW, cosine + warmup, label smoothing, crop + flip)."""
     need_export_extra("train")
     from ..models import ConfigError, MercuryConfig
-    from .data import DataError, list_images
+    from ..formats.images import ImageError, list_images
     from .train import TrainSettings
     from .train import train as run_train
 
@@ -85,7 +85,7 @@ def train(
         meta = run_train(cfg, data_dir, out, TrainSettings(epochs=epochs, steps=steps, batch_size=batch_size,
                                                            lr=lr, bf16=bf16, seed=seed),
                          resume=resume, images=images, eval_dir=eval_dir)
-    except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ImageError, ValueError, FileNotFoundError) as e:
         fail(str(e))
     typer.echo(json.dumps({k: meta[k] for k in ("steps", "epochs_seen", "first_loss", "last_loss",
                                                 "train_minutes") if k in meta}))
@@ -122,7 +122,8 @@ def calibrate(
     from ..models.checkpoint import save_mercury
     from .calibrate import CalibSettings, run_prefix
     from .calibrate import calibrate as run_calibrate
-    from .data import DataError, load_image_set, preprocess_for
+    from ..formats.images import ImageError
+    from .data import load_image_set, preprocess_for
 
     if images < 1 or steps < 0 or batch_size < 1 or heldout < 0:
         fail("--images and --batch-size must be >= 1, --steps and --heldout >= 0")
@@ -139,7 +140,7 @@ def calibrate(
                           if heldout else (None, []))
         train_set, _ = load_image_set(data_dir, pre, base.cfg.classes, count=images, seed=seed,
                                       exclude=set(held_pos), cache=cache)
-    except (ConfigError, DataError, ValueError) as e:
+    except (ConfigError, ImageError, ValueError) as e:
         fail(str(e))
     typer.echo(f"calibrating {base.cfg.pruning}+{base.cfg.reconstruction} at K={[m.keep for m in models]} "
                f"on {len(train_set)} images of {data_dir} (held out: {len(held) if held else 0})")
@@ -199,7 +200,8 @@ def evaluate(
     from ..models import ConfigError
     from ..models.checkpoint import is_mercury_checkpoint, read_checkpoint_json
     from .calibrate import CalibSettings, run_prefix
-    from .data import DataError, load_image_set, preprocess_for
+    from ..formats.images import ImageError
+    from .data import load_image_set, preprocess_for
     from .evaluate import evaluate as run_eval
     from .evaluate import format_table, method_grid, plot, prepare
 
@@ -210,7 +212,7 @@ def evaluate(
         grid = method_grid(base.cfg.reconstruction, methods, base.cfg.score)   # a bad --methods fails before any image is read
         pre = preprocess_for(base)
         test, _ = load_image_set(data_dir, pre, base.cfg.classes, count=images, seed=seed, cache=cache)
-    except (ConfigError, DataError, ValueError) as e:
+    except (ConfigError, ImageError, ValueError) as e:
         fail(str(e))
     dataset = f"{Path(data_dir).resolve().parent.name}/{Path(data_dir).name}"
     if onnx_dir is not None:
@@ -235,7 +237,7 @@ def evaluate(
             calib_dir = calib_data or str(Path(data_dir).resolve().parent / "train")
             try:
                 cal, _ = load_image_set(calib_dir, pre, base.cfg.classes, count=n_calib, seed=seed, cache=cache)
-            except DataError as e:
+            except ImageError as e:
                 fail(f"{e} (learned baselines are calibrated on train images: pass --calib-data)")
             typer.echo(f"calibrating learned baselines on {len(cal)} images of {calib_dir}, "
                        f"{s.steps} steps of {s.batch_size}")

@@ -1,11 +1,12 @@
 """ImageFolder data, decoded once into memory: DATA_DIR/<class>/<image>.
 
 Small sets only (CIFAR-sized, or a few thousand ImageNet images): every image is decoded
-with PIL, resized to the model's input size when it differs, and kept as uint8 (M, H, W, 3).
+with PIL and brought to the model's input size by the same rule as export and the device
+(mercury_onnx.formats.images), and kept as uint8 (M, H, W, 3).
 Normalisation happens in torch, per batch. Decoded arrays can be cached in an .npz under
 ~/.cache/mercury-onnx (never in the repo), keyed by the folder, the chosen files and size.
 
-Bad data raises DataError with a message that names the file or folder.
+Bad data raises formats.images.ImageError with a message that names the file or folder.
 """
 from __future__ import annotations
 
@@ -17,12 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm")
+from ..formats.images import list_images, load_image, resize_crop
+
 CACHE_DIR = Path(os.environ.get("MERCURY_ONNX_CACHE", Path.home() / ".cache" / "mercury-onnx"))
-
-
-class DataError(ValueError):
-    """A dataset Mercury cannot read. The message names the file or folder."""
 
 
 @dataclass
@@ -44,36 +42,7 @@ def preprocess_for(model) -> Preprocess:
     return Preprocess((int(h), int(w)), tuple(mean), tuple(std))
 
 
-# ---------------------------------------------------------------- listing
-
-def list_images(root: str | Path, classes: list[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
-    """Files and labels of an ImageFolder. With `classes` (the checkpoint's, in its order) the
-    folders must be exactly those classes; labels follow that order."""
-    root = Path(root)
-    if not root.exists():
-        raise DataError(f"data folder not found: {root}")
-    if not root.is_dir():
-        raise DataError(f"{root} is not a folder; expected DATA_DIR/<class>/<image files>")
-    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not found:
-        raise DataError(f"{root} has no class folders; expected DATA_DIR/<class>/<image files>")
-    if classes is not None:
-        missing = [c for c in classes if c not in found]
-        extra = [c for c in found if c not in classes]
-        if missing or extra:
-            raise DataError(f"class folders in {root} do not match the checkpoint's classes: "
-                            f"missing {missing}, unexpected {extra}")
-    else:
-        classes = found
-    paths, labels = [], []
-    for label, name in enumerate(classes):
-        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_EXTS)
-        if not files:
-            raise DataError(f"class folder {root / name} has no images ({', '.join(IMAGE_EXTS)})")
-        paths += files
-        labels += [label] * len(files)
-    return paths, labels, list(classes)
-
+# ---------------------------------------------------------------- choosing
 
 def choose(labels: list[int], count: int | None, seed: int = 0, balanced: bool = False,
            exclude: set[int] | None = None) -> list[int]:
@@ -99,28 +68,18 @@ def choose(labels: list[int], count: int | None, seed: int = 0, balanced: bool =
 # ---------------------------------------------------------------- decoding
 
 def decode(paths: list[Path], size: tuple[int, int], progress: bool = False) -> np.ndarray:
-    """uint8 (M, H, W, 3). Images of another size are resized (bicubic) to `size`."""
-    from PIL import Image, UnidentifiedImageError
+    """uint8 (M, H, W, 3) at `size`, by the one preprocessing rule (formats.images.resize_crop)."""
     from tqdm import tqdm
 
     h, w = size
     out = np.empty((len(paths), h, w, 3), dtype=np.uint8)
     for n, p in enumerate(tqdm(paths, desc="decode", disable=not progress, leave=False)):
-        try:
-            with Image.open(p) as im:
-                im = im.convert("RGB")
-                if im.size != (w, h):
-                    im = im.resize((w, h), Image.BICUBIC)
-                out[n] = np.asarray(im)
-        except FileNotFoundError as e:
-            raise DataError(f"image not found: {p}") from e
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise DataError(f"cannot decode image {p}: {e}") from e
+        out[n] = np.asarray(resize_crop(load_image(p), h, w))
     return out
 
 
 def _cache_file(root: Path, paths: list[Path], size: tuple[int, int]) -> Path:
-    h = hashlib.sha256(f"{root.resolve()}|{size}|{len(paths)}".encode())
+    h = hashlib.sha256(f"{root.resolve()}|{size}|{len(paths)}|resize-crop-bilinear".encode())
     for p in paths:
         h.update(str(p.relative_to(root)).encode())
     return CACHE_DIR / f"{root.name}_{len(paths)}_{size[0]}x{size[1]}_{h.hexdigest()[:12]}.npz"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..formats.images import list_images
 from . import vit_flops as VF
 from .bench_setup import JANUS_BLOCKS, BenchError, ModelSetup, graph_flops
 from .bench_sim import Outcome, Strategy, make_requests, run_fixed, run_planner
@@ -45,14 +46,10 @@ def mercury_payload_bytes(k: int, dim: int, num_patches: int, token_dtype: str) 
                             num_patches=num_patches, token_dtype=token_dtype))
 
 
-def list_images(folder: str | Path, count: int) -> list[Path]:
-    """`count` images spread over a folder tree (every class of an ImageFolder layout)."""
-    folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp"))
-    if not files:
-        raise BenchError(f"no images (.jpg/.png) under {folder}")
-    step = max(1, len(files) // count)
-    return files[::step][:count]
+def sample_images(folder: str | Path, count: int) -> list[Path]:
+    """`count` images of an image folder spread evenly over its sorted files (every class)."""
+    paths = list_images(folder)[0]
+    return paths[::max(1, len(paths) // count)][:count]
 
 
 def jpeg_sizes(files: list[Path], size: tuple[int, int], quality: int = JPEG_QUALITY) -> tuple[np.ndarray, float]:

@@ -30,7 +30,7 @@ def bench(
     requests: int = typer.Option(2000, help="requests per trace"),
     slo_ms: Optional[float] = typer.Option(None, help="latency SLO for the planner"),
     eval_json: Optional[Path] = typer.Option(None, help="accuracy per strategy (mercury-onnx eval --json)"),
-    images: Optional[Path] = typer.Option(None, help="real images for the JPEG sizes (default CIFAR-10 test)"),
+    images: Optional[Path] = typer.Option(None, help="real images DIR/<class>/<image> for the JPEG sizes (default CIFAR-10 test)"),
     jpeg_images: int = typer.Option(64, help="how many images to JPEG-encode"),
     hq_size: int = typer.Option(1024, help="side of the cloud-only-hq upload"),
     interval_ms: float = typer.Option(500.0, help="time between a stream's requests"),
@@ -40,11 +40,12 @@ def bench(
 ) -> None:
     """Latency, payload, energy and accuracy of mobile-only, cloud-only, Mercury, Janus-like
     and the adaptive planner over real 5G/LTE traces."""
-    from .bench import BenchConfig, list_images, load_eval, run_bench
+    from .bench import BenchConfig, load_eval, run_bench, sample_images
     from .bench_setup import BenchError, resolve_cloud, resolve_device, setup_from_export, setup_from_name
     from .bench_report import format_table, plot
     from .network import TraceError, default_traces_dir, load_trace
     from .profiles import ProfileError
+    from ..formats.images import ImageError
     from ..formats.manifest import ManifestError
 
     if (export_dir is None) == (model is None):
@@ -58,7 +59,7 @@ def bench(
         img_dir = images or default_traces_dir().parents[0] / "cifar10" / "test"
         if not img_dir.exists():
             raise BenchError(f"no images at {img_dir}: pass --images DIR (real photos for the JPEG sizes)")
-        files = list_images(img_dir, jpeg_images)
+        files = sample_images(img_dir, jpeg_images)
         evals = load_eval(eval_json)
         dev = resolve_device(device, setup, typer.echo)
         cld = resolve_cloud(cloud, server, setup, typer.echo)
@@ -66,7 +67,7 @@ def bench(
                           interval_ms=interval_ms, seed=seed)
         report, curves = run_bench(setup, dev, cld, files, cfg, evals,
                                    progress=lambda t: typer.echo(f"  trace {t} done", err=True))
-    except (BenchError, TraceError, ProfileError, ManifestError) as e:
+    except (BenchError, TraceError, ProfileError, ManifestError, ImageError) as e:
         fail(str(e))
     report["images"] = {"folder": str(img_dir), "count": len(files)}
     if eval_json:

@@ -17,10 +17,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from ..formats.images import preprocess
 from ..formats.manifest import load_manifest, variant
 from . import codec
 from .head import FullModel, Head
-from .preprocess import preprocess
 from .tail import model_name
 
 V2_DTYPES = {np.dtype(np.float32): "FP32", np.dtype(np.float16): "FP16", np.dtype(np.int8): "INT8",

@@ -62,9 +62,9 @@ def infer(
     threads: Optional[int] = typer.Option(None, help="ORT threads for the head"),
 ) -> None:
     """Run the head here, the tail on the server; print top-5 and where the time went."""
+    from ..formats.images import ImageError
     from ..formats.manifest import ManifestError
     from .client import Client, RequestRejected, ServerError
-    from .preprocess import ImageError
 
     if token_dtype not in ("fp16", "int8", "fp32"):
         fail(f"--token-dtype {token_dtype!r}: use fp16, int8 or fp32")

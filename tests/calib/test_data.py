@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from mercury_onnx.calib.data import (DataError, Preprocess, choose, list_images, load_image_set,
-                                     preprocess_for)
+from mercury_onnx.calib.data import Preprocess, choose, load_image_set, preprocess_for
+from mercury_onnx.formats.images import ImageError, list_images
 from mercury_onnx.models import MercuryConfig, build_mercury
 
 from ..conftest import CIFAR_TEST
@@ -71,38 +71,38 @@ def test_cache_round_trip(tiny, tmp_path, monkeypatch):
 # ---------------------------------------------------------------- bad data
 
 def test_missing_dir(tmp_path):
-    with pytest.raises(DataError, match="not found.*nope"):
+    with pytest.raises(ImageError, match="not found.*nope"):
         list_images(tmp_path / "nope")
 
 
 def test_corrupt_jpeg_names_the_file(tiny):
     bad = tiny / "cat" / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
-    with pytest.raises(DataError, match="broken.jpg"):
+    with pytest.raises(ImageError, match="broken.jpg"):
         load_image_set(tiny, PRE32, progress=False)
 
 
 def test_truncated_jpeg_names_the_file(tiny):
     src = sorted((tiny / "cat").iterdir())[0]
     (tiny / "cat" / "truncated.jpg").write_bytes(src.read_bytes()[:200])
-    with pytest.raises(DataError, match="truncated.jpg"):
+    with pytest.raises(ImageError, match="truncated.jpg"):
         load_image_set(tiny, PRE32, progress=False)
 
 
 def test_empty_class_folder_names_the_folder(tiny):
     (tiny / "dog").mkdir()
-    with pytest.raises(DataError, match="dog.*no images"):
+    with pytest.raises(ImageError, match="dog.*no images"):
         list_images(tiny)
 
 
 def test_class_list_mismatch(tiny):
-    with pytest.raises(DataError, match=r"missing \['dog'\].*unexpected \['ship'\]"):
+    with pytest.raises(ImageError, match=r"missing \['dog'\].*unexpected \['ship'\]"):
         list_images(tiny, classes=["airplane", "cat", "dog"])
 
 
 def test_no_class_folders(tmp_path):
     (tmp_path / "x.jpg").write_bytes(b"")
-    with pytest.raises(DataError, match="no class folders"):
+    with pytest.raises(ImageError, match="no class folders"):
         list_images(tmp_path)
 
 

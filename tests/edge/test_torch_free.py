@@ -26,10 +26,12 @@ BLOCK = "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in HEAVY)
 DEVICE_MODULES = [
     "mercury_onnx.formats.manifest",
     "mercury_onnx.runtime.head",
-    "mercury_onnx.runtime.preprocess",
+    "mercury_onnx.formats.images",
     "mercury_onnx.runtime.codec",
     "mercury_onnx.runtime.client",
     "mercury_onnx.runtime.bench",
+    "mercury_onnx.runtime.bench_setup",
+    "mercury_onnx.runtime.bench_sim",
     "mercury_onnx.runtime.network",
     "mercury_onnx.runtime.profiles",
     "mercury_onnx.runtime.planner",

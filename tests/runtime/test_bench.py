@@ -39,7 +39,7 @@ def check_contract(report, traces):
 @needs_data
 def test_modelled_deit_b_on_the_pi():
     setup = BS.setup_from_name("deit_base_patch16_224", [0.25])
-    images = B.list_images(CIFAR_TEST, 8)
+    images = B.sample_images(CIFAR_TEST, 8)
     cfg = B.BenchConfig(traces=[load_trace("lte-driving"), load_trace("const:50mbps:30ms")], requests=200)
     report, curves = B.run_bench(setup, pi_profile(), rtx4090_cloud(), images, cfg, [])
     check_contract(report, {"lte-driving", "const:50mbps:30ms"})

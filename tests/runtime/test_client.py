@@ -14,7 +14,7 @@ from mercury_onnx.cli import app
 from mercury_onnx.formats.manifest import load_manifest
 from mercury_onnx.runtime.client import Client, ServerError
 from mercury_onnx.runtime.head import FullModel, Head
-from mercury_onnx.runtime.preprocess import preprocess
+from mercury_onnx.formats.images import preprocess
 from mercury_onnx.runtime.server import free_port, spawn
 from mercury_onnx.runtime.tail import Tail
 

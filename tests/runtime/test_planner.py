@@ -139,7 +139,7 @@ def test_never_worse_than_the_best_fixed_strategy_on_real_traces(trace):
     (a slow probe or transfer sent a few requests to the 147 ms local run)."""
     setup = BS.setup_from_name("deit_tiny_patch16_224", [0.5, 0.25])
     cfg = B.BenchConfig(traces=[load_trace(trace)], requests=2000)
-    report, _ = B.run_bench(setup, pi_profile(), rtx4090_cloud(), B.list_images(CIFAR_TEST, 8), cfg, [])
+    report, _ = B.run_bench(setup, pi_profile(), rtx4090_cloud(), B.sample_images(CIFAR_TEST, 8), cfg, [])
     rep = report["planner"][trace]
     assert rep["never_worse"], rep
     assert rep["choices"]["cloud-only-jpeg"] > 0.9

@@ -15,7 +15,7 @@ from mercury_onnx.formats.manifest import load_manifest
 from mercury_onnx.runtime import codec
 from mercury_onnx.runtime.client import build_request, parse_response
 from mercury_onnx.runtime.head import Head
-from mercury_onnx.runtime.preprocess import preprocess
+from mercury_onnx.formats.images import preprocess
 from mercury_onnx.runtime.server import spawn
 from mercury_onnx.runtime.tail import Tail, model_name
 

@@ -12,13 +12,13 @@ from PIL import Image
 
 from mercury_onnx.formats.manifest import ManifestError, load_manifest
 from mercury_onnx.runtime.head import FullModel, Head
-from mercury_onnx.runtime.preprocess import ImageError, preprocess
+from mercury_onnx.formats.images import ImageError, preprocess
 from mercury_onnx.runtime.tail import ProviderError, Tail
 
 
 def test_device_side_imports_no_torch():
     code = ("import sys; import mercury_onnx.runtime.client, mercury_onnx.runtime.head, "
-            "mercury_onnx.runtime.preprocess, mercury_onnx.runtime.codec, mercury_onnx.runtime.tail; "
+            "mercury_onnx.formats.images, mercury_onnx.runtime.codec, mercury_onnx.runtime.tail; "
             "bad = [m for m in ('torch', 'timm', 'onnx', 'fastapi') if m in sys.modules]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
