@@ -2,9 +2,8 @@
 
 Exporter: torch 2.14 has both the TorchScript exporter (`dynamo=False`) and the
 torch.export-based one (`dynamo=True`). For these graphs both work with a dynamic batch and
-give the same ops after onnxsim; the TorchScript path is the default because it is ~10x
-faster to run (reference model: 0.7 s / 2.5 s for head / tail vs 16 s / 39 s on this
-machine). timm's fused SDPA attention exports as plain MatMul/Softmax on both (opset 17 for
+give the same ops after onnxsim; the TorchScript path is the default because it runs many
+times faster. timm's fused SDPA attention exports as plain MatMul/Softmax on both (opset 17 for
 TorchScript; dynamo starts at opset 18 and cannot convert down, so it is bumped to 18).
 """
 from __future__ import annotations

@@ -9,16 +9,16 @@
     only on ARM; on x86 they run as float math on dequantised values. Same model, other
     arithmetic, and other tokens selected on aarch64 (docs/results/edge.md).
   * U8S8 fuses the same way on both, but x86 AVX2 without VNNI multiplies u8 x s8 pairs with
-    vpmaddubsw, whose int16 pair sums saturate with 8-bit weights (a quarter of the patch
-    embedding's outputs off, by up to 45 steps, on real images). With 7-bit weights a pair sum
+    vpmaddubsw, whose int16 pair sums saturate with 8-bit weights (measured:
+    docs/results/edge.md). With 7-bit weights a pair sum
     is at most 2 * 255 * 64 < 2^15: no saturation, as the onnxruntime docs advise for x86
     without VNNI. The ARM kernels are exact either way.
   * Only the nodes with weights are quantised (the patch embedding's Conv, the qkv / proj /
     fc1 / fc2 Gemms). Attention's activation x activation MatMuls (so its Softmax) and the
     pruning's scoring stay float: with them in int8, one LayerNorm output that rounds to
     another int8 step on ARM (onnxruntime's LayerNorm differs by a few ulps between the two
-    builds) moves the CLS attention by a whole step and swapped a near-tied token; in float
-    the move is small and continuous. It also agrees better with the fp32 head.
+    builds) moves the CLS attention by a whole step and can swap a near-tied token; in float
+    the move is small and continuous.
   Per-channel and per-tensor weight scales are both tried; the one whose end-to-end top-1
   agrees best with the fp32 head (ties: higher accuracy) on held-out real images is kept.
   Every node that only ranks tokens (ancestors of the GatherND index, not of its data: the

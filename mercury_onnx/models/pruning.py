@@ -5,14 +5,12 @@ Equal, Where, TopK, GatherND). There is no NonZero and no boolean indexing, so K
 of the graph.
 
 The formulations are shaped for the exported head. There every small op is one ORT kernel that
-runs cold right after the block's large matmuls (~8-15 us each on this machine, where the
-same kernel in a hot loop takes ~1 us), so the default pruning is 15 kernels after the block
-(was 24, and ~45 before that): the similarity as a normalised copy and two MatMuls, ranked as
+runs cold right after the block's large matmuls, so the default pruning is as few kernels as
+possible (15 after the block): the similarity as a normalised copy and two MatMuls, ranked as
 it is (lower = more distinct, no Sub, no Slice of the CLS); the subregions as constant index
 tables over the 1+N token rows, with the CLS as one more subregion that always wins, so the
-TopK's rows are the GatherND index as they are (no Add, Pad, Unsqueeze). Measured side by
-side, the 15 are no cheaper than the 24 on the 224-px models (LpNormalization is a slow ORT
-kernel at D = 768) and ~30% cheaper on the 64-token reference head: docs/results/export.md.
+TopK's rows are the GatherND index as they are (no Add, Pad, Unsqueeze). What each kernel
+costs, and the earlier formulations measured against this one: docs/results/export.md.
 
 Shapes: B batch, N patch tokens (a g x g grid, N = g*g), D width, K kept patch tokens.
 Ties: every selection takes the lower index first among equal scores (the rule of ONNX TopK
