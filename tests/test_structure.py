@@ -86,6 +86,13 @@ def test_the_package_import_graph_has_no_cycles():
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
 
 
+def test_nothing_imports_cli():
+    """So `python -m mercury_onnx.cli` (serve-tail's and the demo's subprocesses) runs cli.py
+    once, as __main__, and never a second copy as mercury_onnx.cli."""
+    graph = import_graph()
+    assert sorted(m for m, deps in graph.items() if "mercury_onnx.cli" in deps) == []
+
+
 def test_runtime_imports_nothing_from_models_calib_export_cli_demo():
     graph = import_graph()
     assert "mercury_onnx.formats.manifest" in graph["mercury_onnx.runtime.client"]   # a real edge is seen
@@ -109,6 +116,11 @@ def _seed(tmp_path: Path, files: dict[str, str]) -> Path:
 def test_a_seeded_upstream_import_in_runtime_is_found(tmp_path, line):
     root = _seed(tmp_path, {"runtime/network.py": line})
     assert upstream_edges(import_graph(root)), line
+
+
+def test_a_seeded_cli_import_is_found(tmp_path):
+    root = _seed(tmp_path, {"export/commands.py": "\ndef f():\n    from ..cli import app\n"})
+    assert "mercury_onnx.cli" in import_graph(root)["mercury_onnx.export.commands"]
 
 
 def test_a_seeded_cycle_is_found(tmp_path):
