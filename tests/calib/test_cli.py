@@ -148,9 +148,9 @@ def test_eval_onnx_matches_torch(ref_export, ref_json, cifar_test, tmp_path):
 
 
 @pytest.mark.parametrize("args,msg", [
-    (["eval", "/nonexistent/data", "--checkpoint", "REF"], "data folder not found"),
-    (["eval", "TINY", "--checkpoint", "REF"], "do not match the checkpoint's classes"),
-    (["calibrate", "REF", "/nonexistent/data", "--out", "/tmp/x"], "data folder not found"),
+    (["eval", "/nonexistent/data", "--checkpoint", "REF"], "image folder not found"),
+    (["eval", "TINY", "--checkpoint", "REF"], "do not match the model's classes"),
+    (["calibrate", "REF", "/nonexistent/data", "--out", "/tmp/x"], "image folder not found"),
     (["calibrate", "REF", "TRAIN", "--out", "/tmp/x", "--keep-ratio", 0.1], "smaller than the 16 subregions"),
     (["calibrate", "REF", "TRAIN", "--out", "/tmp/x", "--reconstruction", "zero"], "nothing to learn"),
     (["eval", "TINY", "--checkpoint", "/nonexistent/ck.json"], "cannot read checkpoint JSON"),
