@@ -112,7 +112,6 @@ def lookup_top1(evals: list[dict], method: str, keep_ratio: float | None, token_
     return float(rows[0]["top1"]) if rows else None
 
 
-
 def build_strategies(s: ModelSetup, device: DeviceProfile, cloud: CloudProfile, images: list[Path],
                      hq_size: int, evals: list[dict], token_dtypes=("fp16", "int8")) -> list[Strategy]:
     flops = graph_flops(s)

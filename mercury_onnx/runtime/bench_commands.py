@@ -14,7 +14,6 @@ import typer
 from ..app import fail
 
 
-
 def bench(
     export_dir: Optional[Path] = typer.Argument(None, help="export folder (or use --model)"),
     model: Optional[str] = typer.Option(None, help="timm name, no export: every compute figure modelled"),

@@ -43,7 +43,6 @@ class ModelSetup:
         return {key: v[key]["file"] for key in ("head", "head_tok8", "head_tok16", "tail") if v.get(key)}
 
 
-
 def setup_from_export(export_dir: str | Path, verify: bool = True) -> ModelSetup:
     m = load_manifest(export_dir, verify=verify)
     g = VF.VitGeometry.from_manifest(m)
@@ -85,7 +84,6 @@ def graph_flops(s: ModelSetup) -> dict:
             for key, f in s.files(k).items():
                 out[f] = out[("tail", k)] if key == "tail" else out[("head", k)]
     return out
-
 
 
 def resolve_device(spec: str, setup, progress=print):
