@@ -26,6 +26,14 @@ def model_name(keep_tokens: int) -> str:
     return f"mercury_tail_k{keep_tokens}"
 
 
+def tail_file(export_dir: str | Path, variant_entry: dict, dtype: str) -> str:
+    """The tail file of a manifest variant in `dtype` (float32 | float16), or ManifestError."""
+    entry = variant_entry.get("tail" if dtype == "float32" else "tail_fp16")
+    if dtype not in ("float32", "float16") or not entry:
+        raise ManifestError(f"{export_dir} has no {dtype} tail for keep ratio {variant_entry['keep_ratio']}")
+    return entry["file"]
+
+
 def resolve_provider(provider: str) -> str:
     if provider not in ("auto", "cuda", "cpu"):
         raise ProviderError(f"provider {provider!r}: use auto, cuda or cpu")
@@ -47,11 +55,7 @@ class Tail:
         self.export_dir = Path(export_dir)
         self.manifest = manifest if manifest is not None else load_manifest(export_dir)
         self.variant = variant_entry or variant(self.manifest, keep_ratio)
-        entry = self.variant.get("tail" if dtype == "float32" else "tail_fp16")
-        if dtype not in ("float32", "float16") or not entry:
-            raise ManifestError(f"{self.export_dir} has no {dtype} tail for keep ratio "
-                                f"{self.variant['keep_ratio']}")
-        self.file, self.io_dtype = entry["file"], np.dtype(dtype)
+        self.file, self.io_dtype = tail_file(self.export_dir, self.variant, dtype), np.dtype(dtype)
         self.keep = self.variant["keep_tokens"]
         self.dim, self.num_patches = self.manifest["dim"], self.manifest["num_patches"]
         self.num_classes = len(self.manifest.get("classes") or []) or None
