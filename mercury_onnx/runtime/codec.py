@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from importlib import resources
 
 import numpy as np
 
@@ -29,15 +30,10 @@ _TOKEN_BY_CODE = {code: name for name, (code, _) in TOKEN_DTYPES.items()}
 _INDEX_BY_CODE = {code: name for name, (code, _) in INDEX_DTYPES.items()}
 
 
-# float32 <-> float16 casts as one-node ONNX graphs (made with onnx.helper: Cast, opset 17,
-# IR 8; serialised here so the device needs no onnx package). ORT's Cast is SIMD (F16C) and
-# about 10x faster than numpy's astype, bit-identical to it (tests/runtime/test_codec.py).
-_CAST_GRAPHS = {
-    ("float32", "float16"): b'\x08\x08:5\n\x17\n\x01x\x12\x01y"\x04Cast*\t\n\x02to\x18\n\xa0\x01\x02\x12'
-                            b'\x04castZ\t\n\x01x\x12\x04\n\x02\x08\x01b\t\n\x01y\x12\x04\n\x02\x08\nB\x04\n\x00\x10\x11',
-    ("float16", "float32"): b'\x08\x08:5\n\x17\n\x01x\x12\x01y"\x04Cast*\t\n\x02to\x18\x01\xa0\x01\x02\x12'
-                            b'\x04castZ\t\n\x01x\x12\x04\n\x02\x08\nb\t\n\x01y\x12\x04\n\x02\x08\x01B\x04\n\x00\x10\x11',
-}
+# float32 <-> float16 casts as one-node ONNX Cast graphs, package data built by
+# tools/build_cast_graphs.py (read as bytes: the device needs no onnx package). ORT's Cast is
+# SIMD (F16C) and bit-identical to numpy's astype (tests/runtime/test_codec.py).
+CAST_GRAPHS = {("float32", "float16"): "cast_f32_f16.onnx", ("float16", "float32"): "cast_f16_f32.onnx"}
 _cast_sessions: dict = {}
 
 
@@ -47,7 +43,7 @@ def cast(x: np.ndarray, dtype) -> np.ndarray:
     if x.dtype == dtype:
         return x
     key = (x.dtype.name, dtype.name)
-    if key not in _CAST_GRAPHS or x.size < 4096:
+    if key not in CAST_GRAPHS or x.size < 4096:
         return x.astype(dtype)
     sess = _cast_sessions.get(key)
     if sess is None:
@@ -58,7 +54,8 @@ def cast(x: np.ndarray, dtype) -> np.ndarray:
         so = ort.SessionOptions()
         so.intra_op_num_threads = 1
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        sess = _cast_sessions[key] = ort.InferenceSession(_CAST_GRAPHS[key], so, providers=["CPUExecutionProvider"])
+        graph = (resources.files(__package__) / "graphs" / CAST_GRAPHS[key]).read_bytes()
+        sess = _cast_sessions[key] = ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
     return sess.run(None, {"x": np.ascontiguousarray(x)})[0]
 
 

@@ -111,3 +111,60 @@ def test_fast_fp16_casts_are_bit_identical_to_numpy():
     f, ref = codec.cast(every_half, np.float32), every_half.astype(np.float32)
     nan = np.isnan(ref)                       # signalling NaNs come back quiet: still NaN
     assert (f.view(np.uint32)[~nan] == ref.view(np.uint32)[~nan]).all() and np.isnan(f[nan]).all()
+
+
+def test_cast_graphs_are_what_the_committed_tool_builds():
+    """The package-data Cast graphs are byte for byte what tools/build_cast_graphs.py makes with
+    onnx.helper, and each is one Cast to the dtype its name says."""
+    import importlib.util
+    from pathlib import Path
+
+    onnx = pytest.importorskip("onnx", reason="rebuilding the graphs needs onnx (the [export] extra)")
+    tool = Path(__file__).resolve().parents[2] / "tools" / "build_cast_graphs.py"
+    spec = importlib.util.spec_from_file_location("build_cast_graphs", tool)
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    assert set(build.CASTS.values()) == {("FLOAT", "FLOAT16"), ("FLOAT16", "FLOAT")}
+    assert sorted(build.CASTS) == sorted(codec.CAST_GRAPHS.values())
+    for (src, dst), name in codec.CAST_GRAPHS.items():
+        shipped = (build.GRAPHS / name).read_bytes()
+        assert shipped == build.cast_graph(*build.CASTS[name]), f"{name}: rerun tools/build_cast_graphs.py"
+        model = onnx.load_from_string(shipped)
+        (node,) = model.graph.node
+        elem = lambda v: onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name  # noqa: E731
+        to = onnx.helper.tensor_dtype_to_np_dtype(node.attribute[0].i).name
+        assert node.op_type == "Cast" and to == dst
+        assert (elem(model.graph.input[0]), elem(model.graph.output[0])) == (src, dst)
+
+
+def test_a_built_wheel_ships_the_cast_graphs(tmp_path):
+    """A non-editable install (a wheel built from this tree, installed elsewhere) casts through
+    ORT with its own copy of the graphs."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    pytest.importorskip("setuptools", reason="building the wheel needs setuptools")
+    root, src = Path(__file__).resolve().parents[2], tmp_path / "src"    # a copy: the build writes beside it
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    shutil.copytree(root / "mercury_onnx", src / "mercury_onnx", ignore=shutil.ignore_patterns("__pycache__"))
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
+                        "-q", "-w", str(tmp_path / "wheel")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {f"mercury_onnx/runtime/graphs/{n}" for n in codec.CAST_GRAPHS.values()} <= set(names)
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    code = ("import numpy as np\nfrom mercury_onnx.runtime import codec\n"
+            f"assert codec.__file__.startswith({str(tmp_path / 'site')!r}), codec.__file__\n"
+            "x = np.linspace(-9, 9, 8192, dtype=np.float32)\nh = codec.cast(x, np.float16)\n"
+            "assert codec._cast_sessions and (h == x.astype(np.float16)).all()\nprint('ok')")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.stdout.strip() == "ok", r.stderr[-2000:]
