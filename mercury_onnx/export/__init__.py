@@ -2,9 +2,9 @@
 the runtime reads lives in the torch-free mercury_onnx.formats."""
 
 
-def export_model(source, out_dir, keep_ratios=(0.5,), **kw):
+def export_model(source, out_dir, keep_ratios=(0.5,), options=None, **kw):
     """Mercury checkpoint / backbone JSON / timm name -> validated export folder (a Path).
-    See mercury_onnx.export.pipeline.export_model for the options."""
+    Options: mercury_onnx.export.pipeline.ExportOptions, or its fields as keywords."""
     from .pipeline import export_model as _export_model
 
-    return _export_model(source, out_dir, keep_ratios, **kw)
+    return _export_model(source, out_dir, keep_ratios, options, **kw)

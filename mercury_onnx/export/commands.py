@@ -39,7 +39,7 @@ def export(
     need_export_extra("export")
     from ..models import ConfigError
     from .convert import ExportError
-    from .pipeline import TOKEN_DTYPES, ValidationFailed, export_model
+    from .pipeline import TOKEN_DTYPES, ExportOptions, ValidationFailed, export_model
 
     token_dtype = [{"fp16": "fp16", "float16": "fp16", "int8": "int8"}.get(t.lower(), t) for t in token_dtype]
     bad = [t for t in token_dtype if t not in TOKEN_DTYPES]
@@ -50,12 +50,12 @@ def export(
     model_kw = {k: v for k, v in dict(prune_after_block=prune_after_block, split_after_block=split_after_block,
                                       reconstruction=reconstruction).items() if v is not None}
     try:
-        out = export_model(source, out_dir, keep_ratio, opset=opset, token_dtypes=token_dtype,
-                           int8_head=int8_head, fp16_tail=fp16_tail, calib_data=calib_data,
-                           calib_images=calib_images, int8_select_images=int8_select_images,
-                           validate_data=validate_data,
-                           validate_images=validate_images, triton_repo=triton_repo, dynamo=dynamo,
-                           threads=threads, model_kw=model_kw)
+        opts = ExportOptions(opset=opset, token_dtypes=token_dtype, int8_head=int8_head, fp16_tail=fp16_tail,
+                             calib_data=calib_data, calib_images=calib_images,
+                             int8_select_images=int8_select_images, validate_data=validate_data,
+                             validate_images=validate_images, triton_repo=triton_repo, dynamo=dynamo,
+                             threads=threads, model_kw=model_kw)
+        out = export_model(source, out_dir, keep_ratio, opts)
     except ValidationFailed as e:
         fail(f"{e}\nnothing was written to {out_dir}", code=1)
     except (ConfigError, ExportError) as e:
