@@ -7,13 +7,15 @@ Endpoints: GET /v2/health/live, /v2/health/ready, /v2, /v2/models/{name}[/versio
 POST /v2/models/{name}[/versions/1]/infer, GET /metrics (Prometheus text).
 
 The protocol itself (request parsing and validation, model ids, auth, size limits, the
-response) is runtime/protocol.py, shared with other engines; this module adds the HTTP app,
-dynamic batching and metrics. Each model has an asyncio queue and a batcher task that takes up
-to `max_batch` images, waiting at most `max_delay_ms` for more (not at all once every open
-request is in and the batch is as big as the previous one, e.g. a lone request under light
-load), runs ORT in a worker thread and splits the logits back to the requests. Every bad
-request is a 4xx with {"error": "..."}; the server stays up and ready. A plain Starlette app
-under uvicorn (the [cloud] extra); numpy and onnxruntime, no torch.
+response) is runtime/protocol.py and the Prometheus series runtime/metrics.py, shared with
+other engines; this module adds the HTTP app (TailServer's routes) and dynamic batching
+(TailServer.submit/start/stop, which another engine overrides). Each model has an asyncio
+queue and a batcher task that takes up to `max_batch` images, waiting at most `max_delay_ms`
+for more (not at all once every open request is in and the batch is as big as the previous
+one, e.g. a lone request under light load), runs ORT in a worker thread and splits the
+logits back to the requests. Every bad request is a 4xx with {"error": "..."}; the server
+stays up and ready. A plain Starlette app under uvicorn (the [cloud] extra); numpy and
+onnxruntime, no torch.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from . import protocol as P
+from .metrics import Metrics
 from .tail import Tail
 
 
@@ -43,68 +46,6 @@ def error(msg: str, status: int, headers: dict[str, str] | None = None) -> Respo
 
 def ok(obj: dict) -> Response:
     return Response(json.dumps(obj), 200, media_type=P.JSON_TYPE)
-
-
-# --------------------------------------------------------------------------- metrics
-class Histogram:
-    def __init__(self, buckets):
-        self.buckets, self.counts, self.sum, self.count = list(buckets), [0] * len(buckets), 0.0, 0
-
-    def observe(self, v: float) -> None:
-        self.sum += v
-        self.count += 1
-        for i, b in enumerate(self.buckets):
-            if v <= b:
-                self.counts[i] += 1
-
-    def render(self, name: str, labels: str) -> list[str]:
-        sep = "," if labels else ""
-        lines = [f'{name}_bucket{{{labels}{sep}le="{b:g}"}} {c}' for b, c in zip(self.buckets, self.counts)]
-        lines += [f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.count}',
-                  f"{name}_sum{{{labels}}} {self.sum:.6f}", f"{name}_count{{{labels}}} {self.count}"]
-        return lines
-
-
-class Metrics:
-    LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-
-    def __init__(self, max_batch: int):
-        self.requests: dict[tuple[str, int], int] = {}
-        self.errors: dict[tuple[str, str], int] = {}
-        self.latency: dict[str, Histogram] = {}
-        self.batch: dict[str, Histogram] = {}
-        self.tail: dict[str, Histogram] = {}
-        self.batch_buckets = sorted({1, 2, 4, 8, 16, 32, 64, max_batch})
-
-    def request(self, model: str, status: int, seconds: float) -> None:
-        self.requests[model, status] = self.requests.get((model, status), 0) + 1
-        self.latency.setdefault(model, Histogram(self.LATENCY_BUCKETS)).observe(seconds)
-
-    def error(self, model: str, reason: str) -> None:
-        self.errors[model, reason] = self.errors.get((model, reason), 0) + 1
-
-    def batch_run(self, model: str, size: int, seconds: float) -> None:
-        self.batch.setdefault(model, Histogram(self.batch_buckets)).observe(size)
-        self.tail.setdefault(model, Histogram(self.LATENCY_BUCKETS)).observe(seconds)
-
-    def render(self, in_flight: dict[str, int] | None = None) -> str:
-        out = ["# HELP mercury_requests_in_flight Inference requests being handled now.",
-               "# TYPE mercury_requests_in_flight gauge"]
-        out += [f'mercury_requests_in_flight{{model="{m}"}} {n}' for m, n in sorted((in_flight or {}).items())]
-        out += ["# HELP mercury_requests_total Inference requests by model and HTTP status.",
-               "# TYPE mercury_requests_total counter"]
-        out += [f'mercury_requests_total{{model="{m}",status="{s}"}} {n}' for (m, s), n in sorted(self.requests.items())]
-        out += ["# HELP mercury_errors_total Failed inference requests by reason.",
-                "# TYPE mercury_errors_total counter"]
-        out += [f'mercury_errors_total{{model="{m}",reason="{r}"}} {n}' for (m, r), n in sorted(self.errors.items())]
-        for name, help_, hists in (
-                ("mercury_request_latency_seconds", "Request latency inside the server.", self.latency),
-                ("mercury_batch_size", "Images per tail run (dynamic batching).", self.batch),
-                ("mercury_tail_seconds", "Tail compute time per batch.", self.tail)):
-            out += [f"# HELP {name} {help_}", f"# TYPE {name} histogram"]
-            for m, h in sorted(hists.items()):
-                out += h.render(name, f'model="{m}"')
-        return "\n".join(out) + "\n"
 
 
 # --------------------------------------------------------------------------- serving
@@ -123,22 +64,30 @@ class Job:
 class Lane:
     """One served model's session and batching state."""
     model: P.ServedModel
-    tail: Tail
+    tail: Tail | None
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)   # binds its loop on first use
     open_requests: int = 0          # in the handler now: reading, queued or running
     pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1))
 
 
 class TailServer:
-    """The handlers and batchers behind create_app's routes."""
+    """serve-tail's routes (`app()`) over runtime/protocol.py, with metrics and health.
 
-    def __init__(self, lanes: dict[str, Lane], model_id: str, *, max_batch: int, max_delay_ms: float,
-                 auth_token: str | None, max_body: int, timeout_s: float):
+    How a checked request reaches the tail is `submit`: here each lane's queue and batcher,
+    which `start` / `stop` run. Another engine with its own batching overrides those three
+    and keeps the routes, checks, metrics and health (its lanes may then have no tail)."""
+
+    def __init__(self, lanes: dict[str, Lane], model_id: str, *, max_batch: int = 16, max_delay_ms: float = 2.0,
+                 auth_token: str | None = None, max_body: int = 16 << 20, timeout_s: float = 10.0):
         self.lanes, self.model_id = lanes, model_id
         self.models = {name: lane.model for name, lane in lanes.items()}
         self.max_batch, self.max_delay = max_batch, max_delay_ms / 1000
         self.auth_token, self.max_body, self.timeout_s = auth_token, max_body, timeout_s
-        self.metrics, self.is_ready = Metrics(max_batch), False
+        self.metrics, self.is_ready, self.tasks = Metrics(max_batch), False, []
+
+    def app(self) -> Starlette:
+        return Starlette(routes=self.routes(), lifespan=self.lifespan,
+                         exception_handlers={StarletteHTTPException: http_error, P.RequestError: request_error})
 
     # ----------------------------------------------------------------------- batching
     async def next_batch(self, lane: Lane, carry: Job | None, last_jobs: int) -> tuple[list[Job], Job | None]:
@@ -196,18 +145,18 @@ class TailServer:
             last_jobs = len(jobs)
             await self.run_jobs(lane, jobs)
 
-    @asynccontextmanager
-    async def lifespan(self, app):
+    async def start(self) -> None:
+        """Warm each tail up (the first ORT run allocates and is slow), then start the batchers."""
         loop = asyncio.get_running_loop()
-        for lane in self.lanes.values():    # warm up: the first ORT run allocates and is slow
+        for lane in self.lanes.values():
             m = lane.model
             await loop.run_in_executor(lane.pool, lane.tail, np.zeros((1, *m.tokens_shape), m.io_dtype),
                                        np.arange(m.keep)[None])
-        tasks = [asyncio.create_task(self.batcher(lane)) for lane in self.lanes.values()]
-        self.is_ready = True
-        yield
-        self.is_ready = False
-        for task in tasks:
+        self.tasks = [asyncio.create_task(self.batcher(lane)) for lane in self.lanes.values()]
+
+    async def stop(self) -> None:
+        """Stop the batchers; requests still queued get 503; running tail calls finish."""
+        for task in self.tasks:
             task.cancel()
         for lane in self.lanes.values():
             while not lane.queue.empty():
@@ -215,6 +164,14 @@ class TailServer:
                 if not j.future.done():
                     j.future.set_exception(P.RequestError("server shutting down", 503))
             lane.pool.shutdown(wait=True)
+
+    @asynccontextmanager
+    async def lifespan(self, app):
+        await self.start()
+        self.is_ready = True
+        yield
+        self.is_ready = False
+        await self.stop()
 
     # ----------------------------------------------------------------------- inference
     async def read_body(self, request: Request) -> bytes:
@@ -226,8 +183,9 @@ class TailServer:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def submit(self, lane: Lane, req: P.InferRequest) -> tuple:
-        """Queue one request for the batcher and wait for its logits (504 after timeout_s)."""
+    async def submit(self, lane: Lane, req: P.InferRequest) -> tuple[np.ndarray, float, int, float]:
+        """Queue one request for the batcher and wait for (logits (b, C), tail seconds, images
+        in that tail run, seconds queued); 504 after timeout_s."""
         loop = asyncio.get_running_loop()
         job = Job(req, loop.create_future(), time.perf_counter())
         lane.queue.put_nowait(job)
@@ -327,8 +285,7 @@ def create_app(export_dir: str | Path, *, provider: str = "auto", max_batch: int
     model_id = next(iter(models.values())).model_id
     server = TailServer(lanes, model_id, max_batch=max_batch, max_delay_ms=max_delay_ms, auth_token=auth_token,
                         max_body=int(max_body_mb * 1024 * 1024), timeout_s=timeout_s)
-    app = Starlette(routes=server.routes(), lifespan=server.lifespan,
-                    exception_handlers={StarletteHTTPException: http_error, P.RequestError: request_error})
+    app = server.app()
     app.state.models, app.state.metrics, app.state.model_id = lanes, server.metrics, model_id
     return app
 
