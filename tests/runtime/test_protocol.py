@@ -9,12 +9,12 @@ import sys
 import numpy as np
 import pytest
 
-from mercury_onnx.export.manifest import ManifestError, load_manifest
+from mercury_onnx.formats.images import preprocess
+from mercury_onnx.formats.manifest import ManifestError, load_manifest
 from mercury_onnx.runtime import codec
 from mercury_onnx.runtime import protocol as P
 from mercury_onnx.runtime.client import build_request, parse_response
 from mercury_onnx.runtime.head import Head
-from mercury_onnx.runtime.preprocess import preprocess
 
 
 @pytest.fixture(scope="module")
