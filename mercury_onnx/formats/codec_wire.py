@@ -10,9 +10,12 @@ and `indices` int64 (B, K) ascending. On the wire, little-endian:
              row, ascending order implied
     body     codes in image, channel, token order, bit-packed at `bits` bits each (MSB first);
              zstd-compressed (magicless frame, no checksum, no dict id) when that is smaller,
-             with the codec's zstd dictionary when it has one
+             with the codec's zstd dictionary when it has one. For 3, 5, 6 and 7 bits zstd is
+             given one code per byte instead (flag 4), which its byte-wise entropy coder
+             models much better than codes straddling byte boundaries (measured in
+             docs/results/codec_wire.md); an uncompressed body is always bit-packed
 
-flags: 1 = body is zstd, 2 = compressed with a dictionary. The CRC-32 covers the header (with
+flags: 1 = body is zstd, 2 = compressed with a dictionary, 4 = zstd input is one code per byte. The CRC-32 covers the header (with
 the CRC field zeroed), the mask and the body as sent, seeded with the CRC-32 of the dictionary
 when one was used: a flipped bit anywhere, a cut, or a decoder holding a different (or damaged)
 dictionary is caught before anything is decompressed. Channel-major order puts each
@@ -32,7 +35,8 @@ import zstandard as zstd
 
 MAGIC = b"MC"
 VERSION = 1
-FLAG_ZSTD, FLAG_DICT = 1, 2
+FLAG_ZSTD, FLAG_DICT, FLAG_BYTES = 1, 2, 4
+BYTE_LAYOUT_BITS = (3, 5, 6, 7)   # zstd models whole bytes: codes that straddle bytes compress worse
 _FIXED = struct.Struct("<2sB4s8sB")                     # magic, version|flags, codec id, model id, bits
 LEVEL = 19                                              # payloads are tiny: the top levels cost microseconds
 
@@ -162,10 +166,15 @@ def _decompressor(dictionary: bytes | None) -> zstd.ZstdDecompressor:
     return d
 
 
+def _layout(codes: np.ndarray, bits: int) -> bytes:
+    """What zstd compresses: (.., d, T) codes one per byte (3, 5, 6, 7 bits) or bit-packed."""
+    return np.ascontiguousarray(codes).tobytes() if bits in BYTE_LAYOUT_BITS else pack_bits(codes, bits)
+
+
 def body_samples(codes: np.ndarray, bits: int) -> list[bytes]:
-    """One packed body per image, as the encoder lays it out: the samples a dictionary learns from."""
+    """One zstd input per image, as the encoder lays it out: the samples a dictionary learns from."""
     codes = np.asarray(codes, np.uint8)
-    return [pack_bits(c.T, bits) for c in codes]                        # (d, T) per image
+    return [_layout(c.T, bits) for c in codes]                          # (d, T) per image
 
 
 def train_dictionary(codes: np.ndarray, bits: int, size: int = 4096) -> bytes:
@@ -220,9 +229,12 @@ def encode(codes: np.ndarray, indices: np.ndarray, num_patches: int, bits: int, 
     k = indices.shape[1]
     cid, mid = _hex_bytes(codec_id, 4, "codec id"), _hex_bytes(model_id, 8, "model id")
     mask = indices_to_mask(indices, num_patches)
-    raw = pack_bits(codes.transpose(0, 2, 1), bits)                     # (B, d, T): channel-major
-    z = _compressor(dictionary).compress(raw)
-    flags = FLAG_ZSTD | (FLAG_DICT if dictionary else 0) if len(z) < len(raw) else 0
+    cm = codes.transpose(0, 2, 1)                                       # (B, d, T): channel-major
+    raw = pack_bits(cm, bits)
+    z = _compressor(dictionary).compress(_layout(cm, bits))
+    flags = 0
+    if len(z) < len(raw):
+        flags = FLAG_ZSTD | (FLAG_DICT if dictionary else 0) | (FLAG_BYTES if bits in BYTE_LAYOUT_BITS else 0)
     body = z if flags else raw
     head = _header(flags, cid, mid, bits, b, k, num_patches, d, t - k)
     crc = _crc(head + b"\0\0\0\0", mask, body, dictionary if flags & FLAG_DICT else None)
@@ -252,7 +264,7 @@ def read_header(data: bytes) -> Header:
     if vf >> 4 != VERSION:
         raise WireError(f"codec payload version {vf >> 4}, this reader understands {VERSION}")
     flags = vf & 0xF
-    if flags & ~(FLAG_ZSTD | FLAG_DICT) or (flags & FLAG_DICT and not flags & FLAG_ZSTD):
+    if flags & ~(FLAG_ZSTD | FLAG_DICT | FLAG_BYTES) or (flags & (FLAG_DICT | FLAG_BYTES) and not flags & FLAG_ZSTD):
         raise WireError(f"unknown flags {flags:#x} in header (corrupt payload?)")
     if not 1 <= bits <= 8:
         raise WireError(f"header says {bits} bits per code (corrupt payload?)")
@@ -298,16 +310,21 @@ def decode(data: bytes, *, model_id: str | None = None, codec_id: str | None = N
     if _crc(data[:h.size - 4] + b"\0\0\0\0", mask, body, dictionary if h.flags & FLAG_DICT else None) != crc:
         hint = f", or decoded with a different dictionary than codec {h.codec_id}'s" if h.flags & FLAG_DICT else ""
         raise WireError(f"payload checksum mismatch: truncated or corrupted in transit{hint}")
-    raw = body
+    indices = mask_to_indices(mask, h.batch, h.num_patches, h.keep)
     if h.flags & FLAG_ZSTD:
+        n_in = count if h.flags & FLAG_BYTES else n_raw
         try:
-            raw = _decompressor(dictionary if h.flags & FLAG_DICT else None).decompress(body, max_output_size=n_raw)
+            raw = _decompressor(dictionary if h.flags & FLAG_DICT else None).decompress(body, max_output_size=n_in)
         except zstd.ZstdError as e:
             raise WireError(f"payload body does not decompress ({e})") from None
-        if len(raw) != n_raw:
-            raise WireError(f"payload body decompresses to {len(raw)} bytes, expected {n_raw}")
-    indices = mask_to_indices(mask, h.batch, h.num_patches, h.keep)
-    codes = unpack_bits(raw, count, h.bits).reshape(h.batch, h.dims, t).transpose(0, 2, 1)
+        if len(raw) != n_in:
+            raise WireError(f"payload body decompresses to {len(raw)} bytes, expected {n_in}")
+        flat = np.frombuffer(raw, np.uint8) if h.flags & FLAG_BYTES else unpack_bits(raw, count, h.bits)
+    else:
+        flat = unpack_bits(body, count, h.bits)
+    if h.bits < 8 and int(flat.max()) >> h.bits:
+        raise WireError(f"payload holds codes above {h.bits} bits (corrupt body)")
+    codes = flat.reshape(h.batch, h.dims, t).transpose(0, 2, 1)
     return h, np.ascontiguousarray(codes), indices
 
 
