@@ -31,8 +31,10 @@ THREADS = 4  # a Pi 4 has 4 cores
 
 
 def head_graphs(manifest: dict) -> list[tuple[dict, str, str]]:
-    """(variant, manifest key, file) for every head graph the export has."""
-    return [(v, key, v[key]["file"]) for v in manifest["variants"] for key in KINDS if v.get(key)]
+    """(variant, manifest key, file) for every head graph the export has; a codec head's key is
+    `codec_{D}x{B}` (export --codec)."""
+    return ([(v, key, v[key]["file"]) for v in manifest["variants"] for key in KINDS if v.get(key)]
+            + [(v, f"codec_{c['name']}", c["head"]["file"]) for v in manifest["variants"] for c in v.get("codecs") or []])
 
 
 def make_batch(export_dir: Path, images_dir: Path, out: Path, n: int) -> None:
@@ -64,9 +66,12 @@ def run_heads(export_dir: Path, batch_path: Path, out: Path) -> None:
     images = np.load(batch_path)  # (B, 3, H, W)
     arrays, runs = {}, []
     for v, key, file in head_graphs(manifest):
-        head = Head(export_dir, v["keep_ratio"], KINDS[key], threads=THREADS, manifest=manifest)
+        if key.startswith("codec_"):
+            head = Head(export_dir, v["keep_ratio"], threads=THREADS, manifest=manifest, codec=key[6:])
+        else:
+            head = Head(export_dir, v["keep_ratio"], KINDS[key], threads=THREADS, manifest=manifest)
         t = time.perf_counter()
-        outputs = head(images)  # {"tokens", "indices"[, "scales"]}
+        outputs = head(images)  # {"tokens", "indices"[, "scales"]} or {"codes", "indices"}
         runs.append({"keep_tokens": v["keep_tokens"], "kind": key, "file": file,
                      "seconds": time.perf_counter() - t})
         for name, value in outputs.items():
@@ -93,7 +98,8 @@ def tail_top1(export_dir: Path, tail_file: str, tokens: np.ndarray, indices: np.
 def compare(x86_path: Path, arm_path: Path, export_dir: Path, lenient_int8: bool = False) -> int:
     """fp32 head: equal indices, tokens within FP32_ATOL. tok8 head: equal indices, int8 tokens
     within one step, scales within FP32_ATOL/127. tok16 head: equal indices, fp16 tokens within
-    FP32_ATOL + one fp16 ulp. int8 (QDQ) head: equal indices, and the cloud's top-1 from the ARM
+    FP32_ATOL + one fp16 ulp. Codec head: equal indices, uint8 codes within one step (a float
+    that lands on a rounding boundary may round either way). int8 (QDQ) head: equal indices, and the cloud's top-1 from the ARM
     outputs agrees with x86 on >= the export's lossy bar (min_top1_lossy, 0.9); its tokens are
     reported (a float op that differs by an ulp can move one value across a rounding step).
     lenient_int8 only reports the int8 head's indices (for older S8S8 exports, whose int8 graph
@@ -141,6 +147,10 @@ def compare(x86_path: Path, arm_path: Path, export_dir: Path, lenient_int8: bool
             gated = kind != "head_int8" or not lenient_int8
             row(tag, kind, name, f"{rows} of {len(a)} rows differ", "equal" if gated else "reported",
                 rows == 0 or not gated)
+        elif kind.startswith("codec_") and name == "codes":  # codec codes: rounding may move one step
+            d = int(np.abs(a.astype(np.int32) - b.astype(np.int32)).max())
+            n = int((a != b).sum())
+            row(tag, kind, name, f"{d} step(s), {n} of {a.size} differ", "<= 1 step", d <= 1)
         elif kind == "head_tok8" and name == "tokens":  # int8 wire tokens: rounding may move one step
             d = int(np.abs(a.astype(np.int32) - b.astype(np.int32)).max())
             row(tag, kind, name, f"{d} int8 step(s)", "<= 1 step", d <= 1)

@@ -2,8 +2,12 @@
 
     REPO/mercury_tail_k{K}/config.pbtxt
     REPO/mercury_tail_k{K}/1/model.onnx
+    REPO/mercury_tail_k{K}_c{D}x{B}/...       one per codec of the export (export --codec)
 
 One model per keep ratio, served by the onnxruntime backend on the GPU with dynamic batching.
+A codec tail takes `codes` UINT8 [1+K, d] (dequantised inside the graph): Triton has no
+zstd, so a client sends it the decoded codes, not the codec payload (serve-tail takes both);
+its config carries the `codec_id` beside the `model_id`.
 The fp16 tail is used when the export has one (it is the CUDA variant), else the fp32 tail.
 Dims leave out the batch axis (Triton's max_batch_size convention): tokens [1+K, D],
 indices [K], logits [C]. Tensor names and dtypes are the tail's, the same as serve-tail.
@@ -20,7 +24,7 @@ platform: "onnxruntime_onnx"
 max_batch_size: {max_batch}
 input [
   {{
-    name: "tokens"
+    name: "{tokens_name}"
     data_type: {tokens_type}
     dims: [ {t}, {d} ]
   }},
@@ -51,10 +55,15 @@ parameters {{
   value: {{ string_value: "{model_id}" }}
 }}
 """
+CODEC_PARAMETER = """parameters {{
+  key: "codec_id"
+  value: {{ string_value: "{codec_id}" }}
+}}
+"""
 
 
-def model_name(keep_tokens: int) -> str:
-    return f"mercury_tail_k{keep_tokens}"
+def model_name(keep_tokens: int, codec: str | None = None) -> str:
+    return f"mercury_tail_k{keep_tokens}" + (f"_c{codec}" if codec else "")
 
 
 def write_triton_repo(export_dir: str | Path, repo: str | Path, max_batch: int = 64,
@@ -70,9 +79,18 @@ def write_triton_repo(export_dir: str | Path, repo: str | Path, max_batch: int =
         (d / "1").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(export_dir / tail["file"], d / "1" / "model.onnx")
         (d / "config.pbtxt").write_text(TEMPLATE.format(
-            name=name, max_batch=max_batch, tokens_type="TYPE_FP16" if fp16 else "TYPE_FP32",
+            name=name, max_batch=max_batch, tokens_name="tokens", tokens_type="TYPE_FP16" if fp16 else "TYPE_FP32",
             t=1 + k, d=manifest["dim"], k=k, c=manifest["num_classes"], delay_us=delay_us,
             model_id=manifest["model_id"]))
+        for c in v.get("codecs") or []:
+            name = model_name(k, c["name"])
+            d = repo / name
+            (d / "1").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(export_dir / c["tail"]["file"], d / "1" / "model.onnx")
+            (d / "config.pbtxt").write_text(TEMPLATE.format(
+                name=name, max_batch=max_batch, tokens_name="codes", tokens_type="TYPE_UINT8",
+                t=1 + k, d=c["dims"], k=k, c=manifest["num_classes"], delay_us=delay_us,
+                model_id=manifest["model_id"]) + CODEC_PARAMETER.format(codec_id=c["codec_id"]))
     return repo
 
 

@@ -77,6 +77,33 @@ def parse_codec(name: str) -> tuple[int, int]:
     return d, b
 
 
+def find_codec(variant_entry: dict, name: str) -> dict:
+    """The manifest's codec entry `name` (e.g. '16x4') of one variant; clear error if absent."""
+    d, b = parse_codec(name)
+    codecs = variant_entry.get("codecs") or []
+    for c in codecs:
+        if (c["dims"], c["bits"]) == (d, b):
+            return c
+    have = [c["name"] for c in codecs] or "none (export with --codec DxB)"
+    raise WireError(f"no codec {name} for keep ratio {variant_entry.get('keep_ratio')}; this export has {have}")
+
+
+def load_dictionary(export_dir, entry: dict) -> bytes | None:
+    """The codec's zstd dictionary from the export folder, checked against the manifest's sha256."""
+    from pathlib import Path
+
+    ref = entry.get("dictionary")
+    if not ref:
+        return None
+    path = Path(export_dir) / ref["file"]
+    if not path.exists():
+        raise WireError(f"codec {entry['name']}: dictionary {path} is missing")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != ref["sha256"]:
+        raise WireError(f"codec {entry['name']}: {path} does not match the manifest's sha256 (modified?)")
+    return data
+
+
 # ---- bits, varints, mask -------------------------------------------------------------------
 
 def pack_bits(codes: np.ndarray, bits: int) -> bytes:

@@ -2,7 +2,8 @@
 
 `KServeClient` is a small Open Inference Protocol (v2 REST) client over httpx with the
 binary tensor data extension (no tritonclient on the device). `Client` runs the head,
-packs the tokens (fp16, or int8 + scales), sends them, and returns the top-5 with a latency
+packs the tokens (fp16, or int8 + scales; or, with a codec head, the codec payload of
+formats/codec_wire.py as one UINT8 tensor), sends them, and returns the top-5 with a latency
 breakdown; with fallback="local" it runs full.onnx on the device when the server cannot be
 reached, errs (5xx) or answers too slowly. Every network call has a timeout.
 numpy, onnxruntime, pillow, httpx only (the [edge] extra).
@@ -17,13 +18,15 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from ..formats import codec_wire
 from ..formats.images import preprocess
-from ..formats.manifest import load_manifest, variant
-from . import codec
+from ..formats.manifest import ManifestError, load_manifest, variant
+from . import codec as token_codec
 from .head import FullModel, Head
 from .tail import model_name
 
 V2_DTYPES = {np.dtype(np.float32): "FP32", np.dtype(np.float16): "FP16", np.dtype(np.int8): "INT8",
+             np.dtype(np.uint8): "UINT8",
              np.dtype(np.int16): "INT16", np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64"}
 NP_DTYPES = {v: k for k, v in V2_DTYPES.items()}
 
@@ -141,9 +144,9 @@ class Client:
 
     def __init__(self, export_dir: str | Path, server_url: str, keep_ratio: float | None = None,
                  token_dtype: str = "fp16", fallback: str = "local", timeout: float = 5.0,
-                 auth_token: str | None = None, threads: int | None = None):
-        if token_dtype not in codec.TOKEN_DTYPES:
-            raise ValueError(f"token dtype {token_dtype!r}: use one of {sorted(codec.TOKEN_DTYPES)}")
+                 auth_token: str | None = None, threads: int | None = None, codec: str | None = None):
+        if token_dtype not in token_codec.TOKEN_DTYPES:
+            raise ValueError(f"token dtype {token_dtype!r}: use one of {sorted(token_codec.TOKEN_DTYPES)}")
         if fallback not in ("local", "none"):
             raise ValueError(f"fallback {fallback!r}: use local or none")
         self.export_dir, self.threads = Path(export_dir), threads
@@ -152,9 +155,16 @@ class Client:
         # a head that already emits the wire dtype saves the cast (tok8: int8 + scales; tok16: fp16)
         kind = {"int8": "tok8", "fp16": "tok16"}.get(token_dtype)
         kind = kind if kind and self.variant.get(f"head_{kind}") else "fp32"
-        self.head = Head(export_dir, self.variant["keep_ratio"], kind=kind, threads=threads, manifest=self.manifest)
+        self.head = Head(export_dir, self.variant["keep_ratio"], kind=kind, threads=threads, manifest=self.manifest,
+                         codec=codec)
+        self.codec, self.dictionary = self.head.codec, None
+        if self.codec:
+            try:
+                self.dictionary = codec_wire.load_dictionary(export_dir, self.codec)
+            except codec_wire.WireError as e:
+                raise ManifestError(str(e)) from None
         self.token_dtype, self.fallback = token_dtype, fallback
-        self.model = model_name(self.variant["keep_tokens"])
+        self.model = model_name(self.variant["keep_tokens"], self.codec["name"] if self.codec else None)
         self.classes = self.manifest.get("classes") or []
         self.server = KServeClient(server_url, timeout, auth_token)
         self._full: FullModel | None = None
@@ -194,12 +204,20 @@ class Client:
         t0 = time.perf_counter()
         out = self.head(x)
         t1 = time.perf_counter()
-        p = codec.pack(out["tokens"], out["indices"], self.manifest["num_patches"],
-                       self.token_dtype, out.get("scales"))
-        inputs = {"tokens": p.tokens, "indices": p.indices}
-        if p.scales is not None:
-            inputs["scales"] = p.scales
-        body, hlen = build_request(inputs, {"model_id": self.manifest["model_id"]})
+        params = {"model_id": self.manifest["model_id"]}
+        if self.codec:
+            c = self.codec
+            payload = codec_wire.encode(out["codes"], out["indices"], self.manifest["num_patches"], c["bits"],
+                                        self.manifest["model_id"], c["codec_id"], self.dictionary)
+            inputs = {"payload": np.frombuffer(payload, np.uint8)}
+            params["codec_id"] = c["codec_id"]
+        else:
+            p = token_codec.pack(out["tokens"], out["indices"], self.manifest["num_patches"],
+                           self.token_dtype, out.get("scales"))
+            inputs = {"tokens": p.tokens, "indices": p.indices}
+            if p.scales is not None:
+                inputs["scales"] = p.scales
+        body, hlen = build_request(inputs, params)
         t2 = time.perf_counter()
         resp, outputs = self.server.infer_raw(self.model, body, hlen)
         t3 = time.perf_counter()
@@ -209,4 +227,6 @@ class Client:
               "server_queue": float(params.get("queue_ms", float("nan"))),
               "server_total": float(params.get("server_ms", float("nan"))),
               "payload_bytes": len(body)}
+        if self.codec:
+            ms["codec_payload_bytes"] = inputs["payload"].size
         return outputs["logits"].astype(np.float32), ms

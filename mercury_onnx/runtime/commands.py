@@ -60,6 +60,8 @@ def infer(
     timeout: float = typer.Option(5.0, help="seconds for each network step (connect, send, answer)"),
     auth_token: Optional[str] = typer.Option(None, envvar="MERCURY_AUTH_TOKEN"),
     threads: Optional[int] = typer.Option(None, help="ORT threads for the head"),
+    codec: Optional[str] = typer.Option(None, "--codec", help="DxB, e.g. 16x4: send the codec head's "
+                                        "compressed codes (export --codec); --token-dtype is then unused"),
 ) -> None:
     """Run the head here, the tail on the server; print top-5 and where the time went."""
     from ..formats.images import ImageError
@@ -73,7 +75,7 @@ def infer(
     if timeout <= 0:
         fail("--timeout must be > 0")
     try:
-        client = Client(export, server, keep_ratio, token_dtype, fallback, timeout, auth_token, threads)
+        client = Client(export, server, keep_ratio, token_dtype, fallback, timeout, auth_token, threads, codec)
     except ManifestError as e:
         fail(str(e))
     try:
@@ -101,7 +103,8 @@ def infer(
         else:                                           # e.g. Triton: no timing in the response
             server = " (the server reported no timing)"
         typer.echo(f"latency (batch of {len(preds)}, keep ratio {client.variant['keep_ratio']}, "
-                   f"{token_dtype} tokens, {b['payload_bytes']} bytes sent): "
+                   f"{'codec ' + codec if codec else token_dtype + ' tokens'}, {b['payload_bytes']} bytes sent"
+                   f"{', codec payload %d bytes' % b['codec_payload_bytes'] if codec else ''}): "
                    f"preprocess {b['preprocess']:.2f} ms, head {b['head']:.2f} ms, "
                    f"encode {b['encode']:.2f} ms, round trip {b['round_trip']:.2f} ms{server}, "
                    f"total {b['total']:.2f} ms")

@@ -12,6 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..formats.manifest import ManifestError, load_manifest, variant
+from ..formats.codec_wire import WireError, find_codec
 
 HEAD_KINDS = ("fp32", "int8", "tok8", "tok16")   # tok8: int8 tokens + scales; tok16: fp16 tokens
 
@@ -28,20 +29,29 @@ def device_session(path: str | Path, threads: int | None = None) -> ort.Inferenc
 
 
 class Head:
-    """head_k{K}[_int8|_tok8|_tok16].onnx: images (B,3,H,W) -> {"tokens", "indices"[, "scales"]}."""
+    """head_k{K}[_int8|_tok8|_tok16].onnx: images (B,3,H,W) -> {"tokens", "indices"[, "scales"]};
+    with `codec` ('16x4'), head_k{K}_c16x4.onnx: images -> {"codes" uint8 (B,1+K,d), "indices"}."""
 
     def __init__(self, export_dir: str | Path, keep_ratio: float | None = None, kind: str = "fp32",
-                 threads: int | None = None, manifest: dict | None = None):
+                 threads: int | None = None, manifest: dict | None = None, codec: str | None = None):
         if kind not in HEAD_KINDS:
             raise ManifestError(f"head kind {kind!r}: use one of {HEAD_KINDS}")
         self.export_dir = Path(export_dir)
         self.manifest = manifest if manifest is not None else load_manifest(export_dir)
         self.variant = variant(self.manifest, keep_ratio)
-        entry = self.variant.get("head" if kind == "fp32" else f"head_{kind}")
+        self.codec = None
+        if codec is not None:
+            try:
+                self.codec = find_codec(self.variant, codec)
+            except WireError as e:
+                raise ManifestError(str(e)) from None
+            entry = self.codec["head"]
+        else:
+            entry = self.variant.get("head" if kind == "fp32" else f"head_{kind}")
         if not entry:
             raise ManifestError(f"{self.export_dir} has no {kind} head for keep ratio "
                                 f"{self.variant['keep_ratio']} (export it with that option)")
-        self.kind, self.file = kind, entry["file"]
+        self.kind, self.file = ("codec" if codec else kind), entry["file"]
         self.keep = self.variant["keep_tokens"]
         self.session = device_session(self.export_dir / self.file, threads)
         self.outputs = [o.name for o in self.session.get_outputs()]

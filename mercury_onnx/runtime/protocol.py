@@ -19,7 +19,11 @@ Every refusal is a RequestError carrying the HTTP status, a metrics reason and a
 The request: inputs `tokens` FP32 | FP16 | INT8 (then FP32 `scales` [B, 1+K, 1]) and
 `indices` INT64 | INT32 | INT16 [B, K], strictly ascending in [0, N); each as JSON `data` or
 binary (`Inference-Header-Content-Length`, `binary_data_size`); `"parameters": {"model_id":
-...}` equal to the export's (409 when it differs, 400 when missing). The response: `logits`
+...}` equal to the export's (409 when it differs, 400 when missing). A codec model
+(mercury_tail_k{K}_c{D}x{B}) takes instead one UINT8 input `payload` [L], the codec payload
+of formats/codec_wire.py, or the raw `codes` UINT8 [B, 1+K, d] + `indices` (what Triton's
+copy of the codec tail takes); a payload or `"parameters": {"codec_id": ...}` of another
+codec is refused with 409, like a model id. The response: `logits`
 FP32 [B, C], as JSON `data`, or binary when the request sets `binary_data_output` or the
 output's `binary_data`. numpy and the tail's onnxruntime session only: no torch, no web
 framework.
@@ -35,12 +39,13 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..formats.manifest import load_manifest, variant
+from ..formats import codec_wire
+from ..formats.manifest import ManifestError, load_manifest, variant
 from .codec import cast, check_indices
 from .tail import Tail, model_name, tail_file
 
 DTYPES = {"FP32": np.float32, "FP16": np.float16, "INT8": np.int8, "INT16": np.int16,
-          "INT32": np.int32, "INT64": np.int64}
+          "INT32": np.int32, "INT64": np.int64, "UINT8": np.uint8}
 TOKEN_TYPES, INDEX_TYPES = ("FP32", "FP16", "INT8"), ("INT64", "INT32", "INT16")
 JSON_TYPE = "application/json"
 HEADER_LENGTH = "inference-header-content-length"
@@ -72,23 +77,38 @@ class ServedModel:
     dim: int                        # D
     num_patches: int                # N: indices lie in [0, N)
     num_classes: int | None
-    io_dtype: np.dtype              # the tail's token dtype (float32 | float16)
+    io_dtype: np.dtype              # the tail's token dtype (float32 | float16; uint8 codes for a codec)
     export_dir: Path
     manifest: dict = field(repr=False)
     variant: dict = field(repr=False)
+    codec: dict | None = field(default=None, repr=False)          # the manifest's codec entry
+    dictionary: bytes | None = field(default=None, repr=False)    # its zstd dictionary, checked
 
     @property
     def tokens_shape(self) -> tuple[int, int]:
-        """One image's tokens: CLS + K kept patch tokens, D wide."""
-        return 1 + self.keep, self.dim
+        """One image's tokens: CLS + K kept patch tokens, D wide (d codes for a codec)."""
+        return 1 + self.keep, self.codec["dims"] if self.codec else self.dim
 
     def load_tail(self, provider: str = "auto", threads: int | None = None) -> Tail:
         """The ORT session for this model (raises ProviderError when the provider is missing)."""
         return Tail(self.export_dir, provider=provider, dtype=self.io_dtype.name, threads=threads,
-                    manifest=self.manifest, variant_entry=self.variant)
+                    manifest=self.manifest, variant_entry=self.variant,
+                    codec=self.codec["name"] if self.codec else None)
 
     def metadata(self) -> dict:
         """GET /v2/models/{name}: the v2 model metadata, plus what else the server accepts."""
+        if self.codec:
+            c = self.codec
+            return {"name": self.name, "versions": ["1"], "platform": "onnxruntime_onnx",
+                    "inputs": [{"name": "codes", "datatype": "UINT8", "shape": [-1, *self.tokens_shape]},
+                               {"name": "indices", "datatype": "INT64", "shape": [-1, self.keep]}],
+                    "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, self.num_classes or -1]}],
+                    "parameters": {"model_id": self.model_id, "keep_ratio": self.keep_ratio,
+                                   "keep_tokens": self.keep, "num_patches": self.num_patches,
+                                   "codec": c["name"], "codec_id": c["codec_id"], "dims": c["dims"],
+                                   "bits": c["bits"], "dictionary": bool(self.dictionary),
+                                   "accepts": {"payload": "UINT8 [L]: a codec payload (docs/FORMAT.md)",
+                                               "codes": "UINT8 [-1, 1+K, d] with 'indices'"}}}
         tok = "FP16" if self.io_dtype == np.float16 else "FP32"
         return {"name": self.name, "versions": ["1"], "platform": "onnxruntime_onnx",
                 "inputs": [{"name": "tokens", "datatype": tok, "shape": [-1, *self.tokens_shape]},
@@ -115,7 +135,17 @@ def served_models(export_dir: str | Path, keep_ratios: Sequence[float] | None = 
                         manifest["dim"], manifest["num_patches"], num_classes, np.dtype(tail_dtype),
                         export_dir, manifest, v)
         models[m.name] = m
+        for c in v.get("codecs") or []:          # every codec of the variant is served too
+            try:
+                dic = codec_wire.load_dictionary(export_dir, c)
+            except codec_wire.WireError as e:
+                raise ManifestError(str(e)) from None
+            mc = ServedModel(model_name(v["keep_tokens"], c["name"]), manifest["model_id"], v["keep_ratio"],
+                             v["keep_tokens"], manifest["dim"], manifest["num_patches"], num_classes,
+                             np.dtype(np.uint8), export_dir, manifest, v, c, dic)
+            models[mc.name] = mc
     return models
+
 
 
 def server_metadata(models: Mapping[str, ServedModel], model_id: str) -> dict:
@@ -189,7 +219,10 @@ def decode_request(model: ServedModel, headers: Mapping[str, str], body: bytes) 
         raise RequestError(f"model id {sent!r} does not match this server's export {model.model_id!r}: "
                            "the head that made these tokens belongs to another export", 409)
     binary_out = wants_binary(req)
-    tokens, indices = prepare(model, parse_inputs(req, binary))
+    if model.codec:
+        tokens, indices = prepare_codec(model, params, parse_inputs(req, binary))
+    else:
+        tokens, indices = prepare(model, parse_inputs(req, binary))
     return InferRequest(tokens, indices, binary_out, req.get("id"), "id" in req)
 
 
@@ -313,6 +346,51 @@ def prepare(model: ServedModel, arrays: dict[str, np.ndarray]) -> tuple[np.ndarr
     if not np.isfinite(tokens).all():
         raise RequestError("'tokens' contain NaN or infinity")
     return tokens, indices.astype(np.int64)
+
+
+def prepare_codec(model: ServedModel, params: dict, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """A codec model's inputs -> codes uint8 (B, 1+K, d), indices int64 (B, K). 409 for a
+    payload or codec_id of another codec (device and server hold different codecs)."""
+    c = model.codec
+    sent = params.get("codec_id")
+    if sent is not None and sent != c["codec_id"]:
+        raise RequestError(f"codec id {sent!r} does not match {model.name}'s codec {c['name']} "
+                           f"({c['codec_id']}): device and server hold different codecs (re-fetch the export)", 409)
+    if set(arrays) == {"payload"}:
+        data = arrays["payload"]
+        if data.dtype != np.uint8 or data.ndim != 1:
+            raise RequestError(f"'payload' must be UINT8 [L], got {data.dtype.name.upper()} {list(data.shape)}")
+        try:
+            h = codec_wire.read_header(data.tobytes())
+            if h.model_id != model.model_id or h.codec_id != c["codec_id"]:
+                what = (f"model {h.model_id}, this export is {model.model_id}" if h.model_id != model.model_id
+                        else f"codec {h.codec_id}, {model.name} decodes {c['name']} ({c['codec_id']})")
+                raise RequestError(f"payload is for {what}: device and server hold different "
+                                   "exports or codecs (re-fetch the export)", 409)
+            h, codes, indices = codec_wire.decode(data.tobytes(), model_id=model.model_id,
+                                                  codec_id=c["codec_id"], dictionary=model.dictionary)
+        except codec_wire.WireError as e:
+            raise RequestError(f"bad codec payload: {e}") from None
+        if (h.keep, h.dims, h.bits, h.num_patches) != (model.keep, c["dims"], c["bits"], model.num_patches) \
+                or h.prefix + h.keep != model.tokens_shape[0]:
+            raise RequestError(f"payload holds K={h.keep}, d={h.dims}, {h.bits} bits, N={h.num_patches}, "
+                               f"P={h.prefix}; {model.name} takes K={model.keep}, d={c['dims']}, {c['bits']} bits")
+        return codes, indices
+    if set(arrays) != {"codes", "indices"}:
+        raise RequestError(f"inputs {sorted(arrays)}: {model.name} takes 'payload' (UINT8 codec payload), "
+                           "or 'codes' and 'indices'")
+    codes, indices = arrays["codes"], arrays["indices"]
+    b = codes.shape[0] if codes.ndim == 3 else 0
+    if codes.dtype != np.uint8 or codes.ndim != 3 or codes.shape[1:] != model.tokens_shape or b < 1:
+        raise RequestError(f"'codes' must be UINT8 [B, {model.tokens_shape[0]}, {model.tokens_shape[1]}], "
+                           f"got {codes.dtype.name.upper()} {list(codes.shape)}")
+    if indices.dtype.name not in ("int64", "int32", "int16") or list(indices.shape) != [b, model.keep]:
+        raise RequestError(f"'indices' must be INT64 [{b}, {model.keep}], got "
+                           f"{indices.dtype.name.upper()} {list(indices.shape)}")
+    if c["bits"] < 8 and int(codes.max()) >> c["bits"]:
+        raise RequestError(f"'codes' reach {int(codes.max())}; codec {c['name']} has {c['bits']} bits")
+    check_indices(indices, model.num_patches, RequestError)
+    return np.ascontiguousarray(codes), indices.astype(np.int64)
 
 
 def wants_binary(req: dict) -> bool:

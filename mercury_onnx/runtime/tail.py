@@ -12,6 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..formats.manifest import ManifestError, load_manifest, variant
+from ..formats.codec_wire import WireError, find_codec, load_dictionary
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -21,9 +22,9 @@ class ProviderError(RuntimeError):
     """The requested execution provider is not available."""
 
 
-def model_name(keep_tokens: int) -> str:
-    """Served model name for a keep count, shared with the Triton repository (docs/FORMAT.md)."""
-    return f"mercury_tail_k{keep_tokens}"
+def model_name(keep_tokens: int, codec: str | None = None) -> str:
+    """Served model name for a keep count [and codec], shared with the Triton repository (docs/FORMAT.md)."""
+    return f"mercury_tail_k{keep_tokens}" + (f"_c{codec}" if codec else "")
 
 
 def tail_file(export_dir: str | Path, variant_entry: dict, dtype: str) -> str:
@@ -47,19 +48,35 @@ def resolve_provider(provider: str) -> str:
 
 
 class Tail:
-    """tail_k{K}[_fp16].onnx: tokens (B,1+K,D), indices (B,K) int64 -> logits (B,C) float32."""
+    """tail_k{K}[_fp16].onnx: tokens (B,1+K,D), indices (B,K) int64 -> logits (B,C) float32.
+
+    With `codec` ('16x4'): tail_k{K}_c16x4.onnx, which takes the head's uint8 codes (B,1+K,d)
+    and dequantises inside; `codec_entry` and `dictionary` (checked against the manifest) are
+    what the server decodes payloads with."""
 
     def __init__(self, export_dir: str | Path, keep_ratio: float | None = None, provider: str = "auto",
                  dtype: str = "float32", threads: int | None = None, manifest: dict | None = None,
-                 variant_entry: dict | None = None):
+                 variant_entry: dict | None = None, codec: str | None = None):
         self.export_dir = Path(export_dir)
         self.manifest = manifest if manifest is not None else load_manifest(export_dir)
         self.variant = variant_entry or variant(self.manifest, keep_ratio)
-        self.file, self.io_dtype = tail_file(self.export_dir, self.variant, dtype), np.dtype(dtype)
+        self.codec_entry, self.dictionary = None, None
+        if codec is not None:
+            try:
+                self.codec_entry = find_codec(self.variant, codec)
+                self.dictionary = load_dictionary(self.export_dir, self.codec_entry)
+            except WireError as e:
+                raise ManifestError(str(e)) from None
+            self.file, self.io_dtype = self.codec_entry["tail"]["file"], np.dtype(np.uint8)
+        else:
+            self.file, self.io_dtype = tail_file(self.export_dir, self.variant, dtype), np.dtype(dtype)
+        self.input = "codes" if codec else "tokens"
         self.keep = self.variant["keep_tokens"]
         self.dim, self.num_patches = self.manifest["dim"], self.manifest["num_patches"]
+        if self.codec_entry:
+            self.dim = self.codec_entry["dims"]                         # the tail's input width: d
         self.num_classes = len(self.manifest.get("classes") or []) or None
-        self.name = model_name(self.keep)
+        self.name = model_name(self.keep, self.codec_entry["name"] if self.codec_entry else None)
         self.provider = resolve_provider(provider)
 
         so = ort.SessionOptions()
@@ -78,15 +95,15 @@ class Tail:
             self.num_classes = out.shape[-1]
 
     def __call__(self, tokens: np.ndarray, indices: np.ndarray) -> np.ndarray:
-        tokens = np.ascontiguousarray(tokens, dtype=self.io_dtype)     # (B, 1+K, D)
+        tokens = np.ascontiguousarray(tokens, dtype=self.io_dtype)     # (B, 1+K, D), or codes (B, 1+K, d)
         indices = np.ascontiguousarray(indices, dtype=np.int64)        # (B, K)
         if self.provider == "cuda":
             io = self.session.io_binding()
-            io.bind_cpu_input("tokens", tokens)
+            io.bind_cpu_input(self.input, tokens)
             io.bind_cpu_input("indices", indices)
             io.bind_output("logits", "cuda")
             self.session.run_with_iobinding(io)
             logits = io.copy_outputs_to_cpu()[0]
         else:
-            logits = self.session.run(["logits"], {"tokens": tokens, "indices": indices})[0]
+            logits = self.session.run(["logits"], {self.input: tokens, "indices": indices})[0]
         return logits.astype(np.float32, copy=False)                   # (B, C)

@@ -60,8 +60,9 @@ def export(request) -> Path:
 def head_graphs(export_dir: Path) -> set[tuple[str, str]]:
     """{("k16", "head_int8"), ...}: every head graph the export has."""
     manifest = json.loads((export_dir / "manifest.json").read_text())
-    return {(f"k{v['keep_tokens']}", k) for v in manifest["variants"]
-            for k in ("head", "head_int8", "head_tok8", "head_tok16") if v.get(k)}
+    return ({(f"k{v['keep_tokens']}", k) for v in manifest["variants"]
+             for k in ("head", "head_int8", "head_tok8", "head_tok16") if v.get(k)}
+            | {(f"k{v['keep_tokens']}", f"codec_{c['name']}") for v in manifest["variants"] for c in v.get("codecs") or []})
 
 
 def test_export_heads_agree_on_arm64(arm64_root, export, cifar_test):
@@ -123,3 +124,32 @@ def test_check_fails_when_arm64_head_differs(arm64_root, export, cifar_test, tmp
     tokens_row = next(line.split() for line in r.stdout.splitlines() if line.split()[1:3] == ["head", "tokens"])
     assert tokens_row[-1] == "FAIL" and float(tokens_row[4]) > 1e-4
     assert "FAIL:" in r.stdout and "PASS:" not in r.stdout
+
+
+@pytest.fixture(scope="module")
+def codec_export(ref_json, cifar_test, tmp_path_factory) -> Path:
+    """The reference model exported with a 16x4 codec (export --codec), fit on real train images."""
+    import dataclasses
+
+    from mercury_onnx.export import export_model
+    from mercury_onnx.export.pipeline import ExportOptions
+
+    from ..conftest import CIFAR_TRAIN
+
+    if "codecs" not in {f.name for f in dataclasses.fields(ExportOptions)}:
+        pytest.skip("this build's exporter has no codecs (export --codec is issue 13's graph side)")
+    return export_model(ref_json, tmp_path_factory.mktemp("arm64_codec") / "export", [0.25], codecs=["16x4"],
+                        calib_data=CIFAR_TRAIN, codec_images=512, validate_data=cifar_test, validate_images=16,
+                        log=None)
+
+
+def test_codec_heads_agree_on_arm64(arm64_root, codec_export, cifar_test):
+    """Issue 13: a codec head's codes equal between aarch64 and x86_64 within one step."""
+    r = sh("bash", CHECK, codec_export, cifar_test, MERCURY_ARM64_IMAGES=IMAGES)
+    print(r.stdout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    table = [line.split() for line in r.stdout.splitlines() if line.startswith("k")]
+    codes = [row for row in table if row[1] == "codec_16x4" and row[2] == "codes"]
+    assert codes and codes[0][-1] == "PASS" and "<=" in codes[0]
+    assert {(row[0], row[1]) for row in table} == head_graphs(codec_export)
+
