@@ -5,7 +5,9 @@
 3. start `serve-tail` on a free 127.0.0.1 port in a subprocess
 4. run the device-side client (head here, tail on the server) on N real test images,
    and full.onnx locally on the same images: top-1 of both, agreement, measured latencies
-5. a short bench on one 5G trace (Pi profile, tail times measured on the running server)
+5. a short bench on one 5G trace (Pi profile, tail times measured on the running server),
+   and the band of constant uplink rates where Mercury is the fastest strategy, for this
+   export and for DeiT-B at 224 (Pi profile, modelled; runtime/band.py)
 
 Everything it writes goes under the cache folder (default ~/.cache/mercury-onnx/demo).
 It orchestrates every stage (calib, export, runtime), so it lives above them, not in runtime/.
@@ -162,10 +164,11 @@ def run_client(export_dir: Path, url: str, paths: list[Path], labels: list[int],
 
 def run_demo(opts: DemoOptions, echo=print) -> dict:
     from .runtime.bench import BenchConfig, run_bench, sample_images
+    from .runtime.band import format_band
     from .runtime.bench_report import format_table, plot
-    from .runtime.bench_setup import resolve_cloud, setup_from_export
+    from .runtime.bench_setup import resolve_cloud, setup_from_export, setup_from_name
     from .runtime.network import load_trace
-    from .runtime.profiles import pi_profile
+    from .runtime.profiles import pi_profile, rtx4090_cloud
     from .runtime.server import spawn
 
     t0 = time.time()
@@ -213,9 +216,22 @@ def run_demo(opts: DemoOptions, echo=print) -> dict:
             proc.kill()
         log.close()
 
+    # where the split pays: the band of constant uplink rates, with the modelled RTX 4090 cloud like
+    # docs/results/codec_wire.md (the tails above are loopback HTTP round trips, full.onnx is not)
+    band, _ = run_bench(setup, pi_profile(), rtx4090_cloud(), sample_images(data, 32),
+                        BenchConfig([load_trace(opts.trace)], requests=50, band=True), evals)
+    report["band"] = band["band"]
+    photos = SHARED / "data" / "imagenet-sample"
+    deit_b = None
+    if photos.exists():   # and for a big model: DeiT-B, no export needed (modelled)
+        deit_b, _ = run_bench(setup_from_name("deit_base_patch16_224", opts.keep_ratios), pi_profile(),
+                              rtx4090_cloud(), sample_images(photos, 32),
+                              BenchConfig([load_trace(opts.trace)], requests=50, band=True), [])
     res_dir = opts.cache / "results"
     res_dir.mkdir(parents=True, exist_ok=True)
     (res_dir / "bench.json").write_text(json.dumps(report, indent=1))
+    if deit_b is not None:
+        (res_dir / "band_deit_b.json").write_text(json.dumps(deit_b["band"], indent=1))
     (res_dir / "client.json").write_text(json.dumps(rows, indent=1))
     plots = plot(report, curves, res_dir)
 
@@ -228,6 +244,11 @@ def run_demo(opts: DemoOptions, echo=print) -> dict:
          "= HTTP to serve-tail incl. its tail run)")
     echo("\n== short bench ==")
     echo(format_table(report))
+    echo("\n== where the split pays: the band of uplink rates (Pi profile, modelled) ==")
+    echo(format_band(report["band"], report["model"], report["device"]))
+    if deit_b is not None:
+        echo(format_band(deit_b["band"], deit_b["model"], deit_b["device"]))
+        echo("(DeiT-B without an export: int8/fp16 tokens only; with codec heads see docs/results/codec_wire.md)")
     echo(f"\nresults: {res_dir}/bench.json, {res_dir}/client.json")
     echo("plots: " + (", ".join(map(str, plots)) if plots else "skipped (matplotlib not installed)"))
     echo(f"demo done in {time.time() - t0:.0f} s")

@@ -41,6 +41,10 @@ def test_demo_tiny(tmp_path):
         if x["token_dtype"] == "int8":
             assert x["top1"] == client[f"mercury r={x['keep_ratio']} int8 (split)"]["top1"]
     assert (tmp_path / "results" / "latency_cdf_5g-driving.png").exists()
+    # where the split pays: the constant-rate band, for this export and DeiT-B (Pi profile)
+    assert "band_mbps" in bench["band"]["mercury"] and "where the split pays" in r.output
+    assert "deit_base_patch16_224" in r.output
+    assert "mercury" in json.loads((tmp_path / "results" / "band_deit_b.json").read_text())
     assert "calibrate" in r.output and "demo done" in r.output
     assert list(tmp_path.glob("calib-*.json")) and list(tmp_path.glob("export-*/manifest.json"))
     # a second run reuses the calibration and the export

@@ -25,13 +25,17 @@ class ImageError(ValueError):
 
 def list_images(root: str | Path, classes: list[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
     """(paths, labels, classes) of an image folder. With `classes` (a model's, in its order)
-    the class folders must be exactly those; labels follow that order."""
+    the class folders must be exactly those; labels follow that order. Without, a folder of
+    image files and no class folders (../shared/data/imagenet-sample) is one class named ""."""
     root = Path(root)
     if not root.exists():
         raise ImageError(f"image folder not found: {root}")
     if not root.is_dir():
         raise ImageError(f"{root} is not a folder; expected DIR/<class>/<image files>")
     found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    flat = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    if not found and flat and classes is None:   # a flat folder of photos (imagenet-sample): one class ""
+        return flat, [0] * len(flat), [""]
     if not found:
         raise ImageError(f"{root} has no class folders; expected DIR/<class>/<image files>")
     if classes is not None:

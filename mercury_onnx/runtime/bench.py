@@ -2,7 +2,8 @@
 
 Strategies: mobile-only, cloud-only-jpeg (real images as JPEG q90 at the model's input size),
 cloud-only-hq (JPEG q90 at hq_size), mercury (each keep ratio, fp16 and int8 tokens, the
-codec's exact payload bytes), janus-like (progressive pruning over 3 device blocks, modelled),
+codec's exact payload bytes; and each codec the export has, with the real encoded bytes of
+every image through the codec head, formats/codec_wire.py), janus-like (progressive pruning over 3 device blocks, modelled),
 and mercury-adaptive (planner.Planner, per request). The model and profiles come from
 bench_setup, the request simulation from bench_sim; this module builds the strategies, runs
 them over each trace and writes the report.
@@ -46,20 +47,48 @@ def mercury_payload_bytes(k: int, dim: int, num_patches: int, token_dtype: str) 
                             num_patches=num_patches, token_dtype=token_dtype))
 
 
-def sample_images(folder: str | Path, count: int) -> list[Path]:
-    """`count` images of an image folder spread evenly over its sorted files (every class)."""
-    paths = list_images(folder)[0]
+def codec_payloads(s: ModelSetup, k: int, entry: dict, images: list[Path]) -> np.ndarray:
+    """Bytes on the wire of each image through the export's codec head and codec_wire.encode
+    (header, mask and zstd body with the codec's dictionary): real sizes, not a formula."""
+    from ..formats import codec_wire
+    from ..formats.images import preprocess
+    from .head import Head
+
+    head = Head(s.export_dir, k / s.geom.num_patches, manifest=s.manifest, codec=entry["name"], threads=1)
+    dic = codec_wire.load_dictionary(s.export_dir, entry)
+    sizes = []
+    for i in range(0, len(images), 16):
+        out = head(preprocess(images[i:i + 16], s.manifest["preprocess"]))
+        for j in range(len(out["codes"])):
+            sizes.append(len(codec_wire.encode(out["codes"][j:j + 1], out["indices"][j:j + 1], s.geom.num_patches,
+                                               entry["bits"], s.model_id, entry["codec_id"], dic)))
+    return np.array(sizes, dtype=np.float64)
+
+
+def default_images(input_size: tuple[int, int], data_dir: Path) -> Path:
+    """Real images for the JPEG and codec sizes (data_dir = ../shared/data): CIFAR-10 test for
+    small inputs, the real photos of imagenet-sample (center-cropped to the input) for 224-px models."""
+    return Path(data_dir) / ("imagenet-sample" if min(input_size) >= 128 else "cifar10/test")
+
+
+def sample_images(folder: str | Path, count: int, skip: int = 0) -> list[Path]:
+    """`count` images of an image folder spread evenly over its sorted files (every class),
+    after the first `skip` (e.g. the photos a codec was fit on)."""
+    paths = sorted(list_images(folder)[0])[skip:]
     return paths[::max(1, len(paths) // count)][:count]
 
 
 def jpeg_sizes(files: list[Path], size: tuple[int, int], quality: int = JPEG_QUALITY) -> tuple[np.ndarray, float]:
     """(bytes per image, median over images of the min-of-3 encode ms on this machine) of JPEG
-    q`quality` at `size` (W, H), resized bicubic from the real images."""
+    q`quality` at `size` (W, H): the real images resized (shorter side) and center-cropped,
+    as the model's preprocessing does, so a photo is not squashed."""
     from PIL import Image
+
+    from ..formats.images import resize_crop
     sizes, times = [], []
     Image.new("RGB", size).save(io.BytesIO(), "JPEG", quality=quality)   # warm up the encoder
     for f in files:
-        img = Image.open(f).convert("RGB").resize(size, Image.BICUBIC)
+        img = resize_crop(Image.open(f).convert("RGB"), size[1], size[0])
         best = float("inf")
         for _ in range(3):                      # min of 3: a shared CPU adds noise, never speed
             buf = io.BytesIO()
@@ -90,8 +119,14 @@ def load_eval(path: str | Path | None) -> list[dict]:
 
 
 def lookup_top1(evals: list[dict], method: str, keep_ratio: float | None, token_dtype: str | None,
-                reconstruction: str | None = None) -> float | None:
-    """Top-1 of a strategy from the eval JSON's rows, or None when it has no matching row."""
+                reconstruction: str | None = None, codec: str | None = None) -> float | None:
+    """Top-1 of a strategy from the eval JSON's rows, or None when it has no matching row.
+    With `codec` ('16x4'), only rows of that codec (eval --codec / --rate-curve rows)."""
+    if codec is not None:
+        rows = [r for r in evals if r.get("codec") == codec and r.get("method") == "mercury"
+                and r.get("keep_ratio") is not None and keep_ratio is not None
+                and abs(r["keep_ratio"] - keep_ratio) < 2e-3]
+        return float(rows[0]["top1"]) if rows else None
     def close(r):
         return r.get("keep_ratio") is not None and keep_ratio is not None and abs(r["keep_ratio"] - keep_ratio) < 2e-3
 
@@ -149,6 +184,18 @@ def build_strategies(s: ModelSetup, device: DeviceProfile, cloud: CloudProfile, 
                                 lookup_top1(evals, "mercury", r, dt, recon),
                                 (["device_compute"] if meas else []) + ["payload_bytes"]
                                 + (["cloud_compute"] if cm else [])))
+        for c in s.codecs(k):
+            head_file, tail_file = c["head"]["file"], c["tail"]["file"]
+            proj = 2 * (1 + k) * s.geom.dim * c["dims"]                 # the projection (and back), counted
+            ms, meas = dev(flops[("head", k)] + proj, head_file)
+            cms, cm = cld(flops[("tail", k)] + proj, tail_file)
+            sizes = codec_payloads(s, k, c, images)
+            out.append(Strategy("mercury", round(r, 6), f"c{c['name']}", ms, sizes, cms,
+                                lookup_top1(evals, "mercury", r, None, recon, codec=c["name"]),
+                                (["device_compute"] if meas else []) + ["payload_bytes"]
+                                + (["cloud_compute"] if cm else []),
+                                notes=f"codec {c['name']} ({c['codec_id']}): real payloads of {len(images)} images "
+                                      f"through {head_file}, mean {sizes.mean():.0f} B"))
         jh, jt = flops[("janus_head", k)], flops[("janus_tail", k)]
         for dt in token_dtypes:
             nbytes = mercury_payload_bytes(k, s.geom.dim, s.geom.num_patches, dt)
@@ -261,7 +308,12 @@ class BenchConfig:
     hq_size: int = 1024
     interval_ms: float = 500.0
     seed: int = 0
-    window: int = 10
+    # transfers the planner estimates the link from. Janus uses 10; 10 misses how often a bursty
+    # link stalls, and with codec payloads of ~200 B the planner then offloaded into
+    # mahimahi ATT's outages and lost to mobile-only (43.6 vs 42.8 ms); 30 is never worse on
+    # all 9 traces (reference model with and without codec, DeiT-T/S/B modelled)
+    window: int = 30
+    band: bool = False             # also the constant-rate band where Mercury is fastest (runtime/band.py)
 
 
 def run_bench(setup: ModelSetup, device: DeviceProfile, cloud: CloudProfile, images: list[Path],
@@ -269,6 +321,13 @@ def run_bench(setup: ModelSetup, device: DeviceProfile, cloud: CloudProfile, ima
     """The bench report (the JSON) and, per trace, every strategy's latencies (for plots)."""
     strategies = build_strategies(setup, device, cloud, images, cfg.hq_size, evals)
     results, planner_report, traces_info, curves = [], {}, {}, {}
+    band = None
+    if cfg.band:
+        from .band import compute_band
+        rtt = float(np.concatenate([t.rtt_ms for t in cfg.traces]).mean())
+        band = compute_band([st for st in strategies if st.method in ("mobile-only", "cloud-only-jpeg", "mercury")],
+                            rtt)
+        band["rtt_source"] = "mean of the RTT samples of " + ", ".join(t.name for t in cfg.traces)
     acc_known = all(st.top1 is not None for st in strategies if st.method in ("mobile-only", "mercury"))
     for trace in cfg.traces:
         rng = np.random.default_rng(cfg.seed)
@@ -303,7 +362,7 @@ def run_bench(setup: ModelSetup, device: DeviceProfile, cloud: CloudProfile, ima
     return {"mercury_vs_mobile": speedup_vs_mobile(strategies, curves), "device": device.name, "results": results,
             "model": setup.label, "model_id": setup.model_id,
             "device_profile": device.to_json(), "cloud": {"name": cloud.name, "source": cloud.source},
-            "slo_ms": cfg.slo_ms, "traces": traces_info, "planner": planner_report,
+            "slo_ms": cfg.slo_ms, "traces": traces_info, "planner": planner_report, "band": band,
             "strategies": {st.label: {"notes": st.notes, "measured": st.measured} for st in strategies},
             "assumptions": ["requests are independent (no queueing on device or link)",
                             "transmission = real trace bandwidth integrated from when the device is done",

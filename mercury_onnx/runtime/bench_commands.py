@@ -29,17 +29,22 @@ def bench(
     requests: int = typer.Option(2000, help="requests per trace"),
     slo_ms: Optional[float] = typer.Option(None, help="latency SLO for the planner"),
     eval_json: Optional[Path] = typer.Option(None, help="accuracy per strategy (mercury-onnx eval --json)"),
-    images: Optional[Path] = typer.Option(None, help="real images DIR/<class>/<image> for the JPEG sizes (default CIFAR-10 test)"),
+    images: Optional[Path] = typer.Option(None, help="real images for the JPEG and codec payload sizes (default: "
+                                          "CIFAR-10 test; ../shared/data/imagenet-sample for 224-px models)"),
     jpeg_images: int = typer.Option(64, help="how many images to JPEG-encode"),
+    images_skip: int = typer.Option(0, help="leave out the first N images in sorted order (e.g. the "
+                                             "photos the codec was fit on: --codec-images of a flat folder)"),
     hq_size: int = typer.Option(1024, help="side of the cloud-only-hq upload"),
     interval_ms: float = typer.Option(500.0, help="time between a stream's requests"),
     seed: int = typer.Option(0),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the results JSON here"),
     plot_dir: Optional[Path] = typer.Option(None, help="write PNG plots here"),
+    band: bool = typer.Option(False, "--band", help="also the band of constant uplink rates (0.01-100 Mbps) "
+                                                    "where Mercury beats mobile-only and cloud-only-jpeg"),
 ) -> None:
     """Latency, payload, energy and accuracy of mobile-only, cloud-only, Mercury, Janus-like
     and the adaptive planner over real 5G/LTE traces."""
-    from .bench import BenchConfig, load_eval, run_bench, sample_images
+    from .bench import BenchConfig, default_images, load_eval, run_bench, sample_images
     from .bench_setup import BenchError, resolve_cloud, resolve_device, setup_from_export, setup_from_name
     from .bench_report import format_table, plot
     from .network import TraceError, default_traces_dir, load_trace
@@ -55,15 +60,15 @@ def bench(
         setup = (setup_from_export(export_dir) if export_dir is not None
                  else setup_from_name(model, list(keep_ratio), img_size, patch_size, num_classes))
         traces = [load_trace(t, traces_dir) for t in trace]
-        img_dir = images or default_traces_dir().parents[0] / "cifar10" / "test"
+        img_dir = images or default_images(setup.input_size, default_traces_dir().parents[0])
         if not img_dir.exists():
             raise BenchError(f"no images at {img_dir}: pass --images DIR (real photos for the JPEG sizes)")
-        files = sample_images(img_dir, jpeg_images)
+        files = sample_images(img_dir, jpeg_images, images_skip)
         evals = load_eval(eval_json)
         dev = resolve_device(device, setup, typer.echo)
         cld = resolve_cloud(cloud, server, setup, typer.echo)
         cfg = BenchConfig(traces=traces, requests=requests, slo_ms=slo_ms, hq_size=hq_size,
-                          interval_ms=interval_ms, seed=seed)
+                          interval_ms=interval_ms, seed=seed, band=band)
         report, curves = run_bench(setup, dev, cld, files, cfg, evals,
                                    progress=lambda t: typer.echo(f"  trace {t} done", err=True))
     except (BenchError, TraceError, ProfileError, ManifestError, ImageError) as e:
@@ -73,12 +78,19 @@ def bench(
         from .bench import eval_source
         report["accuracy_source"] = eval_source(eval_json)
     typer.echo(format_table(report))
+    if band:
+        from .band import format_band, plot_band
+        typer.echo("\n" + format_band(report["band"], report["model"], report["device"]))
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(report, indent=1))
         typer.echo(f"\nJSON: {json_out}")
     if plot_dir:
         written = plot(report, curves, plot_dir)
+        if band:
+            bp = plot_band(report["band"], f"{report['model']} on {report['device']}: mean latency vs uplink rate",
+                           plot_dir / "band.png")
+            written += [bp] if bp else []
         typer.echo(f"plots: {', '.join(map(str, written))}" if written else "plots skipped: matplotlib not installed")
 
 def profile(

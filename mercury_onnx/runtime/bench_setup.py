@@ -35,6 +35,13 @@ class ModelSetup:
     def keep_ratios(self) -> list[float]:
         return [k / self.geom.num_patches for k in self.keep_tokens]
 
+    def codecs(self, k: int) -> list[dict]:
+        """The manifest's codec entries of the variant with K kept tokens (none without an export)."""
+        if self.manifest is None:
+            return []
+        v = next(v for v in self.manifest["variants"] if v["keep_tokens"] == k)
+        return list(v.get("codecs") or [])
+
     def files(self, k: int) -> dict:
         """Graph files of the variant with K kept tokens (empty without an export)."""
         if self.manifest is None:

@@ -4,7 +4,7 @@ Candidates are fixed strategies (mobile-only, cloud-only-jpeg, Mercury at each k
 token dtype), each known by its device compute, payload bytes, cloud compute and accuracy.
 
 What the device knows at a request's start: the rates (bytes / s) of its own recent transfers
-(the last `window`, as Janus does; a transfer still in flight that is already slower than the
+(the last `window`: Janus uses 10, the bench 30, which sees how often a bursty link stalls; a transfer still in flight that is already slower than the
 typical rate counts as bytes / elapsed-so-far, an upper bound on its rate, so an outage shows
 before the stuck transfer completes) and the last 100 RTTs it measured. Nothing later.
 
