@@ -71,12 +71,12 @@ def make_codes(fit: np.ndarray, test: np.ndarray, d: int, bits: int):
 def export_rows(export_dir: Path, data: Path, skip: int, count: int) -> list[dict]:
     """Bytes on the wire vs the entropy bound for every codec of an export, on real images."""
     from mercury_onnx.formats.manifest import load_manifest
-    from mercury_onnx.runtime.bench import list_images
+    from mercury_onnx.runtime.bench import sample_images
     from mercury_onnx.runtime.head import Head
     from mercury_onnx.formats.images import preprocess
 
     m = load_manifest(export_dir)
-    files = list_images(data, count, skip)
+    files = sample_images(data, count, skip)
     x = preprocess(files, m["preprocess"])                               # (M, 3, H, W)
     n, rows = m["num_patches"], []
     for v in m["variants"]:
