@@ -12,6 +12,7 @@ from mercury_onnx.cli import app
 from mercury_onnx.formats import codec_wire
 from mercury_onnx.runtime import bench as B
 from mercury_onnx.runtime.band import RATES_MBPS, compute_band
+from mercury_onnx.runtime.bench_setup import setup_from_export
 from mercury_onnx.runtime.head import Head
 from mercury_onnx.runtime.network import available_traces, load_trace
 from mercury_onnx.formats.images import preprocess
@@ -43,7 +44,7 @@ def test_band_arithmetic():
 
 @needs_data
 def test_codec_strategies_payloads_planner_and_band_on_all_traces(codec_export):
-    setup = B.setup_from_export(codec_export)
+    setup = setup_from_export(codec_export)
     images = B.sample_images(CIFAR_TEST, 12)
     traces = [load_trace(t, TRACES) for t in ALL_TRACES]
     assert len(traces) == 9
