@@ -26,6 +26,19 @@ def serve_tail(
     threads: Optional[int] = typer.Option(None, help="ORT intra-op threads (default: ORT's)"),
     tail_dtype: str = typer.Option("float32", help="float32 | float16 (the tail_fp16 export)"),
     keep_ratio: List[float] = typer.Option([], "--keep-ratio", "-r", help="serve only these (default all)"),
+    engine: str = typer.Option("standalone", help="standalone (one process) | ray (Ray Serve replicas)"),
+    replicas: int = typer.Option(1, help="ray: replicas per keep ratio"),
+    autoscale: Optional[str] = typer.Option(None, help="ray: MIN:MAX replicas, scaled on ongoing requests"),
+    target_ongoing: Optional[float] = typer.Option(None, help="ray: autoscaling target of ongoing "
+                                                   "requests per replica (default: --max-batch)"),
+    upscale_delay_s: float = typer.Option(30.0, help="ray: load must stay above target this long to add a replica"),
+    downscale_delay_s: float = typer.Option(600.0, help="ray: ... below target this long to remove one"),
+    address: Optional[str] = typer.Option(None, help="ray: auto | HOST:PORT of a running cluster "
+                                          "(default: start a local one)"),
+    num_cpus: float = typer.Option(1.0, help="ray: CPUs per replica (ORT threads default to this)"),
+    num_gpus: float = typer.Option(0.0, help="ray: GPUs per replica (> 0: CUDA provider, checked)"),
+    kuberay_manifest: Optional[str] = typer.Option(None, help="ray: write a KubeRay RayService YAML "
+                                                   "for these options to FILE and exit"),
 ) -> None:
     """Serve the tail over the KServe v2 / Open Inference Protocol REST API."""
     from ..formats.manifest import ManifestError
@@ -33,6 +46,18 @@ def serve_tail(
 
     if max_batch < 1 or max_delay_ms < 0 or max_body_mb <= 0 or timeout_s <= 0:
         fail("--max-batch must be >= 1, --max-delay-ms >= 0, --max-body-mb and --timeout-s > 0")
+    if engine not in ("standalone", "ray"):
+        fail(f"--engine {engine!r}: use standalone or ray")
+    if engine == "ray" or kuberay_manifest:
+        from .ray_cli import serve_ray
+
+        return serve_ray(export_dir, host=host, port=port, provider=provider, max_batch=max_batch,
+                         max_delay_ms=max_delay_ms, auth_token=auth_token, max_body_mb=max_body_mb,
+                         timeout_s=timeout_s, threads=threads, tail_dtype=tail_dtype,
+                         keep_ratios=keep_ratio or None, replicas=replicas, autoscale=autoscale,
+                         target_ongoing=target_ongoing, upscale_delay_s=upscale_delay_s,
+                         downscale_delay_s=downscale_delay_s, address=address, num_cpus=num_cpus,
+                         num_gpus=num_gpus, kuberay_manifest=kuberay_manifest)
     try:
         from .server import create_app, run
     except ImportError as e:

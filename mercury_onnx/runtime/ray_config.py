@@ -1,0 +1,21 @@
+"""The arguments of the mercury Ray Serve application (ray_engine.build), without importing Ray:
+their defaults, the --autoscale format, and Ray's switch for a loopback-only local cluster.
+Shared by the CLI (ray_cli), the engine (ray_engine), the tests and the benchmark.
+"""
+from __future__ import annotations
+
+# read when Ray is imported: "0" makes a local cluster use 127.0.0.1 instead of the machine's address
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# every key ray_engine.build() takes, with its default: the CLI, tests and the RayService use these
+DEFAULTS = dict(export_dir=None, keep_ratios=None, replicas=1, autoscale=None, target_ongoing=None,
+                upscale_delay_s=30.0, downscale_delay_s=600.0, num_cpus=1.0, num_gpus=0.0, threads=None,
+                provider="auto", tail_dtype="float32", max_batch=16, max_delay_ms=2.0, auth_token=None,
+                max_body_mb=16.0, timeout_s=10.0)
+
+
+def parse_autoscale(text: str) -> tuple[int, int]:
+    """'MIN:MAX' -> (MIN, MAX), 1 <= MIN <= MAX; ValueError with the fix otherwise."""
+    lo, sep, hi = text.partition(":")
+    if not sep or not lo.isdigit() or not hi.isdigit() or not 1 <= int(lo) <= int(hi):
+        raise ValueError(f"--autoscale {text!r}: use MIN:MAX with 1 <= MIN <= MAX, e.g. 1:4")
+    return int(lo), int(hi)
