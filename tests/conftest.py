@@ -1,6 +1,7 @@
 """Shared fixtures. Real data lives in ../shared beside the checkout (CI has it too)."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,15 @@ REF_JSON = SHARED / "models" / "deit_tiny_patch4_32_cifar10.json"
 CIFAR_TEST = SHARED / "data" / "cifar10" / "test"
 CIFAR_TRAIN = SHARED / "data" / "cifar10" / "train"
 TRACES = SHARED / "data" / "traces"
+
+
+def pytest_collection_modifyitems(config, items):
+    """`ray` tests skip, with the reason, where Ray Serve is not installed (the [scale] extra)."""
+    if importlib.util.find_spec("ray") is None:
+        skip = pytest.mark.skip(reason="Ray Serve not installed: pip install -e '.[scale]'")
+        for item in items:
+            if item.get_closest_marker("ray"):
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,7 @@
 """serve-tail end to end, in a subprocess on 127.0.0.1: tritonclient parity (binary + JSON),
-bad requests (4xx, server stays ready), 32 concurrent clients with dynamic batching."""
+bad requests (4xx, server stays ready), 32 concurrent clients with dynamic batching.
+Each test that takes `served` runs against both engines: the standalone server, and
+--engine ray with 2 replicas per keep ratio on a local Ray cluster (marked `ray`)."""
 from __future__ import annotations
 
 import asyncio
@@ -23,10 +25,16 @@ TOKEN = "s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-@pytest.fixture(scope="module")
-def served(export_dir):
-    proc, url = spawn(export_dir, "--auth-token", TOKEN, "--max-body-mb", "1", "--max-delay-ms", "5",
-                      "--provider", "cpu")
+@pytest.fixture(scope="module", params=["standalone", pytest.param("ray", marks=pytest.mark.ray)])
+def served(request, export_dir):
+    args = ("--auth-token", TOKEN, "--max-body-mb", "1", "--max-delay-ms", "5", "--provider", "cpu")
+    if request.param == "ray":   # 2 keep ratios x 2 replicas x 0.5 CPU: the cluster's 2 logical CPUs
+        from .conftest import spawn_ray
+
+        proc, url = spawn_ray(export_dir, request.getfixturevalue("ray_cluster"), *args,
+                              "--replicas", "2", "--num-cpus", "0.5", "--threads", "1")
+    else:
+        proc, url = spawn(export_dir, *args)
     yield url
     proc.terminate()
     proc.wait(10)
