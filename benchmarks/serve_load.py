@@ -2,6 +2,8 @@
 
     python benchmarks/serve_load.py EXPORT_DIR [--keep-ratio 0.25] [--clients 1,8,32]
         [--requests 400] [--max-batch 16] [--max-delay-ms 2] [--threads N]
+    python benchmarks/serve_load.py EXPORT_DIR --engine ray [--clients 32] [--rounds 3] [--json F]
+        (Ray Serve 2 vs 1 replicas vs standalone, paired: see benchmarks/serve_load_ray.py)
 
 1. Bare ORT: the same tail file in an InferenceSession, back to back at a batch
    (images/s), measured just before and just after each server run; the mean is the reference.
@@ -80,7 +82,7 @@ async def _client(host, port, request: bytes, count: int, lat: list, errors: lis
         writer.close()
 
 
-def load(url: str, model: str, body: bytes, hlen: int, clients: int, total: int, pid: int) -> dict:
+def load(url: str, model: str, body: bytes, hlen: int, clients: int, total: int, pid: int | None) -> dict:
     host, port = url.removeprefix("http://").split(":")
     request = (f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {host}\r\n"
                f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {hlen}\r\n"
@@ -94,9 +96,9 @@ def load(url: str, model: str, body: bytes, hlen: int, clients: int, total: int,
         return lat, errors, time.perf_counter() - start
 
     asyncio.run(run(max(2, per // 10)))                                 # warm-up
-    before, cpu = metrics(url, model), process_cpu_s(pid)
+    before, cpu = metrics(url, model), process_cpu_s(pid) if pid else 0.0
     lat, errors, wall = asyncio.run(run(per))
-    cpu, after = process_cpu_s(pid) - cpu, metrics(url, model)
+    cpu, after = (process_cpu_s(pid) - cpu) if pid else float("nan"), metrics(url, model)
     lat = np.array(lat) * 1000
     runs = after["runs"] - before["runs"]
     return {"requests": len(lat), "errors": len(errors), "req_s": len(lat) / wall,
@@ -152,7 +154,15 @@ def main() -> None:
     ap.add_argument("--server-cpus", default=None, help="e.g. 0 or 0-2: server and bare ORT (default: all but the last)")
     ap.add_argument("--client-cpus", default=None, help="load generator CPUs (default: the last)")
     ap.add_argument("--no-pin", action="store_true", help="no CPU pinning: everything shares every CPU")
+    ap.add_argument("--engine", default="standalone", choices=["standalone", "ray"],
+                    help="ray: standalone vs Ray Serve 1 and 2 replicas, paired (benchmarks/serve_load_ray.py)")
+    ap.add_argument("--rounds", type=int, default=3, help="[ray] paired rounds")
+    ap.add_argument("--json", default=None, help="[ray] write the rounds and ratios here")
     args = ap.parse_args()
+    if args.engine == "ray":
+        from serve_load_ray import main as ray_main
+
+        return ray_main(args)
     server_cpus, client_cpus = pinning(args)
     if server_cpus and not args.threads:
         args.threads = len(server_cpus)                                 # same ORT threads on both sides
