@@ -12,7 +12,7 @@ import pytest
 from mercury_onnx.formats.manifest import load_manifest, variant
 from mercury_onnx.runtime.client import build_request
 from mercury_onnx.runtime.head import Head
-from mercury_onnx.runtime.preprocess import preprocess
+from mercury_onnx.formats.images import preprocess
 from mercury_onnx.runtime.tail import model_name
 
 from .conftest import spawn_ray
