@@ -44,7 +44,7 @@ class CalibSettings:
 @dataclass
 class Prefixed:
     """What every method shares on a set of images: prefix output, CLS attention, teacher."""
-    x: torch.Tensor               # (M, 1+N, D) tokens after block prune_after_block
+    x: torch.Tensor               # (M, 1+N, D) tokens at the prune point (forward_prefix)
     cls_attn: torch.Tensor        # (M, N)
     teacher: torch.Tensor         # (M, C) vanilla logits
     labels: torch.Tensor          # (M,)
@@ -69,7 +69,7 @@ def run_prefix(model: Mercury, images: ImageSet, batch_size: int = 256, progress
                         desc="prefix + teacher", disable=not progress, leave=False):
         x, a = model.forward_prefix(imgs)
         xs.append(x), attns.append(a.clone())
-        logits.append(finish_vanilla(model.backbone, x, model.prune_at))
+        logits.append(finish_vanilla(model.backbone, model.finish_prune_block(x), model.prune_at))
     return Prefixed(torch.cat(xs), torch.cat(attns), torch.cat(logits), images.labels.clone())
 
 
@@ -113,7 +113,7 @@ def init_from_statistics(model: Mercury, pre: Prefixed, tokens: torch.Tensor, id
     recon, n = model.recon, model.num_patches
     if not recon.learned:
         return
-    patches = pre.x[:, 1:]                                               # (M, N, D)
+    patches = torch.cat([model.finish_prune_block(pre.x[s: s + 256]) for s in range(0, len(pre), 256)])[:, 1:]
     if isinstance(recon, MetaLocal):   # fit the correction to the nearest received token
         patches = patches - torch.cat([recon.nearest.fill(tokens[s: s + 256], idx[s: s + 256])
                                        for s in range(0, len(idx), 256)])

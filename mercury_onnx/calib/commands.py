@@ -111,6 +111,8 @@ def calibrate(
     reconstruction: Optional[str] = typer.Option(None, help="default: meta-local / the checkpoint's"),
     pruning: Optional[str] = typer.Option(None, help="default: regional / the checkpoint's"),
     score: Optional[str] = typer.Option(None, help="similarity (default), product or attention; default: the checkpoint's"),
+    prune_point: Optional[str] = typer.Option(None, help="block (default: prune after the whole block) or attn "
+                                              "(after its attention: its MLP runs on the kept tokens only)"),
     checkpoint: Optional[str] = typer.Option(None, help="backbone weights for a timm name"),
     img_size: Optional[int] = typer.Option(None), patch_size: Optional[int] = typer.Option(None),
     num_classes: Optional[int] = typer.Option(None),
@@ -130,7 +132,8 @@ def calibrate(
     t0 = time.time()
     try:
         models, _ = _backbone_models(source, checkpoint, _overrides(img_size, patch_size, num_classes),
-                                     keep_ratio, reconstruction=reconstruction, pruning=pruning, score=score)
+                                     keep_ratio, reconstruction=reconstruction, pruning=pruning, score=score,
+                                     prune_point=prune_point)
         base = models[0]
         if not base.recon.learned:
             fail(f"reconstruction {base.cfg.reconstruction!r} has nothing to learn; "
@@ -142,7 +145,8 @@ def calibrate(
                                       exclude=set(held_pos), cache=cache)
     except (ConfigError, ImageError, ValueError) as e:
         fail(str(e))
-    typer.echo(f"calibrating {base.cfg.pruning}+{base.cfg.reconstruction} at K={[m.keep for m in models]} "
+    typer.echo(f"calibrating {base.cfg.pruning}+{base.cfg.reconstruction} (prune point {base.cfg.prune_point}) "
+               f"at K={[m.keep for m in models]} "
                f"on {len(train_set)} images of {data_dir} (held out: {len(held) if held else 0})")
     s = CalibSettings(steps=steps, batch_size=batch_size, lr=lr, temperature=temperature,
                       ce_weight=ce_weight, seed=seed, closed_form_init=not no_init)

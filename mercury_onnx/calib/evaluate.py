@@ -110,7 +110,7 @@ def evaluate(base: Mercury, ready: list[tuple[Method, float, Mercury]], images: 
                              desc=f"eval {len(ready) + 1} methods", disable=not progress):
         x, cls_attn = base.forward_prefix(imgs)
         cls_attn = cls_attn.clone()
-        correct[0] += (finish_vanilla(base.backbone, x, base.prune_at).argmax(-1) == labels).sum()
+        correct[0] += (finish_vanilla(base.backbone, base.finish_prune_block(x), base.prune_at).argmax(-1) == labels).sum()
         for j, (_, _, m) in enumerate(ready, start=1):
             logits = m.forward_tail(*m.prune(x, cls_attn))
             correct[j] += (logits.argmax(-1) == labels).sum()

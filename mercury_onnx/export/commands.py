@@ -33,6 +33,8 @@ def export(
     prune_after_block: Optional[int] = typer.Option(None, help="(backbone JSON / timm name only)"),
     split_after_block: Optional[int] = typer.Option(None, help="(backbone JSON / timm name only)"),
     reconstruction: Optional[str] = typer.Option(None, help="(backbone JSON / timm name only)"),
+    prune_point: Optional[str] = typer.Option(None, help="block or attn (a checkpoint's own; "
+                                              "a different one is refused)"),
 ) -> None:
     """Export head(s), tail(s) and the full model to ONNX, validate against PyTorch on real
     images, and write manifest.json (docs/FORMAT.md)."""
@@ -48,7 +50,8 @@ def export(
     if validate_images < 1:
         fail("--validate-images must be >= 1")
     model_kw = {k: v for k, v in dict(prune_after_block=prune_after_block, split_after_block=split_after_block,
-                                      reconstruction=reconstruction).items() if v is not None}
+                                      reconstruction=reconstruction, prune_point=prune_point).items()
+                if v is not None}
     try:
         opts = ExportOptions(opset=opset, token_dtypes=token_dtype, int8_head=int8_head, fp16_tail=fp16_tail,
                              calib_data=calib_data, calib_images=calib_images,

@@ -79,6 +79,7 @@ class ExportOptions:
     dynamo: bool = False                            # torch.export-based exporter
     threads: int = 1                                # CPU threads for torch and onnxruntime
     model_kw: dict | None = None                    # MercuryConfig settings for a backbone JSON / timm name
+                                                    # (a checkpoint keeps its own and refuses another prune_point)
     log: Callable[[str], None] | None = _log
 
     def __post_init__(self):
@@ -111,7 +112,10 @@ def export_model(source: str | Path, out_dir: str | Path, keep_ratios: Sequence[
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())):
         raise ExportError(f"{out} exists and is not an export folder; pick a new or empty folder")
     is_ckpt = is_mercury_checkpoint(source)
-    models = mercury_from_any(source, keep_ratios=list(keep_ratios), **({} if is_ckpt else (opts.model_kw or {})))
+    kw = dict(opts.model_kw or {})
+    if is_ckpt:   # a checkpoint carries its settings; only a prune point is checked against it
+        kw = {"prune_point": kw["prune_point"]} if "prune_point" in kw else {}
+    models = mercury_from_any(source, keep_ratios=list(keep_ratios), **kw)
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, opts.threads))
     try:
@@ -233,6 +237,7 @@ def _manifest(models, source: str, is_ckpt: bool, opts: ExportOptions, variants:
         "num_patches": first.num_patches, "dim": first.dim, "grid": first.grid, "depth": first.depth,
         "num_classes": num_classes,
         "prune_after_block": first.prune_at, "split_after_block": first.split,
+        "prune_point": cfg.prune_point,
         "pruning": cfg.pruning, "score": cfg.score, "region_size": cfg.region_size,
         "reconstruction": cfg.reconstruction, "opset": opts.opset,
         "exporter": "dynamo" if opts.dynamo else "torchscript",

@@ -89,6 +89,11 @@ def load_mercury(path: str | Path, keep_tokens: list[int] | None = None, **overr
         tensors = load_file(str(weights))
     except Exception as e:
         raise ConfigError(f"cannot read {weights}: {e}") from e
+    stored_point = info["config"].get("prune_point", "block")   # checkpoints before the option: "block"
+    if overrides.get("prune_point", stored_point) != stored_point:
+        raise ConfigError(f"{weights.name} was calibrated with prune_point={stored_point!r}; its meta-parameters "
+                          f"fill tokens of that prune point, not of {overrides['prune_point']!r}. Calibrate "
+                          f"a checkpoint with --prune-point {overrides['prune_point']}")
     base = MercuryConfig.from_dict({**info["config"], **overrides})
     bb_sd = {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
     backbone = None

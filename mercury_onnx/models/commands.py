@@ -20,6 +20,8 @@ def info(
     split_after_block: Optional[int] = typer.Option(None),
     region_size: int = typer.Option(2, help="tokens per side of a subregion"),
     reconstruction: str = typer.Option("meta-local"),
+    prune_point: List[str] = typer.Option(["block", "attn"], "--prune-point",
+                                          help="repeatable; head FLOPs are printed for each (default: both)"),
     img_size: Optional[int] = typer.Option(None), patch_size: Optional[int] = typer.Option(None),
     num_classes: Optional[int] = typer.Option(None),
 ) -> None:
@@ -27,12 +29,16 @@ def info(
     need_export_extra("info")
     from .config import ConfigError
     from .checkpoint import is_mercury_checkpoint, mercury_from_any
-    from .flops import split_flops
+    from .config import PRUNE_POINTS
+    from .flops import head_flops_at, split_flops
 
     overrides = {k: v for k, v in dict(img_size=img_size, patch_size=patch_size,
                                        num_classes=num_classes).items() if v is not None}
+    bad = [p for p in prune_point if p not in PRUNE_POINTS]
+    if bad:
+        fail(f"--prune-point {bad[0]!r}: choose from {', '.join(PRUNE_POINTS)}")
     kw = dict(prune_after_block=prune_after_block, split_after_block=split_after_block,
-              region_size=region_size, reconstruction=reconstruction)
+              region_size=region_size, reconstruction=reconstruction, prune_point=prune_point[0])
     if not is_mercury_checkpoint(model) and not model.endswith(".json"):
         kw.update(checkpoint=checkpoint, overrides=overrides)
     try:
@@ -46,7 +52,9 @@ def info(
     typer.echo(f"backbone params  {first.backbone_params:,}")
     typer.echo(f"tokens N         {n} patches ({g}x{g} grid) + CLS, width D={first.dim}, "
                f"{first.depth} blocks")
-    typer.echo(f"prune / split    after block {first.prune_at} / device runs blocks 0..{first.split - 1}")
+    typer.echo(f"prune / split    after block {first.prune_at} / device runs blocks 0..{first.split - 1}"
+               + (f" (prune point attn: block {first.prune_at}'s MLP runs on the kept tokens only)"
+                  if first.cfg.prune_point == "attn" else ""))
     score = {"similarity": "distinctness d_i", "product": "CLS attention x distinctness a_i*d_i",
              "attention": "CLS attention a_i"}.get(first.cfg.score, first.cfg.score)
     typer.echo(f"pruning          {first.cfg.pruning}, score {first.cfg.score} ({score})")
@@ -58,7 +66,11 @@ def info(
         typer.echo(f"  regions        {l}x{l} = {l * l} subregions of {m.cfg.region_size}x{m.cfg.region_size} tokens")
         typer.echo(f"  meta-params    {m.num_meta_params():,} ({m.cfg.reconstruction}) = "
                    f"{100 * m.num_meta_params() / m.backbone_params:.4f}% of the model (budget 0.13%)")
-        typer.echo(f"  head FLOPs     {f['head'] / 1e9:.4f} G")
+        typer.echo(f"  head FLOPs     {f['head'] / 1e9:.4f} G (prune point {m.cfg.prune_point})")
+        for p in dict.fromkeys(prune_point):
+            if p != m.cfg.prune_point:
+                h = head_flops_at(m, p)
+                typer.echo(f"                 {h / 1e9:.4f} G with prune point {p} ({h / f['head']:.3f}x)")
         typer.echo(f"  tail FLOPs     {f['tail'] / 1e9:.4f} G (blocks {f['tail'] - f['reconstruction']:,} "
                    f"= vanilla tail {f['vanilla_tail']:,}: "
                    f"{'equal' if f['tail'] - f['reconstruction'] == f['vanilla_tail'] else 'DIFFERENT'}; "

@@ -17,6 +17,7 @@ SCORE_VARIANTS = ("similarity", "product", "attention")
 SCORE_ALIASES = {"mercury": "product"}   # the name checkpoints written before the default changed use
 RECONSTRUCTIONS = ("meta-pos", "meta-ctx", "meta-local", "none", "zero", "duplicate", "mask", "generator")
 META_RECONSTRUCTIONS = ("meta-pos", "meta-ctx", "meta-local")
+PRUNE_POINTS = ("block", "attn")   # prune after block prune_after_block, or inside it before its MLP
 
 # Paper: meta-parameters are at most 0.13% of the model (<= 0.11 M for DeiT-B).
 META_BUDGET_FRACTION = 0.0013
@@ -38,6 +39,8 @@ class MercuryConfig:
     std: list[float] | None = None
     # --- the method ---
     prune_after_block: int = 1             # prune after this many blocks (1 = after the first)
+    prune_point: str = "block"             # "block": after the whole block (the paper's); "attn": after
+                                           # its attention, so its MLP runs on the kept tokens only
     split_after_block: int | None = None   # device runs blocks [0, split); None = prune_after_block
     keep_ratio: float | None = 0.5         # fraction of the N patch tokens kept ...
     keep_tokens: int | None = None         # ... or K directly (wins over keep_ratio)
@@ -71,6 +74,8 @@ class MercuryConfig:
         self.score = SCORE_ALIASES.get(self.score, self.score)
         if self.score not in SCORE_VARIANTS:
             raise ConfigError(f"unknown score {self.score!r}; choose from {SCORE_VARIANTS}")
+        if self.prune_point not in PRUNE_POINTS:
+            raise ConfigError(f"unknown prune_point {self.prune_point!r}; choose from {PRUNE_POINTS}")
         if self.reconstruction not in RECONSTRUCTIONS:
             raise ConfigError(f"unknown reconstruction {self.reconstruction!r}; choose from {RECONSTRUCTIONS}")
         if self.pruning == "topk-attn-fuse" and self.reconstruction != "none":

@@ -63,3 +63,18 @@ def split_flops(mercury: Mercury) -> dict[str, int]:
     full = torch.zeros(1, 1 + mercury.num_patches, mercury.dim)
     return {"head": head, "tail": tail, "reconstruction": recon, "total": head + tail, "vanilla": vanilla,
             "vanilla_tail": count_flops(vanilla_tail, full, module=m)}
+
+
+def head_flops_at(mercury: Mercury, prune_point: str) -> int:
+    """FLOPs per image of `mercury`'s head were it pruning at `prune_point` (same backbone,
+    same K; the head's FLOPs do not depend on the meta-parameters)."""
+    import copy
+
+    from .mercury import build_mercury
+
+    m = mercury
+    if prune_point != mercury.cfg.prune_point:
+        cfg = copy.deepcopy(mercury.cfg)
+        cfg.prune_point, cfg.keep_tokens = prune_point, mercury.keep
+        m = build_mercury(cfg, mercury.backbone)
+    return count_flops(m.forward_head, _dummy_images(m), module=m)

@@ -6,6 +6,9 @@ What is modified in the timm model, and why (ToMe-style, no fork):
   computes attention explicitly instead of with fused SDPA, because the fused kernel never
   materialises the attention matrix, and stores the CLS row averaged over heads.
   Numerically it is timm's unfused path.
+- With `prune_point="attn"` the pruning block's forward is taken apart into its two residual
+  halves (timm's Block: x + attn(norm1(x)), then x + mlp(norm2(x))): selection runs on the
+  stream after the attention half, and the MLP half runs on the kept tokens only.
 - Nothing else. The split follows timm's forward_features chain
   (patch_embed -> _pos_embed -> patch_drop -> norm_pre -> blocks -> norm -> forward_head);
   Mercury only cuts `blocks` in two and puts pruning + reconstruction in the cut.
@@ -122,20 +125,36 @@ class Mercury(nn.Module):
         return P.regional_rows(cost, k, self.grid, self.cfg.region_size)
 
     def forward_prefix(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Blocks [0, prune_after_block): the part every pruning method shares.
-        -> x (B, 1+N, D), cls_attn (B, N). (Evaluation reuses it across methods.)"""
+        """Blocks [0, prune_after_block) (prune_point "attn": the last one's attention half
+        only): the part every pruning method shares. -> x (B, 1+N, D), cls_attn (B, N).
+        (Evaluation reuses it across methods.)"""
         blocks = self.backbone.blocks
         x = self.embed(images)
-        for blk in blocks[: self.prune_at]:
+        for blk in blocks[: self.prune_at - 1]:
             x = blk(x)
-        return x, blocks[self.prune_at - 1].attn.cls_attn
+        blk = blocks[self.prune_at - 1]
+        if self.cfg.prune_point == "attn":
+            x = x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x))))      # (B, 1+N, D) attention half
+        else:
+            x = blk(x)
+        return x, blk.attn.cls_attn
+
+    def finish_prune_block(self, x: torch.Tensor) -> torch.Tensor:
+        """The pruning block's MLP half on whatever tokens x holds (B, T, D) with prune_point
+        "attn" (timm's Block, second residual); nothing with "block". forward_prefix then
+        finish_prune_block is exactly blocks[:prune_after_block]."""
+        if self.cfg.prune_point != "attn":
+            return x
+        blk = self.backbone.blocks[self.prune_at - 1]
+        return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))        # (B, T, D)
 
     def forward_head(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.prune(*self.forward_prefix(images))
 
     def prune(self, x: torch.Tensor, cls_attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """From the prefix output to what the device sends: select, gather, run the rest of the
-        device blocks (EViT / Janus-like baselines) -> tokens (B, 1+K, D), indices (B, K)."""
+        """From the prefix output to what the device sends: select, gather, the pruning block's
+        MLP half on the kept tokens (prune_point "attn"), the rest of the device blocks
+        (EViT / Janus-like baselines) -> tokens (B, 1+K, D), indices (B, K)."""
         blocks = self.backbone.blocks
         k0 = self.schedule[0]
         if self.cfg.pruning == "regional" and k0 < self.num_patches:   # rows: the gather index as is
@@ -146,6 +165,11 @@ class Mercury(nn.Module):
             tokens = P.gather_tokens(x, idx)                             # (B, 1+K0, D)
         fused = (P.fuse_pruned(x, idx, cls_attn)
                  if self.cfg.pruning == "topk-attn-fuse" and idx.shape[1] < self.num_patches else None)
+        if fused is not None and self.cfg.prune_point == "attn":   # the MLP half on kept + fused
+            out = self.finish_prune_block(torch.cat([tokens, fused], 1))
+            tokens, fused = out[:, :-1], out[:, -1:]
+        else:
+            tokens = self.finish_prune_block(tokens)                     # (B, 1+K0, D)
         for step, blk in enumerate(blocks[self.prune_at: self.split], start=1):
             if fused is not None:   # EViT: the fused token rides along as the last token
                 out = blk(torch.cat([tokens, fused], 1))

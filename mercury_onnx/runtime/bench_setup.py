@@ -30,6 +30,7 @@ class ModelSetup:
     model_id: str | None = None
     export_dir: Path | None = None
     manifest: dict | None = None
+    prune_point: str = "block"
 
     @property
     def keep_ratios(self) -> list[float]:
@@ -54,15 +55,18 @@ def setup_from_export(export_dir: str | Path, verify: bool = True) -> ModelSetup
     m = load_manifest(export_dir, verify=verify)
     g = VF.VitGeometry.from_manifest(m)
     label = m["timm_model"] + (f" {m['overrides']}" if m.get("overrides") else "")
+    label += ", prune point attn" if m.get("prune_point") == "attn" else ""
     return ModelSetup(label=label, geom=g, input_size=tuple(m["preprocess"]["size"]),
                       prune_after=int(m.get("prune_after_block", 1)),
                       split=int(m.get("split_after_block", m.get("prune_after_block", 1))),
                       keep_tokens=[int(v["keep_tokens"]) for v in m["variants"]],
-                      model_id=m.get("model_id"), export_dir=Path(export_dir), manifest=m)
+                      model_id=m.get("model_id"), export_dir=Path(export_dir), manifest=m,
+                      prune_point=m.get("prune_point", "block"))
 
 
 def setup_from_name(name: str, keep_ratios: list[float], img_size: int | None = None,
-                    patch_size: int | None = None, num_classes: int = 1000) -> ModelSetup:
+                    patch_size: int | None = None, num_classes: int = 1000,
+                    prune_point: str = "block") -> ModelSetup:
     """A timm name alone (no export): everything is modelled from its FLOPs."""
     try:
         g = VF.VitGeometry.from_timm_name(name, img_size, patch_size, num_classes)
@@ -70,8 +74,8 @@ def setup_from_name(name: str, keep_ratios: list[float], img_size: int | None = 
         raise BenchError(str(e)) from e
     side = int(round(g.num_patches ** 0.5)) * g.patch_size
     ks = [max(1, int(round(r * g.num_patches))) for r in keep_ratios]
-    return ModelSetup(label=f"{name} (no export: modelled)", geom=g, input_size=(side, side),
-                      prune_after=1, split=1, keep_tokens=ks)
+    return ModelSetup(label=f"{name} (no export: modelled{', prune point attn' if prune_point == 'attn' else ''})", geom=g, input_size=(side, side),
+                      prune_after=1, split=1, keep_tokens=ks, prune_point=prune_point)
 
 
 def graph_flops(s: ModelSetup) -> dict:
@@ -80,7 +84,7 @@ def graph_flops(s: ModelSetup) -> dict:
     g = s.geom
     out: dict = {"full": VF.vanilla_flops(g)}
     for k in s.keep_tokens:
-        out[("head", k)] = VF.head_flops(g, s.split)
+        out[("head", k)] = VF.head_flops(g, s.split, prune_point=s.prune_point, keep=k)
         out[("tail", k)] = VF.tail_flops(g, s.split)
         jsplit = min(g.depth, s.prune_after + JANUS_BLOCKS - 1)
         out[("janus_head", k)] = VF.head_flops(g, jsplit, VF.janus_schedule(g.num_patches, k, JANUS_BLOCKS))

@@ -7,6 +7,9 @@ norms, GELU and the pruning score are not counted. On T tokens of width D, one b
     qkv 2·T·D·3D + q@kᵀ 2·T²·D + attn@v 2·T²·D + proj 2·T·D² + MLP 2·2·T·D·(r·D)
     = (8 + 4r)·T·D² + 4·T²·D            (r = MLP ratio, 4 for ViT/DeiT)
 
+With prune point "attn" the pruning block's attention half runs on 1+N tokens and its MLP
+half on the 1+K kept ones.
+
 Patch embedding is 2·N·(C·p²)·D, the classifier 2·D·classes. The test suite checks these
 against the torch counter on DeiT-T/S/B.
 """
@@ -54,8 +57,18 @@ class VitGeometry:
         return cls(num_patches=(s // p) ** 2, dim=dim, depth=depth, patch_size=p, num_classes=num_classes)
 
 
+def attn_flops(tokens: int, dim: int) -> int:
+    """A block's attention half: qkv, q@kᵀ, attn@v, proj."""
+    return int(8 * tokens * dim * dim + 4 * tokens * tokens * dim)
+
+
+def mlp_flops(tokens: int, dim: int, mlp_ratio: float = 4.0) -> int:
+    """A block's MLP half: fc1, fc2."""
+    return int(4 * mlp_ratio * tokens * dim * dim)
+
+
 def block_flops(tokens: int, dim: int, mlp_ratio: float = 4.0) -> int:
-    return int((8 + 4 * mlp_ratio) * tokens * dim * dim + 4 * tokens * tokens * dim)
+    return attn_flops(tokens, dim) + mlp_flops(tokens, dim, mlp_ratio)
 
 
 def embed_flops(g: VitGeometry) -> int:
@@ -71,13 +84,21 @@ def vanilla_flops(g: VitGeometry) -> int:
     return embed_flops(g) + g.depth * block_flops(1 + g.num_patches, g.dim, g.mlp_ratio) + classifier_flops(g)
 
 
-def head_flops(g: VitGeometry, split: int = 1, token_schedule: list[int] | None = None) -> int:
+def head_flops(g: VitGeometry, split: int = 1, token_schedule: list[int] | None = None,
+               prune_point: str = "block", keep: int | None = None) -> int:
     """Device part: embedding, then `split` blocks. Without a schedule every device block runs
-    on 1+N tokens (Mercury prunes after the last device block). With a schedule (Janus-like
-    progressive pruning), block 0 runs on 1+N tokens and block i>0 on 1+schedule[i-1]."""
+    on 1+N tokens (Mercury prunes after the last device block); with prune_point "attn" the
+    last device block's MLP half runs on the 1+keep kept tokens only. With a schedule
+    (Janus-like progressive pruning), block 0 runs on 1+N tokens and block i>0 on 1+schedule[i-1]."""
     tokens = [1 + g.num_patches] * split
     if token_schedule is not None:
         tokens = [1 + g.num_patches] + [1 + k for k in token_schedule[: split - 1]]
+    if prune_point == "attn" and token_schedule is None:
+        if keep is None:
+            raise ValueError("prune_point 'attn' needs keep (the kept patch tokens)")
+        last = tokens.pop()
+        return (embed_flops(g) + sum(block_flops(t, g.dim, g.mlp_ratio) for t in tokens)
+                + attn_flops(last, g.dim) + mlp_flops(1 + keep, g.dim, g.mlp_ratio))
     return embed_flops(g) + sum(block_flops(t, g.dim, g.mlp_ratio) for t in tokens)
 
 

@@ -1,0 +1,141 @@
+"""prune_point="attn": block 1's attention on all tokens, selection on the post-attention
+stream, block 1's MLP on the kept tokens only. Checked against timm's own (unpatched) block
+on real CIFAR-10 images, in torch and in ORT; FLOPs by count; checkpoints keep their point."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from mercury_onnx.export.convert import export_onnx
+from mercury_onnx.export.images import load_images
+from mercury_onnx.export.validate import session
+from mercury_onnx.models import ConfigError, MercuryConfig, build_mercury
+from mercury_onnx.models.checkpoint import load_mercury, save_mercury
+from mercury_onnx.models.flops import count_flops, head_flops_at, split_flops
+from mercury_onnx.models.loading import create_backbone
+from mercury_onnx.runtime import vit_flops as VF
+
+from .test_pruning_reference import reference_rows, reference_scores
+
+
+@pytest.fixture(scope="module")
+def ref(ref_json, cifar_test):
+    """Reference backbone, attn-point wrappers at keep 0.5 / 0.25, an unpatched timm copy and
+    64 real test images."""
+    cfg = MercuryConfig.from_checkpoint_json(ref_json, keep_ratio=0.5, prune_point="attn")
+    backbone = create_backbone(cfg)
+    models = [build_mercury(MercuryConfig(**{**cfg.to_dict(), "keep_ratio": r}), backbone) for r in (0.5, 0.25)]
+    vanilla = timm.create_model(cfg.timm_model, **cfg.overrides).eval()
+    vanilla.load_state_dict(backbone.state_dict())
+    images, _ = load_images(cifar_test, 64, (32, 32), cfg.mean, cfg.std)
+    return models, vanilla, torch.from_numpy(images)
+
+
+def test_attn_head_is_timm_block_with_the_mlp_on_kept_tokens(ref):
+    models, vanilla, images = ref
+    blk = vanilla.blocks[0]
+    with torch.no_grad():
+        x = vanilla.norm_pre(vanilla.patch_drop(vanilla._pos_embed(vanilla.patch_embed(images))))
+        post_attn = x + blk.attn(blk.norm1(x))                         # (B, 1+N, D) timm's fused SDPA
+        for m in models:                                               # K = 32 and K = 16
+            prefix, cls_attn = m.forward_prefix(images)
+            assert torch.allclose(prefix, post_attn, atol=1e-5)
+            tokens, idx = m.forward_head(images)
+            # the selection is the float64 reference's, on the post-attention stream
+            assert torch.equal(idx, reference_rows(reference_scores(prefix, cls_attn), m.keep, m.grid,
+                                                   m.cfg.region_size))
+            kept = torch.stack([prefix[b, [0] + (idx[b] + 1).tolist()] for b in range(len(idx))])
+            assert torch.allclose(tokens, kept + blk.mlp(blk.norm2(kept)), atol=1e-5)
+            # the same kept tokens through timm's whole block: MLP is per token, so equal
+            full = blk(x)
+            assert torch.allclose(tokens, torch.stack([full[b, [0] + (idx[b] + 1).tolist()]
+                                                       for b in range(len(idx))]), atol=1e-5)
+
+
+def test_keep_one_is_the_vanilla_model(ref):
+    models, vanilla, images = ref
+    m = build_mercury(MercuryConfig(**{**models[0].cfg.to_dict(), "keep_ratio": 1.0, "keep_tokens": None}),
+                      models[0].backbone)
+    with torch.no_grad():
+        assert torch.allclose(m(images[:8]), vanilla(images[:8]), atol=1e-5)
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_onnx_attn_head_selects_what_torch_selects(ref, tmp_path, which):
+    from mercury_onnx.export.graphs import HEAD_IO, HeadGraph
+
+    models, _, images = ref
+    m = models[which]
+    with torch.no_grad():
+        tokens, idx = m.forward_head(images)
+    export_onnx(HeadGraph(m), (images[:2],), tmp_path / "head.onnx", *HEAD_IO)
+    got_tokens, got_idx = session(tmp_path / "head.onnx").run(None, {"images": images.numpy()})
+    assert np.array_equal(got_idx, idx.numpy())
+    assert np.abs(got_tokens - tokens.numpy()).max() < 1e-4
+
+
+@pytest.mark.parametrize("name,keep", [("deit_tiny_patch16_224", 0.25),
+                                       pytest.param("deit_base_patch16_224", 0.25, marks=pytest.mark.slow)])
+def test_attn_head_flops_by_count(name, keep):
+    from timm.layers import set_fused_attn
+
+    set_fused_attn(False)   # torch's counter does not see the fused SDPA's matmuls on CPU
+    try:
+        block = build_mercury(MercuryConfig(timm_model=name, keep_ratio=keep))
+        f = split_flops(block)
+        attn = head_flops_at(block, "attn")
+    finally:
+        set_fused_attn(True)
+    g = VF.VitGeometry.from_timm_name(name)
+    n, k = g.num_patches, block.keep
+    # same embedding, attention and selection; the MLP runs on 1+K rows instead of 1+N
+    assert f["head"] - attn == VF.mlp_flops(1 + n, g.dim) - VF.mlp_flops(1 + k, g.dim)
+    assert VF.head_flops(g, 1, prune_point="attn", keep=k) == pytest.approx(attn, rel=0.02)
+    assert VF.head_flops(g, 1, prune_point="attn", keep=k) / VF.head_flops(g, 1) == pytest.approx(
+        attn / f["head"], rel=0.01)
+
+
+def test_bench_setup_uses_the_prune_points_head_flops():
+    from mercury_onnx.runtime.bench_setup import graph_flops, setup_from_name
+
+    flops = {p: graph_flops(setup_from_name("deit_base_patch16_224", [0.25], prune_point=p))[("head", 49)]
+             for p in ("block", "attn")}
+    assert flops["attn"] / flops["block"] == pytest.approx(0.558, abs=0.002)   # 1.75 / 3.14 GFLOP
+
+
+def test_checkpoint_refuses_the_other_prune_point(ref, tmp_path):
+    from mercury_onnx.export import export_model
+
+    models, _, images = ref
+    block = [build_mercury(MercuryConfig(**{**m.cfg.to_dict(), "prune_point": "block"}), m.backbone) for m in models]
+    save_mercury(tmp_path / "blk", block)
+    save_mercury(tmp_path / "att", models)
+    with pytest.raises(ConfigError, match="calibrated with prune_point='block'.*--prune-point attn"):
+        load_mercury(tmp_path / "blk.json", prune_point="attn")
+    with pytest.raises(ConfigError, match="calibrated with prune_point='attn'"):
+        load_mercury(tmp_path / "att.json", prune_point="block")
+    with pytest.raises(ConfigError, match="calibrated with prune_point='block'"):
+        export_model(tmp_path / "blk.json", tmp_path / "out", [0.5], model_kw={"prune_point": "attn"}, log=None)
+    assert not (tmp_path / "out").exists()
+    loaded = load_mercury(tmp_path / "att.json")
+    assert [m.cfg.prune_point for m in loaded] == ["attn", "attn"]
+    with torch.no_grad():
+        assert torch.allclose(loaded[1](images[:4]), models[1](images[:4]), atol=1e-5)
+    with pytest.raises(ConfigError, match="unknown prune_point 'mlp'"):
+        build_mercury(MercuryConfig(**{**models[0].cfg.to_dict(), "prune_point": "mlp"}), models[0].backbone)
+
+
+def test_calibration_teacher_is_the_vanilla_model(ref, cifar_test):
+    """run_prefix's teacher continues the post-attention stream through block 1's MLP."""
+    from mercury_onnx.calib.calibrate import run_prefix
+    from mercury_onnx.calib.data import load_image_set, preprocess_for
+
+    models, vanilla, _ = ref
+    m = models[1]
+    ds, _ = load_image_set(cifar_test, preprocess_for(m), m.cfg.classes, count=16, seed=0, progress=False)
+    pre = run_prefix(m, ds, progress=False)
+    images, _ = next(iter(ds.batches(16)))
+    with torch.no_grad():
+        assert torch.allclose(pre.teacher, vanilla(images), atol=1e-4)
