@@ -81,6 +81,13 @@ def selection_only(graph) -> list:
     return [n for n in graph.node if n.output[0] in only]
 
 
+def _computes_after_gather(head: Path) -> bool:
+    """Whether any node of the head consumes a GatherND's output (prune point "attn")."""
+    graph = onnx.load(str(head), load_external_data=False).graph
+    gathered = {o for n in graph.node if n.op_type == "GatherND" for o in n.output}
+    return any(gathered & set(n.input) for n in graph.node)
+
+
 def _quantize(pre: Path, out: Path, images: np.ndarray, per_channel: bool, exclude: list[str]) -> None:
     """U8S8, 7-bit weights, QDQ; the matmul-like nodes except `exclude`."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
@@ -118,10 +125,13 @@ def quantize_head(fp32_head: Path, out: Path, tail: Path, calib: np.ndarray, sel
         # its symbolic shape inference gives GatherND(batch_dims=1) one axis too many, which ORT
         # repairs while optimising, with a scary "Error merging shape info" warning; the file it
         # writes carries the right shapes (onnx shape inference runs last), so silence that step
+        # With prune point "attn" the block's MLP runs on the gathered tokens, and that extra
+        # axis breaks the symbolic inference of everything after the GatherND (an untyped
+        # value_info, an assertion in onnxruntime's tool): there only onnx's shape inference runs.
         import onnxruntime as ort
         ort.set_default_logger_severity(3)
         try:
-            quant_pre_process(str(fp32_head), str(pre), skip_symbolic_shape=False)
+            quant_pre_process(str(fp32_head), str(pre), skip_symbolic_shape=_computes_after_gather(fp32_head))
         finally:
             ort.set_default_logger_severity(2)
         exclude = _activation_only_nodes(pre)

@@ -1,0 +1,101 @@
+"""Head latency of the two prune points, paired: `block` (prune after block 1, the paper's) vs
+`attn` (prune after block 1's attention; its MLP runs on the kept tokens only).
+
+    .venv/bin/python benchmarks/prune_point.py [--models deit_base_patch16_224 ...] [--keep-ratio 0.25 ...]
+        [--reps 300] [--json docs/results/prune_point_latency.json]
+
+For each model and keep ratio both heads are exported (the same backbone, HeadGraph as the
+exporter writes it) and run round-robin in a new random order each round (export_latency's
+`interleaved`), batch 1, one onnxruntime thread, timed as process CPU time. Printed: each
+head's median, and attn / block as the median of the same-round ratios with its range over 4
+blocks of rounds (`paired`), beside the analytic FLOP ratio (runtime/vit_flops.py).
+Target (issue 14): attn head <= 0.65x the block head on DeiT-B and DeiT-S at keep 0.25.
+Random weights for the 224 models (latency does not depend on them); the reference model is
+../shared/models/deit_tiny_patch4_32_cifar10.json.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from export_latency import DEFAULT_MODELS, interleaved, paired  # noqa: E402
+
+from mercury_onnx.export import graphs as G  # noqa: E402
+from mercury_onnx.export.convert import export_onnx  # noqa: E402
+from mercury_onnx.export.validate import session  # noqa: E402
+from mercury_onnx.models import build_mercury  # noqa: E402
+from mercury_onnx.models.checkpoint import mercury_from_any  # noqa: E402
+from mercury_onnx.models.flops import head_flops_at  # noqa: E402
+
+TARGET = 0.65
+
+
+def bench(source: str, keep_ratio: float, reps: int, tmp: Path) -> dict:
+    block = mercury_from_any(source, keep_ratios=[keep_ratio])[0]
+    cfg = copy.deepcopy(block.cfg)
+    cfg.prune_point = "attn"
+    attn = build_mercury(cfg, block.backbone)
+    h, w = block.backbone.patch_embed.img_size
+    x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for name, m in (("block", block), ("attn", attn)):
+        f = tmp / f"{name}.onnx"
+        export_onnx(G.HeadGraph(m), (x,), f, *G.HEAD_IO)
+        runs[name] = (lambda s: lambda: s.run(None, {"images": x.numpy()}))(session(f, 1))
+    times = interleaved(runs, reps, warmup=5)
+    ratio, lo, hi = paired(times["attn"], times["block"], lambda a, b: a / b)
+    fb, fa = head_flops_at(block, "block"), head_flops_at(block, "attn")
+    return {"model": Path(source).stem, "img": h, "N": block.num_patches, "K": block.keep, "D": block.dim,
+            "keep_ratio": keep_ratio, "rounds": reps,
+            "block_ms": 1e3 * statistics.median(times["block"]), "attn_ms": 1e3 * statistics.median(times["attn"]),
+            "attn_vs_block": ratio, "attn_vs_block_blocks": [lo, hi],
+            "block_gflops": fb / 1e9, "attn_gflops": fa / 1e9, "flop_ratio": fa / fb}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
+    ap.add_argument("--keep-ratio", type=float, nargs="+", default=[0.25])
+    ap.add_argument("--reps", type=int, default=300, help="paired rounds per model and keep ratio")
+    ap.add_argument("--json", default=str(ROOT / "docs" / "results" / "prune_point_latency.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    load = os.getloadavg()
+    t0 = time.time()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for src in args.models:
+            for r in args.keep_ratio:
+                row = bench(src, r, args.reps, Path(tmp))
+                rows.append(row)
+                lo, hi = row["attn_vs_block_blocks"]
+                print(f"{row['model']} keep {r:g} (K={row['K']}): block {row['block_ms']:.3f} ms, attn "
+                      f"{row['attn_ms']:.3f} ms, attn/block {row['attn_vs_block']:.3f} (blocks {lo:.3f}-{hi:.3f}), "
+                      f"FLOPs {row['attn_gflops']:.4f}/{row['block_gflops']:.4f} G = {row['flop_ratio']:.3f}", flush=True)
+    out = {"command": "python benchmarks/prune_point.py " + " ".join(sys.argv[1:]),
+           "machine": f"{os.cpu_count()}-core {platform.machine()} CPU shared with other jobs, no GPU",
+           "loadavg_start": load, "loadavg_end": os.getloadavg(), "minutes": round((time.time() - t0) / 60, 1),
+           "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__,
+           "threads": 1, "batch": 1, "timer": "process CPU time", "target_attn_vs_block": TARGET, "rows": rows}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
