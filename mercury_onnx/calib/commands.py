@@ -29,7 +29,7 @@ def _backbone_models(source: str, checkpoint: Optional[str], overrides: dict, ke
 
     method = {k: v for k, v in method.items() if v is not None}
     if is_mercury_checkpoint(source):
-        stored = load_mercury(source)
+        stored = load_mercury(source, **{k: v for k, v in method.items() if k == "prune_point"})   # refuses another point
         models = []
         for r in keep_ratios:
             cfg = copy.deepcopy(stored[0].cfg)
@@ -190,6 +190,8 @@ def evaluate(
     calib_batch_size: Optional[int] = typer.Option(None, help="default: the checkpoint's calibration budget"),
     recalibrate: bool = typer.Option(False, "--recalibrate", help="calibrate Mercury here too, with the "
                                      "same budget as the baselines (ignore the checkpoint's meta-parameters)"),
+    prune_point: Optional[str] = typer.Option(None, help="block or attn, for a backbone JSON (default block); "
+                                              "a Mercury checkpoint keeps its own"),
     batch_size: int = typer.Option(256), seed: int = typer.Option(0),
     cache: bool = typer.Option(False, "--cache", help="cache decoded images in ~/.cache/mercury-onnx"),
 ) -> None:
@@ -211,7 +213,7 @@ def evaluate(
 
     t0 = time.time()
     try:
-        models, stored = _backbone_models(checkpoint, None, {}, keep_ratio[:1])
+        models, stored = _backbone_models(checkpoint, None, {}, keep_ratio[:1], prune_point=prune_point)
         base = models[0]
         grid = method_grid(base.cfg.reconstruction, methods, base.cfg.score)   # a bad --methods fails before any image is read
         pre = preprocess_for(base)
@@ -255,7 +257,7 @@ def evaluate(
     minutes = (time.time() - t0) / 60
     typer.echo(f"\n{dataset}: {len(test)} images, {minutes:.1f} min")
     typer.echo(format_table(rows))
-    result = {"dataset": dataset, "images": len(test), "results": rows}
+    result = {"dataset": dataset, "images": len(test), "prune_point": base.cfg.prune_point, "results": rows}
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(result, indent=1))
