@@ -21,6 +21,7 @@ def bench(
     img_size: Optional[int] = typer.Option(None, help="with --model"),
     patch_size: Optional[int] = typer.Option(None, help="with --model"),
     num_classes: int = typer.Option(1000, help="with --model"),
+    prune_point: str = typer.Option("block", help="with --model: block or attn (an export says its own)"),
     device: str = typer.Option("pi", help="pi | host | profile JSON from `mercury-onnx profile`"),
     cloud: str = typer.Option("rtx4090", help="rtx4090 (paper's 0.86 ms DeiT-B, modelled) | local (measured here)"),
     server: Optional[str] = typer.Option(None, help="serve-tail URL: time the tails on it"),
@@ -58,7 +59,7 @@ def bench(
         fail("--requests must be >= 1")
     try:
         setup = (setup_from_export(export_dir) if export_dir is not None
-                 else setup_from_name(model, list(keep_ratio), img_size, patch_size, num_classes))
+                 else setup_from_name(model, list(keep_ratio), img_size, patch_size, num_classes, prune_point))
         traces = [load_trace(t, traces_dir) for t in trace]
         img_dir = images or default_images(setup.input_size, default_traces_dir().parents[0])
         if not img_dir.exists():

@@ -68,6 +68,8 @@ def setup_from_name(name: str, keep_ratios: list[float], img_size: int | None = 
                     patch_size: int | None = None, num_classes: int = 1000,
                     prune_point: str = "block") -> ModelSetup:
     """A timm name alone (no export): everything is modelled from its FLOPs."""
+    if prune_point not in ("block", "attn"):
+        raise BenchError(f"--prune-point {prune_point!r}: choose block or attn")
     try:
         g = VF.VitGeometry.from_timm_name(name, img_size, patch_size, num_classes)
     except ValueError as e:
