@@ -139,3 +139,16 @@ def test_calibration_teacher_is_the_vanilla_model(ref, cifar_test):
     images, _ = next(iter(ds.batches(16)))
     with torch.no_grad():
         assert torch.allclose(pre.teacher, vanilla(images), atol=1e-4)
+
+
+def test_info_prints_the_head_flops_of_both_prune_points():
+    from typer.testing import CliRunner
+
+    from mercury_onnx.cli import app
+
+    r = CliRunner().invoke(app, ["info", "--model", "deit_tiny_patch16_224", "-r", "0.25"])
+    assert r.exit_code == 0, r.output
+    assert "head FLOPs     0.2621 G (prune point block)" in r.output
+    assert "0.1753 G with prune point attn (0.669x)" in r.output
+    r = CliRunner().invoke(app, ["info", "--model", "deit_tiny_patch16_224", "--prune-point", "mlp"])
+    assert r.exit_code != 0 and "--prune-point 'mlp'" in r.output
