@@ -152,3 +152,21 @@ def test_info_prints_the_head_flops_of_both_prune_points():
     assert "0.1753 G with prune point attn (0.669x)" in r.output
     r = CliRunner().invoke(app, ["info", "--model", "deit_tiny_patch16_224", "--prune-point", "mlp"])
     assert r.exit_code != 0 and "--prune-point 'mlp'" in r.output
+
+
+def test_export_attn_with_int8_and_tok8_heads(ref_json, cifar_test, tmp_path):
+    """The exporter's whole path for prune point attn: int8 (QDQ) quantisation of a head whose
+    MLP runs after the GatherND, the int8-token head, validation against torch on real images,
+    and the manifest's prune_point."""
+    import json
+
+    from mercury_onnx.export import export_model
+
+    out = export_model(ref_json, tmp_path / "exp", [0.25], int8_head=True, token_dtypes=["int8"],
+                       calib_images=16, int8_select_images=16, validate_data=cifar_test, validate_images=16,
+                       model_kw={"prune_point": "attn"}, log=None)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["prune_point"] == "attn" and m["validation"]["passed"]
+    v = m["variants"][0]
+    assert v["head_int8"] and v["head_tok8"]
+    assert m["validation"]["identical_index_rows"]["head_k16_tok8.onnx.indices"] == 1.0
