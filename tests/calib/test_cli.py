@@ -104,7 +104,8 @@ def test_eval_cli_json_schema_and_plot(calibrated, cifar_test, tmp_path):
                      "--images", 40, "--methods", "main", "--json", js, "--plot", png)
     assert res.exit_code == 0, text
     data = json.loads(js.read_text())
-    assert set(data) == {"dataset", "images", "results"} and data["images"] == 40
+    assert set(data) == {"dataset", "images", "prune_point", "results"} and data["images"] == 40
+    assert data["prune_point"] == "block"
     assert data["dataset"].endswith("test")
     for row in data["results"]:
         assert set(row) == {"method", "pruning", "reconstruction", "keep_ratio", "top1"}
