@@ -5,7 +5,7 @@
 
 One model per keep ratio, served by the onnxruntime backend on the GPU with dynamic batching.
 The fp16 tail is used when the export has one (it is the CUDA variant), else the fp32 tail.
-Dims leave out the batch axis (Triton's max_batch_size convention): tokens [1+K, D],
+Dims leave out the batch axis (Triton's max_batch_size convention): tokens [P+K, D],
 indices [K], logits [C]. Tensor names and dtypes are the tail's, the same as serve-tail.
 """
 from __future__ import annotations
@@ -71,7 +71,7 @@ def write_triton_repo(export_dir: str | Path, repo: str | Path, max_batch: int =
         shutil.copyfile(export_dir / tail["file"], d / "1" / "model.onnx")
         (d / "config.pbtxt").write_text(TEMPLATE.format(
             name=name, max_batch=max_batch, tokens_type="TYPE_FP16" if fp16 else "TYPE_FP32",
-            t=1 + k, d=manifest["dim"], k=k, c=manifest["num_classes"], delay_us=delay_us,
+            t=manifest.get("num_prefix_tokens", 1) + k, d=manifest["dim"], k=k, c=manifest["num_classes"], delay_us=delay_us,
             model_id=manifest["model_id"]))
     return repo
 

@@ -16,7 +16,7 @@ functions, and differs only in how a batch reaches onnxruntime:
 Every refusal is a RequestError carrying the HTTP status, a metrics reason and any headers;
 `error_body(str(e))` is its JSON body, {"error": "..."}.
 
-The request: inputs `tokens` FP32 | FP16 | INT8 (then FP32 `scales` [B, 1+K, 1]) and
+The request: inputs `tokens` FP32 | FP16 | INT8 (then FP32 `scales` [B, P+K, 1]) and
 `indices` INT64 | INT32 | INT16 [B, K], strictly ascending in [0, N); each as JSON `data` or
 binary (`Inference-Header-Content-Length`, `binary_data_size`); `"parameters": {"model_id":
 ...}` equal to the export's (409 when it differs, 400 when missing). The response: `logits`
@@ -79,8 +79,9 @@ class ServedModel:
 
     @property
     def tokens_shape(self) -> tuple[int, int]:
-        """One image's tokens: CLS + K kept patch tokens, D wide."""
-        return 1 + self.keep, self.dim
+        """One image's tokens: the P prefix tokens (manifest `num_prefix_tokens`; manifests
+        written before it was recorded mean 1, the CLS) + K kept patch tokens, D wide."""
+        return self.manifest.get("num_prefix_tokens", 1) + self.keep, self.dim
 
     def load_tail(self, provider: str = "auto", threads: int | None = None) -> Tail:
         """The ORT session for this model (raises ProviderError when the provider is missing)."""
@@ -97,7 +98,7 @@ class ServedModel:
                 "parameters": {"model_id": self.model_id, "keep_ratio": self.keep_ratio,
                                "keep_tokens": self.keep, "num_patches": self.num_patches,
                                "accepts": {"tokens": list(TOKEN_TYPES), "indices": list(INDEX_TYPES),
-                                           "scales": "FP32 [-1, 1+K, 1] with INT8 tokens"}}}
+                                           "scales": "FP32 [-1, P+K, 1] with INT8 tokens"}}}
 
 
 def served_models(export_dir: str | Path, keep_ratios: Sequence[float] | None = None,
@@ -163,7 +164,7 @@ def check_body_size(size: int, max_body: int) -> None:
 @dataclass
 class InferRequest:
     """A checked infer request, ready for the tail."""
-    tokens: np.ndarray              # (b, 1+K, D) contiguous, in the tail's io dtype, finite
+    tokens: np.ndarray              # (b, P+K, D) contiguous, in the tail's io dtype, finite
     indices: np.ndarray             # (b, K) int64, strictly ascending in [0, N)
     binary_output: bool             # answer logits as binary data
     id: object = None               # the request's "id", echoed when present
@@ -301,7 +302,7 @@ def prepare(model: ServedModel, arrays: dict[str, np.ndarray]) -> tuple[np.ndarr
         raise RequestError(f"'indices' shape {list(indices.shape)}, expected [{b}, {model.keep}]")
     if tokens.dtype == np.int8:
         if scales is None:
-            raise RequestError("INT8 'tokens' need an FP32 'scales' input [B, 1+K, 1]")
+            raise RequestError("INT8 'tokens' need an FP32 'scales' input [B, P+K, 1]")
         if scales.dtype != np.float32 or list(scales.shape) != [b, want[0], 1]:
             raise RequestError(f"'scales' must be FP32 [{b}, {want[0]}, 1], got "
                                f"{scales.dtype.name.upper()} {list(scales.shape)}")
@@ -342,7 +343,7 @@ def run_batch(tail: Callable[[np.ndarray, np.ndarray], np.ndarray],
     """One tail run over several requests (same model): their logits (b_i, C), in order."""
     if len(requests) == 1:
         return [tail(requests[0].tokens, requests[0].indices)]
-    tokens = np.concatenate([r.tokens for r in requests])                # (sum b_i, 1+K, D)
+    tokens = np.concatenate([r.tokens for r in requests])                # (sum b_i, P+K, D)
     indices = np.concatenate([r.indices for r in requests])              # (sum b_i, K)
     logits = tail(tokens, indices)                                       # (sum b_i, C)
     ends = np.cumsum([r.size for r in requests])

@@ -47,7 +47,8 @@ def resolve_provider(provider: str) -> str:
 
 
 class Tail:
-    """tail_k{K}[_fp16].onnx: tokens (B,1+K,D), indices (B,K) int64 -> logits (B,C) float32."""
+    """tail_k{K}[_fp16].onnx: tokens (B,P+K,D), indices (B,K) int64 -> logits (B,C) float32.
+    P = num_prefix_tokens (manifests written before it was recorded: 1, the CLS)."""
 
     def __init__(self, export_dir: str | Path, keep_ratio: float | None = None, provider: str = "auto",
                  dtype: str = "float32", threads: int | None = None, manifest: dict | None = None,
@@ -78,7 +79,7 @@ class Tail:
             self.num_classes = out.shape[-1]
 
     def __call__(self, tokens: np.ndarray, indices: np.ndarray) -> np.ndarray:
-        tokens = np.ascontiguousarray(tokens, dtype=self.io_dtype)     # (B, 1+K, D)
+        tokens = np.ascontiguousarray(tokens, dtype=self.io_dtype)     # (B, P+K, D)
         indices = np.ascontiguousarray(indices, dtype=np.int64)        # (B, K)
         if self.provider == "cuda":
             io = self.session.io_binding()

@@ -28,6 +28,7 @@ class VitGeometry:
     num_classes: int
     in_chans: int = 3
     mlp_ratio: float = 4.0
+    num_prefix_tokens: int = 1   # P: the CLS (+ a distilled DeiT's distillation token, + registers)
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "VitGeometry":
@@ -38,7 +39,8 @@ class VitGeometry:
         classes = o.get("num_classes") or len(manifest.get("classes") or []) or 1000
         return cls(num_patches=int(manifest["num_patches"]), dim=int(manifest["dim"]),
                    depth=int(manifest["depth"]), patch_size=patch, num_classes=int(classes),
-                   mlp_ratio=float(o.get("mlp_ratio", 4.0)))
+                   mlp_ratio=float(o.get("mlp_ratio", 4.0)),
+                   num_prefix_tokens=int(manifest.get("num_prefix_tokens", 1)))
 
     @classmethod
     def from_timm_name(cls, name: str, img_size: int | None = None, patch_size: int | None = None,
@@ -67,24 +69,26 @@ def classifier_flops(g: VitGeometry) -> int:
 
 
 def vanilla_flops(g: VitGeometry) -> int:
-    """The whole model on all 1+N tokens."""
-    return embed_flops(g) + g.depth * block_flops(1 + g.num_patches, g.dim, g.mlp_ratio) + classifier_flops(g)
+    """The whole model on all P+N tokens."""
+    return (embed_flops(g) + g.depth * block_flops(g.num_prefix_tokens + g.num_patches, g.dim, g.mlp_ratio)
+            + classifier_flops(g))
 
 
 def head_flops(g: VitGeometry, split: int = 1, token_schedule: list[int] | None = None) -> int:
     """Device part: embedding, then `split` blocks. Without a schedule every device block runs
-    on 1+N tokens (Mercury prunes after the last device block). With a schedule (Janus-like
-    progressive pruning), block 0 runs on 1+N tokens and block i>0 on 1+schedule[i-1]."""
-    tokens = [1 + g.num_patches] * split
+    on P+N tokens (Mercury prunes after the last device block). With a schedule (Janus-like
+    progressive pruning), block 0 runs on P+N tokens and block i>0 on P+schedule[i-1]."""
+    p = g.num_prefix_tokens
+    tokens = [p + g.num_patches] * split
     if token_schedule is not None:
-        tokens = [1 + g.num_patches] + [1 + k for k in token_schedule[: split - 1]]
+        tokens = [p + g.num_patches] + [p + k for k in token_schedule[: split - 1]]
     return embed_flops(g) + sum(block_flops(t, g.dim, g.mlp_ratio) for t in tokens)
 
 
 def tail_flops(g: VitGeometry, split: int = 1, meta_rank: int = 0) -> int:
-    """Cloud part: reconstruction (meta-ctx: about 4·D·r), then blocks split..depth on all 1+N
+    """Cloud part: reconstruction (meta-ctx: about 4·D·r), then blocks split..depth on all P+N
     tokens and the classifier (exactly the vanilla tail)."""
-    return ((g.depth - split) * block_flops(1 + g.num_patches, g.dim, g.mlp_ratio)
+    return ((g.depth - split) * block_flops(g.num_prefix_tokens + g.num_patches, g.dim, g.mlp_ratio)
             + classifier_flops(g) + 4 * g.dim * meta_rank)
 
 
