@@ -10,12 +10,12 @@ from typer.testing import CliRunner
 
 from mercury_onnx.cli import app
 from mercury_onnx.export import export_model
-from mercury_onnx.export.manifest import load_manifest
+from mercury_onnx.formats.manifest import load_manifest
 from mercury_onnx.models.checkpoint import mercury_from_any, save_mercury
 from mercury_onnx.runtime import codec
 from mercury_onnx.runtime.client import Client
 from mercury_onnx.runtime.head import Head
-from mercury_onnx.runtime.preprocess import preprocess
+from mercury_onnx.formats.images import preprocess
 from mercury_onnx.runtime.server import spawn
 from mercury_onnx.runtime.tail import Tail
 
