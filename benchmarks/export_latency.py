@@ -44,7 +44,7 @@ DEFAULT_MODELS = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_
 
 
 class HeadNoPrune(nn.Module):
-    """The head's blocks without scoring/selection/gather: (B,3,H,W) -> (B,1+N,D)."""
+    """The head's blocks without scoring/selection/gather: (B,3,H,W) -> (B,P+N,D)."""
 
     def __init__(self, mercury):
         super().__init__()
@@ -58,7 +58,7 @@ class HeadNoPrune(nn.Module):
 
 
 class VanillaTail(nn.Module):
-    """The tail's blocks on all 1+N tokens as the unsplit model runs them: no reconstruction."""
+    """The tail's blocks on all P+N tokens as the unsplit model runs them: no reconstruction."""
 
     def __init__(self, mercury):
         super().__init__()

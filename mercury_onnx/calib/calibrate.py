@@ -44,7 +44,7 @@ class CalibSettings:
 @dataclass
 class Prefixed:
     """What every method shares on a set of images: prefix output, CLS attention, teacher."""
-    x: torch.Tensor               # (M, 1+N, D) tokens at the prune point (forward_prefix)
+    x: torch.Tensor               # (M, P+N, D) tokens at the prune point (forward_prefix)
     cls_attn: torch.Tensor        # (M, N)
     teacher: torch.Tensor         # (M, C) vanilla logits
     labels: torch.Tensor          # (M,)
@@ -64,6 +64,7 @@ def finish_vanilla(backbone, x: torch.Tensor, start: int) -> torch.Tensor:
 def run_prefix(model: Mercury, images: ImageSet, batch_size: int = 256, progress: bool = True) -> Prefixed:
     from tqdm import tqdm
 
+    model.record_attention()      # shared by every method, some of which read the CLS attention
     xs, attns, logits = [], [], []
     for imgs, _ in tqdm(images.batches(batch_size), total=math.ceil(len(images) / batch_size),
                         desc="prefix + teacher", disable=not progress, leave=False):
@@ -75,7 +76,7 @@ def run_prefix(model: Mercury, images: ImageSet, batch_size: int = 256, progress
 
 @torch.inference_mode()
 def head_outputs(model: Mercury, pre: Prefixed, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """The frozen head's outputs for every stored image: (M, 1+K', D), (M, K)."""
+    """The frozen head's outputs for every stored image: (M, P+K', D), (M, K)."""
     toks, idxs = [], []
     for s in range(0, len(pre), batch_size):
         t, i = model.prune(pre.x[s: s + batch_size], pre.cls_attn[s: s + batch_size])
@@ -113,7 +114,8 @@ def init_from_statistics(model: Mercury, pre: Prefixed, tokens: torch.Tensor, id
     recon, n = model.recon, model.num_patches
     if not recon.learned:
         return
-    patches = torch.cat([model.finish_prune_block(pre.x[s: s + 256]) for s in range(0, len(pre), 256)])[:, 1:]
+    p = model.num_prefix_tokens
+    patches = torch.cat([model.finish_prune_block(pre.x[s: s + 256]) for s in range(0, len(pre), 256)])[:, p:]   # (M, N, D)
     if isinstance(recon, MetaLocal):   # fit the correction to the nearest received token
         patches = patches - torch.cat([recon.nearest.fill(tokens[s: s + 256], idx[s: s + 256])
                                        for s in range(0, len(idx), 256)])
@@ -143,7 +145,7 @@ def init_from_statistics(model: Mercury, pre: Prefixed, tokens: torch.Tensor, id
     if not isinstance(recon, MetaCtx) or isinstance(recon, MetaLocal):   # meta-local: context map stays 0
         return
     # Reduced-rank ridge regression, shared over positions: x_i - mu_i ~ (c - c_bar) W.
-    c = tokens[:, 1: 1 + idx.shape[1]].mean(1)                           # (M, D) mean received token
+    c = tokens[:, p: p + idx.shape[1]].mean(1)                           # (M, D) mean received token
     z = c - c.mean(0)                                                    # (M, D)
     n_s = mask.sum(1)                                                    # (M,)
     resid = (mask.unsqueeze(-1) * patches).sum(1) - mask @ pos_mean      # (M, D) sum of pruned deviations

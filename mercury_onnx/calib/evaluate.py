@@ -106,6 +106,7 @@ def evaluate(base: Mercury, ready: list[tuple[Method, float, Mercury]], images: 
     for _, _, m in ready:                       # same numbers on every call (random pruning)
         m._gen.manual_seed(m.cfg.seed)
     correct = torch.zeros(1 + len(ready), dtype=torch.long)
+    base.record_attention()                     # one prefix pass for all: some methods read it
     for imgs, labels in tqdm(images.batches(batch_size), total=math.ceil(len(images) / batch_size),
                              desc=f"eval {len(ready) + 1} methods", disable=not progress):
         x, cls_attn = base.forward_prefix(imgs)

@@ -5,11 +5,13 @@ code itself is `mercury_onnx.models`, so the ONNX graphs compute exactly what Py
 
 | wrapper   | inputs            | outputs                                              |
 |-----------|-------------------|------------------------------------------------------|
-| HeadGraph | images (B,3,H,W)  | tokens (B,1+K,D) f32, indices (B,K) i64              |
-| Tok8Head  | images            | tokens (B,1+K,D) i8, scales (B,1+K,1) f32, indices   |
-| Tok16Head | images            | tokens (B,1+K,D) f16, indices                        |
+| HeadGraph | images (B,3,H,W)  | tokens (B,P+K,D) f32, indices (B,K) i64              |
+| Tok8Head  | images            | tokens (B,P+K,D) i8, scales (B,P+K,1) f32, indices   |
+| Tok16Head | images            | tokens (B,P+K,D) f16, indices                        |
 | TailGraph | tokens, indices   | logits (B,C)                                         |
 | FullGraph | images            | logits (B,C): the vanilla model, no pruning          |
+
+P = the backbone's prefix tokens (timm's `num_prefix_tokens`; manifest "num_prefix_tokens").
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ class HeadGraph(nn.Module):
         self.m = mercury
 
     def forward(self, images):
-        return self.m.forward_head(images)                               # (B,1+K,D), (B,K)
+        return self.m.forward_head(images)                               # (B,P+K,D), (B,K)
 
 
 class Tok8Head(HeadGraph):

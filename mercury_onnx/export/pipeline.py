@@ -178,7 +178,7 @@ def _export_variant(m, x: torch.Tensor, tmp: Path, opts: ExportOptions, graph_op
          "head_int8": None, "head_tok8": None, "head_tok16": None,
          "tail": {"file": f"tail_k{k}.onnx", "io_dtype": "float32"}, "tail_fp16": None}
     with torch.no_grad():
-        tok, idx = m.forward_head(x)                                      # (2, 1+K, D), (2, K)
+        tok, idx = m.forward_head(x)                                      # (2, P+K, D), (2, K)
     head = opts.export(G.HeadGraph(m), (x,), tmp / v["head"]["file"], G.HEAD_IO)
     graph_ops[v["head"]["file"]] = check_static_head(head)
     tail = opts.export(G.TailGraph(m), (tok, idx), tmp / v["tail"]["file"], G.TAIL_IO)
@@ -234,7 +234,8 @@ def _manifest(models, source: str, is_ckpt: bool, opts: ExportOptions, variants:
     return {
         "model_id": model_id(models), "source": source,
         "timm_model": cfg.timm_model, "overrides": cfg.overrides,
-        "num_patches": first.num_patches, "dim": first.dim, "grid": first.grid, "depth": first.depth,
+        "num_patches": first.num_patches, "num_prefix_tokens": first.num_prefix_tokens,
+        "dim": first.dim, "grid": first.grid, "depth": first.depth,
         "num_classes": num_classes,
         "prune_after_block": first.prune_at, "split_after_block": first.split,
         "prune_point": cfg.prune_point,

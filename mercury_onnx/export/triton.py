@@ -5,11 +5,11 @@
     REPO/mercury_tail_k{K}_c{D}x{B}/...       one per codec of the export (export --codec)
 
 One model per keep ratio, served by the onnxruntime backend on the GPU with dynamic batching.
-A codec tail takes `codes` UINT8 [1+K, d] (dequantised inside the graph): Triton has no
+A codec tail takes `codes` UINT8 [P+K, d] (dequantised inside the graph): Triton has no
 zstd, so a client sends it the decoded codes, not the codec payload (serve-tail takes both);
 its config carries the `codec_id` beside the `model_id`.
 The fp16 tail is used when the export has one (it is the CUDA variant), else the fp32 tail.
-Dims leave out the batch axis (Triton's max_batch_size convention): tokens [1+K, D],
+Dims leave out the batch axis (Triton's max_batch_size convention): tokens [P+K, D],
 indices [K], logits [C]. Tensor names and dtypes are the tail's, the same as serve-tail.
 """
 from __future__ import annotations
@@ -71,6 +71,7 @@ def write_triton_repo(export_dir: str | Path, repo: str | Path, max_batch: int =
     """Copy the (hash-checked) tails of an export folder into a Triton model repository."""
     manifest = load_manifest(export_dir)
     export_dir, repo = Path(export_dir), Path(repo)
+    p = manifest.get("num_prefix_tokens", 1)   # manifests written before it was recorded: the CLS
     for v in manifest["variants"]:
         k, fp16 = v["keep_tokens"], v.get("tail_fp16") is not None
         tail = v["tail_fp16"] if fp16 else v["tail"]
@@ -80,7 +81,7 @@ def write_triton_repo(export_dir: str | Path, repo: str | Path, max_batch: int =
         shutil.copyfile(export_dir / tail["file"], d / "1" / "model.onnx")
         (d / "config.pbtxt").write_text(TEMPLATE.format(
             name=name, max_batch=max_batch, tokens_name="tokens", tokens_type="TYPE_FP16" if fp16 else "TYPE_FP32",
-            t=1 + k, d=manifest["dim"], k=k, c=manifest["num_classes"], delay_us=delay_us,
+            t=p + k, d=manifest["dim"], k=k, c=manifest["num_classes"], delay_us=delay_us,
             model_id=manifest["model_id"]))
         for c in v.get("codecs") or []:
             name = model_name(k, c["name"])
@@ -89,7 +90,7 @@ def write_triton_repo(export_dir: str | Path, repo: str | Path, max_batch: int =
             shutil.copyfile(export_dir / c["tail"]["file"], d / "1" / "model.onnx")
             (d / "config.pbtxt").write_text(TEMPLATE.format(
                 name=name, max_batch=max_batch, tokens_name="codes", tokens_type="TYPE_UINT8",
-                t=1 + k, d=c["dims"], k=k, c=manifest["num_classes"], delay_us=delay_us,
+                t=p + k, d=c["dims"], k=k, c=manifest["num_classes"], delay_us=delay_us,
                 model_id=manifest["model_id"]) + CODEC_PARAMETER.format(codec_id=c["codec_id"]))
     return repo
 

@@ -50,7 +50,8 @@ def info(
     n, g = first.num_patches, first.grid
     typer.echo(f"model            {first.cfg.timm_model} {first.cfg.overrides or ''}")
     typer.echo(f"backbone params  {first.backbone_params:,}")
-    typer.echo(f"tokens N         {n} patches ({g}x{g} grid) + CLS, width D={first.dim}, "
+    prefix = "CLS" if first.num_prefix_tokens == 1 else f"{first.num_prefix_tokens} prefix tokens (CLS first)"
+    typer.echo(f"tokens N         {n} patches ({g}x{g} grid) + {prefix}, width D={first.dim}, "
                f"{first.depth} blocks")
     typer.echo(f"prune / split    after block {first.prune_at} / device runs blocks 0..{first.split - 1}"
                + (f" (prune point attn: block {first.prune_at}'s MLP runs on the kept tokens only)"
@@ -62,7 +63,7 @@ def info(
         l = g // m.cfg.region_size
         f = split_flops(m)
         typer.echo(f"\nkeep_ratio {m.keep / n:.4f}: K={m.keep} of N={n} kept "
-                   f"({100 * (1 - m.keep / n):.1f}% pruned), {1 + m.keep} tokens sent")
+                   f"({100 * (1 - m.keep / n):.1f}% pruned), {m.num_prefix_tokens + m.keep} tokens sent")
         typer.echo(f"  regions        {l}x{l} = {l * l} subregions of {m.cfg.region_size}x{m.cfg.region_size} tokens")
         typer.echo(f"  meta-params    {m.num_meta_params():,} ({m.cfg.reconstruction}) = "
                    f"{100 * m.num_meta_params() / m.backbone_params:.4f}% of the model (budget 0.13%)")

@@ -18,6 +18,9 @@ SCORE_ALIASES = {"mercury": "product"}   # the name checkpoints written before t
 RECONSTRUCTIONS = ("meta-pos", "meta-ctx", "meta-local", "none", "zero", "duplicate", "mask", "generator")
 META_RECONSTRUCTIONS = ("meta-pos", "meta-ctx", "meta-local")
 PRUNE_POINTS = ("block", "attn")   # prune after block prune_after_block, or inside it before its MLP
+# the selections that read the CLS token's attention (the others never materialise it)
+ATTENTION_PRUNING = ("topk-attn", "topk-attn-fuse", "janus")
+ATTENTION_SCORES = ("product", "attention")
 
 # Paper: meta-parameters are at most 0.13% of the model (<= 0.11 M for DeiT-B).
 META_BUDGET_FRACTION = 0.0013
@@ -56,6 +59,12 @@ class MercuryConfig:
     def split(self) -> int:
         return self.prune_after_block if self.split_after_block is None else self.split_after_block
 
+    @property
+    def reads_attention(self) -> bool:
+        """Whether the selection reads the CLS attention (else the default model is timm's as is)."""
+        score = SCORE_ALIASES.get(self.score, self.score)
+        return self.pruning in ATTENTION_PRUNING or (self.pruning == "regional" and score in ATTENTION_SCORES)
+
     def num_keep(self, num_patches: int) -> int:
         """K, the number of patch tokens kept (CLS is kept on top of these)."""
         if self.keep_tokens is not None:
@@ -66,9 +75,10 @@ class MercuryConfig:
 
     def validate(self, depth: int, grid: int, has_cls: bool) -> None:
         """Raise ConfigError for any setting this backbone can't run with."""
-        if not has_cls:
-            raise ConfigError(f"{self.timm_model}: Mercury needs a CLS token (global attention "
-                              "is read from it and it is always kept); this model has none")
+        if not has_cls and self.reads_attention:
+            raise ConfigError(f"{self.timm_model} has no CLS token, and {self.pruning} pruning with the "
+                              f"{self.score} score reads the CLS token's attention; use regional pruning "
+                              "with the similarity score (the default), which needs none")
         if self.pruning not in PRUNING_METHODS:
             raise ConfigError(f"unknown pruning {self.pruning!r}; choose from {PRUNING_METHODS}")
         self.score = SCORE_ALIASES.get(self.score, self.score)

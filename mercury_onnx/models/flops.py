@@ -60,7 +60,7 @@ def split_flops(mercury: Mercury) -> dict[str, int]:
             x = blk(x)
         return m.forward_head(m.norm(x))
 
-    full = torch.zeros(1, 1 + mercury.num_patches, mercury.dim)
+    full = torch.zeros(1, mercury.num_prefix_tokens + mercury.num_patches, mercury.dim)
     return {"head": head, "tail": tail, "reconstruction": recon, "total": head + tail, "vanilla": vanilla,
             "vanilla_tail": count_flops(vanilla_tail, full, module=m)}
 

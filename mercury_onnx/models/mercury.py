@@ -1,15 +1,19 @@
 """Mercury over a timm VisionTransformer: forward_head (device) and forward_tail (cloud).
 
 What is modified in the timm model, and why (ToMe-style, no fork):
-- The Attention of each block whose CLS attention we need (the pruning block, and for the
-  Janus-like baseline every pruning block) gets its class swapped to `CLSAttention`. It
-  computes attention explicitly instead of with fused SDPA, because the fused kernel never
-  materialises the attention matrix, and stores the CLS row averaged over heads.
-  Numerically it is timm's unfused path.
+- Only when the selection reads the CLS attention (the `product` and `attention` scores, the
+  top-k / EViT / Janus-like baselines), the Attention of each block whose CLS attention is
+  needed (the pruning block; for the Janus-like baseline every pruning block) gets its class
+  swapped to `CLSAttention`. It computes attention explicitly instead of with fused SDPA,
+  because the fused kernel never materialises the attention matrix, and stores the CLS row
+  averaged over heads. Numerically it is timm's unfused path (a copy of timm 1.0's
+  Attention.forward: tests/models/test_timm_contract.py fails when timm's changes). The
+  default `similarity` score never reads it, so the default model is timm's, untouched.
 - With `prune_point="attn"` the pruning block's forward is taken apart into its two residual
   halves (timm's Block: x + attn(norm1(x)), then x + mlp(norm2(x))): selection runs on the
   stream after the attention half, and the MLP half runs on the kept tokens only.
-- Nothing else. The split follows timm's forward_features chain
+- Nothing else. Prefix tokens (timm's `num_prefix_tokens`: the CLS, a distilled DeiT's
+  distillation token, registers) are always sent and never pruned. The split follows timm's forward_features chain
   (patch_embed -> _pos_embed -> patch_drop -> norm_pre -> blocks -> norm -> forward_head);
   Mercury only cuts `blocks` in two and puts pruning + reconstruction in the cut.
 """
@@ -26,7 +30,10 @@ from .reconstruction import build_reconstruction
 
 
 class CLSAttention(Attention):
-    """timm Attention that also keeps `cls_attn` (B, N): CLS -> patch attention, head-averaged."""
+    """timm Attention that also keeps `cls_attn` (B, T-P): CLS -> patch attention, head-averaged
+    (P = `num_prefix_tokens`, set when the class is swapped in; the CLS is token 0)."""
+
+    num_prefix_tokens = 1
 
     def forward(self, x, attn_mask=None, is_causal=False):
         B, N, C = x.shape
@@ -38,7 +45,7 @@ class CLSAttention(Attention):
         if attn_mask is not None:
             attn = attn + attn_mask
         attn = self.attn_drop(attn.softmax(dim=-1))
-        self.cls_attn = attn[:, :, :1, 1:].mean((1, 2))                  # (B, N-1): one Slice
+        self.cls_attn = attn[:, :, :1, self.num_prefix_tokens:].mean((1, 2))   # (B, N-P): one Slice
         x = (attn @ v).transpose(1, 2).reshape(B, N, self.attn_dim)
         x = self.norm(x)
         if gate is not None:
@@ -46,19 +53,26 @@ class CLSAttention(Attention):
         return self.proj_drop(self.proj(x))
 
 
-def _patch_attention(block: nn.Module) -> None:
+def _check_attention(block: nn.Module) -> None:
     if not isinstance(block.attn, Attention):
         raise ConfigError(f"block attention is {type(block.attn).__name__}, not timm's Attention; "
                           "Mercury supports plain ViT/DeiT blocks")
+
+
+def _patch_attention(block: nn.Module, num_prefix_tokens: int) -> None:
+    _check_attention(block)
     block.attn.__class__ = CLSAttention
+    block.attn.num_prefix_tokens = num_prefix_tokens
 
 
 class Mercury(nn.Module):
     """A timm ViT split into device head and cloud tail with Mercury pruning in between.
 
-    forward_head(images (B,3,H,W)) -> tokens (B, 1+K, D), indices (B, K) ascending
+    forward_head(images (B,3,H,W)) -> tokens (B, P+K, D), indices (B, K) ascending
     forward_tail(tokens, indices) -> logits (B, classes)
     forward(images) = forward_tail(*forward_head(images))
+    P = num_prefix_tokens (timm's: 1 for a plain ViT/DeiT, 2 for a distilled DeiT, 1 + registers):
+    the prefix tokens are sent first, always, and never pruned.
     """
 
     def __init__(self, backbone: nn.Module, cfg: MercuryConfig):
@@ -71,7 +85,8 @@ class Mercury(nn.Module):
         if gh != gw:
             raise ConfigError(f"{cfg.timm_model}: token grid {gh}x{gw} is not square; regional "
                               "pruning needs a sqrt(N) x sqrt(N) grid")
-        has_cls = getattr(m, "cls_token", None) is not None and getattr(m, "num_prefix_tokens", 1) == 1
+        self.has_cls = has_cls = getattr(m, "cls_token", None) is not None   # token 0, if any
+        self.num_prefix_tokens = getattr(m, "num_prefix_tokens", 1)     # [CLS] (+ dist token) (+ registers)
         if getattr(m, "dynamic_img_size", False):
             raise ConfigError("dynamic_img_size models are not supported: K must be static")
         self.depth = len(m.blocks)
@@ -82,10 +97,13 @@ class Mercury(nn.Module):
         self.split = cfg.split
         if cfg.pruning == "janus" and cfg.split_after_block is None:
             self.split = min(self.depth, self.prune_at + cfg.janus_blocks - 1)
-        prune_blocks = range(self.prune_at - 1, self.split) if cfg.pruning == "janus" else [self.prune_at - 1]
-        for i in prune_blocks:
-            _patch_attention(m.blocks[i])
-        self.schedule = (P.janus_schedule(self.num_patches, self.keep, len(prune_blocks))
+        self.prune_blocks = range(self.prune_at - 1, self.split) if cfg.pruning == "janus" else [self.prune_at - 1]
+        for i in self.prune_blocks:
+            _check_attention(m.blocks[i])
+        self.reads_attention = cfg.reads_attention
+        if self.reads_attention:
+            self.record_attention()
+        self.schedule = (P.janus_schedule(self.num_patches, self.keep, len(self.prune_blocks))
                          if cfg.pruning == "janus" else [self.keep])
 
         pos = m.pos_embed[0, -self.num_patches:] if m.pos_embed is not None else torch.zeros(self.num_patches, self.dim)
@@ -93,8 +111,19 @@ class Mercury(nn.Module):
         self.recon = build_reconstruction(
             cfg.reconstruction, num_patches=self.num_patches, dim=self.dim, grid=self.grid,
             num_heads=m.blocks[0].attn.num_heads, pos_embed=pos,
-            backbone_params=self.backbone_params, rank=cfg.meta_rank)
+            backbone_params=self.backbone_params, rank=cfg.meta_rank, prefix=self.num_prefix_tokens)
         self._gen = torch.Generator().manual_seed(cfg.seed)
+
+    def record_attention(self) -> None:
+        """Swap in CLSAttention in the pruning block(s), so forward_prefix returns the CLS
+        attention. Done at build time when this model's selection reads it; callers that share
+        one prefix pass between several methods on this backbone (calibration, evaluation) call
+        it too. The backbone is shared, so the swap holds for every wrapper on it. A model
+        without a CLS token has no CLS attention (and no method that reads it): nothing to do."""
+        if not self.has_cls:
+            return
+        for i in self.prune_blocks:
+            _patch_attention(self.backbone.blocks[i], self.num_prefix_tokens)
 
     # ---------------------------------------------------------------- device
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -102,15 +131,16 @@ class Mercury(nn.Module):
         x = m.patch_embed(images)
         x = m._pos_embed(x)
         x = m.patch_drop(x)
-        return m.norm_pre(x)                                             # (B, 1+N, D)
+        return m.norm_pre(x)                                             # (B, P+N, D)
 
-    def select(self, x: torch.Tensor, cls_attn: torch.Tensor, k: int) -> torch.Tensor:
-        """Which patch tokens to keep: (B, 1+N', D), (B, N') -> (B, K) ascending."""
-        cfg, b, n = self.cfg, x.shape[0], x.shape[1] - 1
+    def select(self, x: torch.Tensor, cls_attn: torch.Tensor | None, k: int) -> torch.Tensor:
+        """Which patch tokens to keep: (B, P+N', D), (B, N') -> (B, K) ascending."""
+        cfg, p = self.cfg, self.num_prefix_tokens
+        b, n = x.shape[0], x.shape[1] - p
         if k >= n:
             return torch.arange(n, device=x.device).unsqueeze(0).expand(b, n)
         if cfg.pruning == "regional":
-            return self.regional_rows(x, cls_attn, k)[:, 1:, 0] - 1
+            return self.regional_rows(x, cls_attn, k)[:, p:, 0] - p
         if cfg.pruning in ("topk-attn", "topk-attn-fuse", "janus"):
             return P.topk_select(cls_attn, k)
         if cfg.pruning == "random":
@@ -119,25 +149,28 @@ class Mercury(nn.Module):
             return P.uniform_select(b, n, k).to(x.device)
         raise ConfigError(f"unknown pruning {cfg.pruning!r}")
 
-    def regional_rows(self, x: torch.Tensor, cls_attn: torch.Tensor, k: int) -> torch.Tensor:
-        """Mercury's selection as token rows (B, 1+K, 1): 0 (CLS), then 1 + kept patch indices."""
-        cost = P.selection_cost(x, cls_attn, self.cfg.score)             # (B, 1+N, 1)
-        return P.regional_rows(cost, k, self.grid, self.cfg.region_size)
+    def regional_rows(self, x: torch.Tensor, cls_attn: torch.Tensor | None, k: int) -> torch.Tensor:
+        """Mercury's selection as token rows (B, P+K, 1): 0..P-1 (the prefix tokens), then
+        P + kept patch indices."""
+        p = self.num_prefix_tokens
+        cost = P.selection_cost(x, cls_attn, self.cfg.score, prefix=p)   # (B, P+N, 1)
+        return P.regional_rows(cost, k, self.grid, self.cfg.region_size, prefix=p)
 
     def forward_prefix(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Blocks [0, prune_after_block) (prune_point "attn": the last one's attention half
-        only): the part every pruning method shares. -> x (B, 1+N, D), cls_attn (B, N).
-        (Evaluation reuses it across methods.)"""
+        only): the part every pruning method shares. -> x (B, P+N, D), cls_attn (B, N), or None
+        when the attention is not recorded (the default similarity score; see
+        record_attention). (Evaluation reuses it across methods.)"""
         blocks = self.backbone.blocks
         x = self.embed(images)
         for blk in blocks[: self.prune_at - 1]:
             x = blk(x)
         blk = blocks[self.prune_at - 1]
         if self.cfg.prune_point == "attn":
-            x = x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x))))      # (B, 1+N, D) attention half
+            x = x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x))))      # (B, P+N, D) attention half
         else:
             x = blk(x)
-        return x, blk.attn.cls_attn
+        return x, blk.attn.cls_attn if isinstance(blk.attn, CLSAttention) else None
 
     def finish_prune_block(self, x: torch.Tensor) -> torch.Tensor:
         """The pruning block's MLP half on whatever tokens x holds (B, T, D) with prune_point
@@ -151,25 +184,29 @@ class Mercury(nn.Module):
     def forward_head(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.prune(*self.forward_prefix(images))
 
-    def prune(self, x: torch.Tensor, cls_attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def prune(self, x: torch.Tensor, cls_attn: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """From the prefix output to what the device sends: select, gather, the pruning block's
         MLP half on the kept tokens (prune_point "attn"), the rest of the device blocks
-        (EViT / Janus-like baselines) -> tokens (B, 1+K, D), indices (B, K)."""
-        blocks = self.backbone.blocks
+        (EViT / Janus-like baselines) -> tokens (B, P+K, D), indices (B, K)."""
+        blocks, p = self.backbone.blocks, self.num_prefix_tokens
         k0 = self.schedule[0]
+        if self.reads_attention and cls_attn is None:
+            raise ConfigError(f"{self.cfg.pruning} pruning with the {self.cfg.score} score reads the CLS "
+                              "attention, but the prefix was run without it: call record_attention() "
+                              "on the model that runs the prefix first")
         if self.cfg.pruning == "regional" and k0 < self.num_patches:   # rows: the gather index as is
-            rows = self.regional_rows(x, cls_attn, k0)                   # (B, 1+K0, 1)
-            tokens, idx = P.batch_gather(x, rows), rows[:, 1:, 0] - 1    # (B, 1+K0, D), (B, K0)
+            rows = self.regional_rows(x, cls_attn, k0)                   # (B, P+K0, 1)
+            tokens, idx = P.batch_gather(x, rows), rows[:, p:, 0] - p    # (B, P+K0, D), (B, K0)
         else:
             idx = self.select(x, cls_attn, k0)                           # (B, K0)
-            tokens = P.gather_tokens(x, idx)                             # (B, 1+K0, D)
-        fused = (P.fuse_pruned(x, idx, cls_attn)
+            tokens = P.gather_tokens(x, idx, p)                          # (B, P+K0, D)
+        fused = (P.fuse_pruned(x, idx, cls_attn, p)
                  if self.cfg.pruning == "topk-attn-fuse" and idx.shape[1] < self.num_patches else None)
         if fused is not None and self.cfg.prune_point == "attn":   # the MLP half on kept + fused
             out = self.finish_prune_block(torch.cat([tokens, fused], 1))
             tokens, fused = out[:, :-1], out[:, -1:]
         else:
-            tokens = self.finish_prune_block(tokens)                     # (B, 1+K0, D)
+            tokens = self.finish_prune_block(tokens)                     # (B, P+K0, D)
         for step, blk in enumerate(blocks[self.prune_at: self.split], start=1):
             if fused is not None:   # EViT: the fused token rides along as the last token
                 out = blk(torch.cat([tokens, fused], 1))
@@ -179,15 +216,15 @@ class Mercury(nn.Module):
             if self.cfg.pruning == "janus":   # progressive: drop more after each device block
                 sub = P.topk_select(blk.attn.cls_attn, self.schedule[step])   # into current kept
                 idx = torch.gather(idx, 1, sub)
-                tokens = P.gather_tokens(tokens, sub)
+                tokens = P.gather_tokens(tokens, sub, p)
         if fused is not None:
-            tokens = torch.cat([tokens, fused], 1)                       # (B, 1+K+1, D)
+            tokens = torch.cat([tokens, fused], 1)                       # (B, P+K+1, D)
         return tokens, idx
 
     # ---------------------------------------------------------------- cloud
     def forward_tail(self, tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         m = self.backbone
-        x = self.recon(tokens, indices)                                  # (B, 1+N, D)
+        x = self.recon(tokens, indices)                                  # (B, P+N, D)
         for blk in m.blocks[self.split:]:
             x = blk(x)
         x = m.norm(x)

@@ -8,11 +8,14 @@ The formulations are shaped for the exported head. There every small op is one O
 runs cold right after the block's large matmuls, so the default pruning is as few kernels as
 possible (15 after the block): the similarity as a normalised copy and two MatMuls, ranked as
 it is (lower = more distinct, no Sub, no Slice of the CLS); the subregions as constant index
-tables over the 1+N token rows, with the CLS as one more subregion that always wins, so the
-TopK's rows are the GatherND index as they are (no Add, Pad, Unsqueeze). What each kernel
-costs, and the earlier formulations measured against this one: docs/results/export.md.
+tables over the P+N token rows, with each prefix token (the CLS, and a distilled DeiT's
+distillation token or a ViT's registers: timm's `num_prefix_tokens`) as one more subregion
+that always wins, so the TopK's rows are the GatherND index as they are (no Add, Pad,
+Unsqueeze). What each kernel costs, and the earlier formulations measured against this one:
+docs/results/export.md.
 
-Shapes: B batch, N patch tokens (a g x g grid, N = g*g), D width, K kept patch tokens.
+Shapes: B batch, P prefix tokens, N patch tokens (a g x g grid, N = g*g), D width, K kept
+patch tokens.
 Ties: every selection takes the lower index first among equal scores (the rule of ONNX TopK
 and ArgMin/ArgMax), in eager PyTorch too, so torch and the ONNX head pick the same tokens.
 """
@@ -47,13 +50,13 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
 
 def similarity_cost(tokens: torch.Tensor, skip: int = 0) -> torch.Tensor:
     """Mean cosine similarity of each token to the patch tokens, up to a constant: (B, T, D) ->
-    (B, T, 1). The first `skip` tokens (the CLS) are left out of the sum. Lower = more distinct:
+    (B, T, 1). The first `skip` tokens (the prefix tokens: CLS, ...) are left out of the sum. Lower = more distinct:
     distinctness d_i = 1 + c - cost_i (Eq. 11).
 
     With x^ = x / |x| and S = sum_j x^_j over the N patches, mean_{j != i} cos(x_i, x_j) =
     (x^_i . S - 1) / (N - 1), so this costs O(N D) instead of the O(N^2 D) of the similarity
     matrix: cost_i = x^_i . (c S), c = 1 / (N - 1). In the exported head that is 4 kernels:
-    LpNormalization, MatMul by a constant (1, T) weight (c, 0 for the CLS), Reshape, MatMul.
+    LpNormalization, MatMul by a constant (1, T) weight (c, 0 for the prefix tokens), Reshape, MatMul.
     """
     t, d = tokens.shape[1:]
     c = 1.0 / max(t - skip - 1, 1)
@@ -65,14 +68,14 @@ def similarity_cost(tokens: torch.Tensor, skip: int = 0) -> torch.Tensor:
 
 def distinctness(tokens: torch.Tensor, skip: int = 0) -> torch.Tensor:
     """1 - mean cosine similarity of each patch token to the other patch tokens (Eq. 11).
-    tokens (B, skip+N, D): the first `skip` tokens (the CLS) take no part -> (B, N)."""
+    tokens (B, skip+N, D): the first `skip` tokens (the prefix tokens) take no part -> (B, N)."""
     c = 1.0 / max(tokens.shape[1] - skip - 1, 1)
     return (1.0 + c) - similarity_cost(tokens, skip)[:, skip:, 0]
 
 
 def semantic_score(tokens: torch.Tensor, cls_attn: torch.Tensor, variant: str = "similarity",
                    skip: int = 0) -> torch.Tensor:
-    """Eq. 12. tokens (B, skip+N, D) (the first `skip` of them are not patches, as the CLS),
+    """Eq. 12. tokens (B, skip+N, D) (the first `skip` of them are not patches: the prefix tokens),
     cls_attn (B, N) -> score (B, N), higher = more worth sending.
 
     similarity: s_i = d_i        (d: distinctness, Eq. 11)  -- the default
@@ -98,13 +101,15 @@ def semantic_score(tokens: torch.Tensor, cls_attn: torch.Tensor, variant: str = 
     raise ValueError(f"unknown score variant {variant!r}")
 
 
-def selection_cost(x: torch.Tensor, cls_attn: torch.Tensor, variant: str = "similarity") -> torch.Tensor:
-    """What regional_rows ranks: x (B, 1+N, D), cls_attn (B, N) -> (B, 1+N, 1), lower = keep;
-    row 0 (the CLS) is always kept, whatever its value. For the default score this is the
-    similarity cost itself (no Sub to turn it into d, no Slice to drop the CLS)."""
+def selection_cost(x: torch.Tensor, cls_attn: torch.Tensor | None, variant: str = "similarity",
+                   prefix: int = 1) -> torch.Tensor:
+    """What regional_rows ranks: x (B, P+N, D), cls_attn (B, N) -> (B, P+N, 1), lower = keep;
+    rows 0..P-1 (the prefix tokens: CLS, distillation, registers) are always kept, whatever
+    their value. For the default score this is the similarity cost itself (no Sub to turn it
+    into d, no Slice to drop the prefix), and cls_attn is not read (it may be None)."""
     if SCORE_ALIASES.get(variant, variant) == "similarity":
-        return similarity_cost(x, skip=1)
-    return F.pad(-semantic_score(x, cls_attn, variant, skip=1), (1, 0)).unsqueeze(-1)
+        return similarity_cost(x, skip=prefix)
+    return F.pad(-semantic_score(x, cls_attn, variant, skip=prefix), (prefix, 0)).unsqueeze(-1)
 
 
 # ---------------------------------------------------------------- selection
@@ -141,40 +146,57 @@ def region_order(grid: int, region: int) -> torch.Tensor:
     return ids.reshape(l * l, region * region)
 
 
-def _row_tables(grid: int, region: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Constant tables over the 1+N token rows (row 0 = CLS, row 1+p = patch p):
-    members (l^2+1, r^2): subregion j's rows, then a last 'subregion' made of the CLS row only
-    (repeated), whose winner is therefore always slot 0, the CLS;
-    region_of (1+N,), slot_of (1+N, 1): each row's subregion and its slot in it."""
+def check_regions(n: int, k: int, grid: int, region: int) -> None:
+    """Algorithm 1's preconditions, on static ints (at trace time, nothing in the graph):
+    N = g*g patches, r divides g, and l^2 <= K <= N (every subregion keeps its winner)."""
+    if n != grid * grid:
+        raise ValueError(f"{n} patch scores for a {grid}x{grid} grid ({grid * grid} patches)")
+    if region < 1 or grid % region:
+        raise ValueError(f"region size {region} does not divide the {grid}x{grid} token grid; "
+                         f"pick a divisor of {grid}")
+    regions = (grid // region) ** 2
+    if not regions <= k <= n:
+        raise ValueError(f"K={k} must be in {regions}..{n}: each of the {regions} subregions (l^2) "
+                         f"keeps one token, and there are {n} patches")
+
+
+def _row_tables(grid: int, region: int, prefix: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Constant tables over the P+N token rows (rows 0..P-1 = prefix tokens, row P+p = patch p):
+    members (l^2+P, r^2): subregion j's rows, then P more 'subregions', each made of one prefix
+    row only (repeated), whose winner is therefore always that prefix token;
+    region_of (P+N,), slot_of (P+N, 1): each row's subregion and its slot in it."""
     order = region_order(grid, region)                                  # (l^2, r^2)
     r2, l2 = order.shape[1], order.shape[0]
-    members = torch.cat([order + 1, torch.zeros(1, r2, dtype=torch.long)])
+    members = torch.cat([order + prefix, torch.arange(prefix).unsqueeze(-1).expand(prefix, r2)])
     place = torch.argsort(order.flatten())                              # (N,) each patch's place in `order`
-    region_of = torch.cat([torch.tensor([l2]), place // r2])
-    slot_of = torch.cat([torch.tensor([0]), place % r2]).unsqueeze(-1)
+    region_of = torch.cat([l2 + torch.arange(prefix), place // r2])
+    slot_of = torch.cat([torch.zeros(prefix, dtype=torch.long), place % r2]).unsqueeze(-1)
     return members, region_of, slot_of
 
 
-def regional_rows(cost: torch.Tensor, k: int, grid: int, region: int) -> torch.Tensor:
-    """Eq. 15-17 on token rows: cost (B, 1+N, 1), lower = keep -> rows (B, 1+K, 1) ascending:
-    0 (the CLS), then 1 + the kept patch indices. Every subregion's winner (its lowest cost, the
-    first one in raster order on a tie) and the CLS are lowered to -inf, so one TopK takes them
-    and then the K - l^2 lowest of the rest (lower index first on equal costs). Eq. 18 (the
-    pruned set) is the complement and is never materialised.
+def regional_rows(cost: torch.Tensor, k: int, grid: int, region: int, prefix: int = 1) -> torch.Tensor:
+    """Eq. 15-17 on token rows: cost (B, P+N, 1), lower = keep -> rows (B, P+K, 1) ascending:
+    0..P-1 (the prefix tokens), then P + the kept patch indices. Every subregion's winner (its
+    lowest cost, the first one in raster order on a tie) and the prefix rows are lowered to
+    -inf, so one TopK takes them and then the K - l^2 lowest of the rest (lower index first on
+    equal costs). Eq. 18 (the pruned set) is the complement and is never materialised.
 
     Exported: Gather (costs by subregion, a constant index table), ArgMin, Gather (each row's
     winner slot), Equal, Where, TopK, TopK (ascending): 7 kernels, and the rows are the
-    GatherND index as they are.
+    GatherND index as they are. Raises ValueError (while tracing, on static sizes) unless r
+    divides g and l^2 <= K <= N.
     """
-    members, region_of, slot_of = (t.to(cost.device) for t in _row_tables(grid, region))
-    win = cost[:, members].argmin(dim=2)                                 # (B, l^2+1, 1)  Eq. 15
-    is_winner = win[:, region_of] == slot_of                             # (B, 1+N, 1)  Eq. 16, CLS too
-    key = torch.where(is_winner, float("-inf"), cost)                    # (B, 1+N, 1)
-    return sort_indices(bottom_k(key, k + 1), dim=1)                     # (B, 1+K, 1)
+    check_regions(cost.shape[1] - prefix, k, grid, region)
+    members, region_of, slot_of = (t.to(cost.device) for t in _row_tables(grid, region, prefix))
+    win = cost[:, members].argmin(dim=2)                                 # (B, l^2+P, 1)  Eq. 15
+    is_winner = win[:, region_of] == slot_of                             # (B, P+N, 1)  Eq. 16, prefix too
+    key = torch.where(is_winner, float("-inf"), cost)                    # (B, P+N, 1)
+    return sort_indices(bottom_k(key, k + prefix), dim=1)                # (B, P+K, 1)
 
 
 def regional_select(scores: torch.Tensor, k: int, grid: int, region: int) -> torch.Tensor:
-    """Eq. 17 on patch scores (B, N), higher = keep -> (B, K) sorted patch indices."""
+    """Eq. 17 on patch scores (B, N), higher = keep -> (B, K) sorted patch indices.
+    Raises ValueError unless r divides g and l^2 <= K <= N (regional_rows checks)."""
     rows = regional_rows(F.pad(-scores, (1, 0)).unsqueeze(-1), k, grid, region)
     return rows[:, 1:, 0] - 1
 
@@ -225,17 +247,18 @@ def batch_gather(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return _gather_rows(x, rows if rows.dim() == 2 else rows[..., 0])
 
 
-def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x (B, 1+N, D), idx (B, K) patch indices -> (B, 1+K, D), CLS first."""
-    return batch_gather(x, F.pad(idx + 1, (1, 0)))                      # rows (B, 1+K): CLS = row 0
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor, prefix: int = 1) -> torch.Tensor:
+    """x (B, P+N, D), idx (B, K) patch indices -> (B, P+K, D): the P prefix tokens first."""
+    head = torch.arange(prefix, device=idx.device).expand(idx.shape[0], prefix)   # (B, P)
+    return batch_gather(x, torch.cat([head, idx + prefix], 1))           # rows (B, P+K)
 
 
-def fuse_pruned(x: torch.Tensor, idx: torch.Tensor, cls_attn: torch.Tensor) -> torch.Tensor:
+def fuse_pruned(x: torch.Tensor, idx: torch.Tensor, cls_attn: torch.Tensor, prefix: int = 1) -> torch.Tensor:
     """EViT: the pruned tokens, averaged with their CLS-attention weights -> (B, 1, D)."""
     keep = torch.zeros_like(cls_attn).scatter(1, idx, 1.0)              # (B, N)
     w = cls_attn * (1.0 - keep)
     w = w / w.sum(-1, keepdim=True).clamp_min(1e-12)
-    return (w.unsqueeze(-1) * x[:, 1:]).sum(1, keepdim=True)
+    return (w.unsqueeze(-1) * x[:, prefix:]).sum(1, keepdim=True)
 
 
 def janus_schedule(n: int, k: int, steps: int, decay: float = 0.5) -> list[int]:

@@ -1,4 +1,7 @@
-"""Cloud-side reconstruction: (B, 1+K, D) kept tokens + (B, K) indices -> (B, 1+N, D).
+"""Cloud-side reconstruction: (B, P+K, D) kept tokens + (B, K) indices -> (B, P+N, D).
+
+P prefix tokens (timm's `num_prefix_tokens`: the CLS, a distilled DeiT's distillation token,
+registers) come first, are always received, and pass through as they are.
 
 Received tokens go back to their positions with one scatter (ScatterElements in ONNX, no
 FLOPs; meta-local, the default, needs none: see MetaLocal.forward); pruned positions get a
@@ -15,7 +18,7 @@ too, behind the same call.
 | duplicate | the spatially nearest received token                      | 0                  |
 | mask      | m + pos_embed_i (one MAE-style mask token)                | D                  |
 | generator | a transformer block's output over [received ; mask+pos]   | ~12 D^2 (!)        |
-| none      | nothing: the tail runs on the K+1 received tokens         | 0                  |
+| none      | nothing: the tail runs on the P+K received tokens         | 0                  |
 
 Rank r is the largest that fits the budget unless given.
 """
@@ -29,17 +32,19 @@ from . import pruning as P
 from .config import ConfigError, meta_budget
 
 
-def scatter_kept(fill: torch.Tensor, tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """fill (B, N, D) with tokens[:, 1:] put at idx; CLS prepended -> (B, 1+N, D)."""
+def scatter_kept(fill: torch.Tensor, tokens: torch.Tensor, idx: torch.Tensor, p: int = 1) -> torch.Tensor:
+    """fill (B, N, D) with tokens[:, P:] put at idx; the P prefix tokens prepended -> (B, P+N, D)."""
     d = tokens.shape[-1]
-    patches = fill.scatter(1, idx.unsqueeze(-1).expand(-1, -1, d), tokens[:, 1:])
-    return torch.cat([tokens[:, :1], patches], dim=1)
+    patches = fill.scatter(1, idx.unsqueeze(-1).expand(-1, -1, d), tokens[:, p:])
+    return torch.cat([tokens[:, :p], patches], dim=1)
 
 
 class Reconstruction(nn.Module):
-    """Base: subclasses define fill(tokens, idx) -> (B, N, D). `learned` = needs calibration."""
+    """Base: subclasses define fill(tokens, idx) -> (B, N, D). `learned` = needs calibration.
+    tokens (B, P+K, D): the P prefix tokens, then the K received patch tokens."""
 
     learned = False
+    prefix = 1                                                           # P, set by build_reconstruction
 
     def __init__(self, num_patches: int, dim: int):
         super().__init__()
@@ -49,7 +54,7 @@ class Reconstruction(nn.Module):
         raise NotImplementedError
 
     def forward(self, tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return scatter_kept(self.fill(tokens, idx), tokens, idx)
+        return scatter_kept(self.fill(tokens, idx), tokens, idx, self.prefix)
 
     def num_meta_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -86,7 +91,7 @@ class MetaCtx(MetaPos):
         self.ctx_up = nn.Parameter(torch.randn(rank, dim) * 0.02)       # (r, D)
 
     def fill(self, tokens, idx):
-        ctx = tokens[:, 1:].mean(1)                                      # (B, D)
+        ctx = tokens[:, self.prefix:].mean(1)                            # (B, D)
         adapt = (ctx @ self.ctx_down) @ self.ctx_up                      # (B, D)
         meta = self.pos_code @ self.basis + self.bias                    # (N, D)
         return meta.unsqueeze(0) + adapt.unsqueeze(1)                    # (B, N, D)
@@ -110,15 +115,16 @@ class MetaLocal(MetaCtx):
         """scatter_kept(fill(tokens, idx)) without the scatter. A received position's nearest
         received token is itself (distance 0), so one row gather puts every received token in
         place and the neighbour copy everywhere else; the correction is then added only where
-        nothing was received (CLS included as row 0, with no correction). In ONNX: a GatherND and
-        a few (B, N) ops instead of int64 (B, N, D) and (B, K, D) index Expands, GatherElements
+        nothing was received (the P prefix tokens included, as rows 0..P-1, with no correction).
+        In ONNX: a GatherND and a few (B, N) ops instead of int64 (B, N, D) and (B, K, D) index Expands, GatherElements
         and ScatterElements, whose generic per-element index loops made the DeiT-T tail ~2.5%
         slower than the vanilla tail (docs/results/export.md)."""
+        p = self.prefix
         rank = self.nearest.nearest_rank(idx)                            # (B, N) into kept
-        x = P.batch_gather(tokens, F.pad(rank + 1, (1, 0)))              # (B, 1+N, D)  row 0 = CLS
+        x = P.gather_tokens(tokens, rank, p)                             # (B, P+N, D)  prefix first
         received = torch.gather(idx, 1, rank) == self.nearest.positions   # (B, N)
-        missing = F.pad(torch.where(received, 0.0, 1.0), (1, 0)).unsqueeze(-1)   # (B, 1+N, 1)  CLS: 0
-        meta = F.pad(self.pos_code @ self.basis + self.bias, (0, 0, 1, 0))   # (1+N, D)
+        missing = F.pad(torch.where(received, 0.0, 1.0), (p, 0)).unsqueeze(-1)   # (B, P+N, 1)  prefix: 0
+        meta = F.pad(self.pos_code @ self.basis + self.bias, (0, 0, p, 0))   # (P+N, D)
         return x + (meta + (x @ self.ctx_down) @ self.ctx_up) * missing
 
 
@@ -160,7 +166,7 @@ class DuplicateNearest(Reconstruction):
         return self.dist[idx].argmin(1)                                  # (B, K, N) -> (B, N)
 
     def fill(self, tokens, idx):
-        return P.batch_gather(tokens, self.nearest_rank(idx) + 1)        # (B, N, D)
+        return P.batch_gather(tokens, self.nearest_rank(idx) + self.prefix)   # (B, N, D)
 
 
 class Generator(MaskToken):
@@ -173,26 +179,26 @@ class Generator(MaskToken):
         self.block = Block(dim, num_heads)
 
     def forward(self, tokens, idx):
-        x = scatter_kept(super().fill(tokens, idx), tokens, idx)         # (B, 1+N, D)
-        pred = self.block(x)[:, 1:]                                      # (B, N, D)
-        return scatter_kept(pred, tokens, idx)
+        x = scatter_kept(super().fill(tokens, idx), tokens, idx, self.prefix)   # (B, P+N, D)
+        pred = self.block(x)[:, self.prefix:]                            # (B, N, D)
+        return scatter_kept(pred, tokens, idx, self.prefix)
 
 
 def build_reconstruction(name: str, *, num_patches: int, dim: int, grid: int, num_heads: int,
                          pos_embed: torch.Tensor, backbone_params: int,
-                         rank: int | None = None) -> Reconstruction:
-    """pos_embed: (N, D), the backbone's position embedding of the patch tokens."""
+                         rank: int | None = None, prefix: int = 1) -> Reconstruction:
+    """pos_embed: (N, D), the backbone's position embedding of the patch tokens; prefix: P."""
     if name == "none":
-        return NoReconstruction(num_patches, dim)
-    if name == "zero":
-        return ZeroPos(num_patches, dim, pos_embed)
-    if name == "mask":
-        return MaskToken(num_patches, dim, pos_embed)
-    if name == "duplicate":
-        return DuplicateNearest(num_patches, dim, grid)
-    if name == "generator":
-        return Generator(num_patches, dim, pos_embed, num_heads)
-    if name in ("meta-pos", "meta-ctx", "meta-local"):
+        recon = NoReconstruction(num_patches, dim)
+    elif name == "zero":
+        recon = ZeroPos(num_patches, dim, pos_embed)
+    elif name == "mask":
+        recon = MaskToken(num_patches, dim, pos_embed)
+    elif name == "duplicate":
+        recon = DuplicateNearest(num_patches, dim, grid)
+    elif name == "generator":
+        recon = Generator(num_patches, dim, pos_embed, num_heads)
+    elif name in ("meta-pos", "meta-ctx", "meta-local"):
         budget = meta_budget(backbone_params)
         per_rank = num_patches + dim if name == "meta-pos" else num_patches + 3 * dim
         fixed = dim                                                      # the bias / mask token
@@ -202,7 +208,11 @@ def build_reconstruction(name: str, *, num_patches: int, dim: int, grid: int, nu
             raise ConfigError(f"{name}: rank {rank} does not fit the meta-parameter budget "
                               f"({budget} params = 0.13% of {backbone_params}); max rank {max_rank}")
         if name == "meta-local":
-            return MetaLocal(num_patches, dim, rank, grid)
-        cls = MetaPos if name == "meta-pos" else MetaCtx
-        return cls(num_patches, dim, rank)
-    raise ConfigError(f"unknown reconstruction {name!r}")
+            recon = MetaLocal(num_patches, dim, rank, grid)
+            recon.nearest.prefix = prefix
+        else:
+            recon = (MetaPos if name == "meta-pos" else MetaCtx)(num_patches, dim, rank)
+    else:
+        raise ConfigError(f"unknown reconstruction {name!r}")
+    recon.prefix = prefix
+    return recon

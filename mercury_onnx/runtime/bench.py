@@ -33,15 +33,15 @@ JPEG_QUALITY = 90
 
 
 # ----------------------------------------------------------------------------- payloads
-def mercury_payload_bytes(k: int, dim: int, num_patches: int, token_dtype: str) -> int:
-    """Bytes of one image's token payload, from the runtime codec's real encoding."""
+def mercury_payload_bytes(k: int, dim: int, num_patches: int, token_dtype: str, prefix: int = 1) -> int:
+    """Bytes of one image's token payload (P = prefix tokens), from the runtime codec's real encoding."""
     try:
         from . import codec
     except ImportError:   # the same layout as docs/FORMAT.md "Token payload", computed
         item = {"fp16": 2, "int8": 1, "fp32": 4}[token_dtype]
-        return (40 + (1 + k) * dim * item + (4 * (1 + k) if token_dtype == "int8" else 0)
+        return (40 + (prefix + k) * dim * item + (4 * (prefix + k) if token_dtype == "int8" else 0)
                 + k * (2 if num_patches < 32768 else 4))
-    tokens = np.zeros((1, 1 + k, dim), np.float32)
+    tokens = np.zeros((1, prefix + k, dim), np.float32)
     idx = np.arange(k, dtype=np.int64)[None]
     return len(codec.encode(tokens, idx, model_id="0" * 16, keep_ratio=k / num_patches,
                             num_patches=num_patches, token_dtype=token_dtype))
@@ -179,14 +179,14 @@ def build_strategies(s: ModelSetup, device: DeviceProfile, cloud: CloudProfile, 
         for dt in token_dtypes:
             head_file = files.get("head_tok8") if dt == "int8" and files.get("head_tok8") else files.get("head")
             ms, meas = dev(flops[("head", k)], head_file)
-            nbytes = mercury_payload_bytes(k, s.geom.dim, s.geom.num_patches, dt)
+            nbytes = mercury_payload_bytes(k, s.geom.dim, s.geom.num_patches, dt, s.geom.num_prefix_tokens)
             out.append(Strategy("mercury", round(r, 6), dt, ms, np.array([float(nbytes)]), cloud_ms,
                                 lookup_top1(evals, "mercury", r, dt, recon),
                                 (["device_compute"] if meas else []) + ["payload_bytes"]
                                 + (["cloud_compute"] if cm else [])))
         for c in s.codecs(k):
             head_file, tail_file = c["head"]["file"], c["tail"]["file"]
-            proj = 2 * (1 + k) * s.geom.dim * c["dims"]                 # the projection (and back), counted
+            proj = 2 * (s.geom.num_prefix_tokens + k) * s.geom.dim * c["dims"]                 # the projection (and back), counted
             ms, meas = dev(flops[("head", k)] + proj, head_file)
             cms, cm = cld(flops[("tail", k)] + proj, tail_file)
             sizes = codec_payloads(s, k, c, images)
@@ -198,7 +198,7 @@ def build_strategies(s: ModelSetup, device: DeviceProfile, cloud: CloudProfile, 
                                       f"through {head_file}, mean {sizes.mean():.0f} B"))
         jh, jt = flops[("janus_head", k)], flops[("janus_tail", k)]
         for dt in token_dtypes:
-            nbytes = mercury_payload_bytes(k, s.geom.dim, s.geom.num_patches, dt)
+            nbytes = mercury_payload_bytes(k, s.geom.dim, s.geom.num_patches, dt, s.geom.num_prefix_tokens)
             out.append(Strategy("janus-like", round(r, 6), dt, dev(jh)[0], np.array([float(nbytes)]), cld(jt)[0],
                                 lookup_top1(evals, "janus-like", r, dt), ["payload_bytes"],
                                 notes=f"{JANUS_BLOCKS} device blocks, tokens "

@@ -130,8 +130,8 @@ def resolve_cloud(spec: str, server: str | None, setup, progress=print):
         from .profiles import image_feed
         ms[m["full"]["file"]] = time_graph(setup.export_dir / m["full"]["file"], image_feed(m))
         for v in m["variants"]:
-            k, d = v["keep_tokens"], m["dim"]
-            feeds = {"tokens": np.random.default_rng(0).standard_normal((1, 1 + k, d)).astype(np.float32),
+            k, d, p = v["keep_tokens"], m["dim"], m.get("num_prefix_tokens", 1)
+            feeds = {"tokens": np.random.default_rng(0).standard_normal((1, p + k, d)).astype(np.float32),
                      "indices": np.arange(k, dtype=np.int64)[None] * (m["num_patches"] // k)}
             ms[v["tail"]["file"]] = time_graph(setup.export_dir / v["tail"]["file"], feeds)
         full_flops = graph_flops(setup)["full"]
@@ -151,8 +151,8 @@ def resolve_cloud(spec: str, server: str | None, setup, progress=print):
             raise BenchError(f"serve-tail at {server} is not ready")
         m = setup.manifest
         for v in m["variants"]:
-            k, d = v["keep_tokens"], m["dim"]
-            inputs = {"tokens": np.zeros((1, 1 + k, d), np.float32),
+            k, d, p = v["keep_tokens"], m["dim"], m.get("num_prefix_tokens", 1)
+            inputs = {"tokens": np.zeros((1, p + k, d), np.float32),
                       "indices": (np.arange(k, dtype=np.int64) * (m["num_patches"] // k))[None]}
             times = []
             for i in range(12):

@@ -3,10 +3,15 @@
     header (40 bytes, little-endian)
       magic b"MRCT" | u8 version | u8 token dtype | u8 index dtype | u8 reserved
       8 bytes model id (the manifest's 16 hex chars) | f32 keep ratio | u32 B | u32 K | u32 D
-      | u32 N (patch tokens, for the index range check) | u32 reserved
-    tokens   (B, 1+K, D)  fp16, int8 or fp32
-    scales   (B, 1+K, 1)  f32, int8 tokens only: token = int8 * scale
+      | u32 N (patch tokens, for the index range check) | u32 P (prefix tokens; version 2)
+    tokens   (B, P+K, D)  fp16, int8 or fp32
+    scales   (B, P+K, 1)  f32, int8 tokens only: token = int8 * scale
     indices  (B, K)       int16 when N < 32768, else int32
+
+P is the backbone's prefix tokens sent ahead of the K patch tokens: 1 (the CLS) for a plain
+ViT/DeiT, 2 for a distilled DeiT, more with registers. Version 1 had a reserved 0 where
+version 2 has P, and meant P = 1: a payload with P = 1 is still written as version 1, byte for
+byte, so version-1 readers keep reading it, and they refuse one with P != 1 by its version.
 
 Int8 is symmetric per token (scale = max|x| / 127), which is what the tok8 head emits too.
 `pack` / `unpack` do the dtype work alone (the KServe client sends the packed arrays as
@@ -21,7 +26,8 @@ from importlib import resources
 import numpy as np
 
 MAGIC = b"MRCT"
-VERSION = 1
+VERSION = 2                                                           # written when P != 1
+VERSIONS = (1, 2)                                                     # read
 _HEADER = struct.Struct("<4sBBBB8sfIIIII")
 HEADER_SIZE = _HEADER.size                                            # 40
 TOKEN_DTYPES = {"fp16": (1, np.float16), "int8": (2, np.int8), "fp32": (3, np.float32)}
@@ -66,9 +72,9 @@ class CodecError(ValueError):
 @dataclass
 class Packed:
     """The wire form of one head output: tokens in the wire dtype, scales for int8, small indices."""
-    tokens: np.ndarray              # (B, 1+K, D) fp16 | int8 | fp32
+    tokens: np.ndarray              # (B, P+K, D) fp16 | int8 | fp32
     indices: np.ndarray             # (B, K) int16 | int32
-    scales: np.ndarray | None       # (B, 1+K, 1) float32, int8 only
+    scales: np.ndarray | None       # (B, P+K, 1) float32, int8 only
 
     @property
     def token_dtype(self) -> str:
@@ -91,6 +97,7 @@ class Header:
     keep: int
     dim: int
     num_patches: int
+    num_prefix_tokens: int = 1      # P
 
 
 def index_dtype(num_patches: int) -> str:
@@ -113,8 +120,8 @@ def pack(tokens: np.ndarray, indices: np.ndarray, num_patches: int, token_dtype:
     if token_dtype not in TOKEN_DTYPES:
         raise CodecError(f"token dtype {token_dtype!r}: use one of {sorted(TOKEN_DTYPES)}")
     if tokens.ndim != 3 or indices.ndim != 2 or tokens.shape[0] != indices.shape[0] \
-            or tokens.shape[1] != indices.shape[1] + 1:
-        raise CodecError(f"tokens {tokens.shape} and indices {indices.shape} are not (B, 1+K, D) and (B, K)")
+            or tokens.shape[1] < indices.shape[1]:
+        raise CodecError(f"tokens {tokens.shape} and indices {indices.shape} are not (B, P+K, D) and (B, K)")
     idx = np.ascontiguousarray(indices, dtype=INDEX_DTYPES[index_dtype(num_patches)][1])
     if tokens.dtype == np.int8:
         if token_dtype != "int8" or scales is None:
@@ -127,7 +134,7 @@ def pack(tokens: np.ndarray, indices: np.ndarray, num_patches: int, token_dtype:
 
 
 def unpack(p: Packed, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """Wire arrays -> float tokens (B, 1+K, D) in `dtype`, int64 indices (B, K)."""
+    """Wire arrays -> float tokens (B, P+K, D) in `dtype`, int64 indices (B, K)."""
     if p.scales is not None:
         tokens = (p.tokens.astype(np.float32) * p.scales).astype(dtype, copy=False)
     else:
@@ -146,9 +153,11 @@ def encode(tokens: np.ndarray, indices: np.ndarray, *, model_id: str, keep_ratio
     if len(mid) != 8:
         raise CodecError(f"model id {model_id!r} is not 16 hex characters (the manifest's model_id)")
     b, t, d = p.tokens.shape
-    header = _HEADER.pack(MAGIC, VERSION, TOKEN_DTYPES[p.token_dtype][0],
+    k = p.indices.shape[1]
+    prefix = t - k
+    header = _HEADER.pack(MAGIC, 1 if prefix == 1 else VERSION, TOKEN_DTYPES[p.token_dtype][0],
                           INDEX_DTYPES[index_dtype(num_patches)][0], 0, mid, keep_ratio,
-                          b, t - 1, d, num_patches, 0)
+                          b, k, d, num_patches, 0 if prefix == 1 else prefix)
     parts = [header, p.tokens.tobytes()]
     if p.scales is not None:
         parts.append(p.scales.tobytes())
@@ -159,18 +168,20 @@ def encode(tokens: np.ndarray, indices: np.ndarray, *, model_id: str, keep_ratio
 def read_header(data: bytes) -> Header:
     if len(data) < HEADER_SIZE:
         raise CodecError(f"payload truncated: {len(data)} bytes, the header alone is {HEADER_SIZE}")
-    magic, ver, tcode, icode, _, mid, ratio, b, k, d, n, _ = _HEADER.unpack_from(data)
+    magic, ver, tcode, icode, _, mid, ratio, b, k, d, n, p = _HEADER.unpack_from(data)
     if magic != MAGIC:
         raise CodecError(f"bad magic {magic!r}: not a Mercury token payload (expected {MAGIC!r})")
-    if ver != VERSION:
-        raise CodecError(f"payload format version {ver}, this reader understands {VERSION}")
+    if ver not in VERSIONS:
+        raise CodecError(f"payload format version {ver}, this reader understands {VERSIONS}")
+    if ver == 1:
+        p = 1                                                         # reserved then: the CLS alone
     if tcode not in _TOKEN_BY_CODE:
         raise CodecError(f"unknown token dtype code {tcode}")
     if icode not in _INDEX_BY_CODE:
         raise CodecError(f"unknown index dtype code {icode}")
     if b == 0 or d == 0 or k == 0 or k > n:
         raise CodecError(f"bad sizes in header: B={b}, K={k}, D={d}, N={n}")
-    return Header(ver, _TOKEN_BY_CODE[tcode], _INDEX_BY_CODE[icode], mid.hex(), ratio, b, k, d, n)
+    return Header(ver, _TOKEN_BY_CODE[tcode], _INDEX_BY_CODE[icode], mid.hex(), ratio, b, k, d, n, p)
 
 
 def decode_packed(data: bytes, expect_model_id: str | None = None) -> tuple[Header, Packed]:
@@ -181,7 +192,7 @@ def decode_packed(data: bytes, expect_model_id: str | None = None) -> tuple[Head
                          "head and tail come from different exports")
     tdt = np.dtype(TOKEN_DTYPES[h.token_dtype][1])
     idt = np.dtype(INDEX_DTYPES[h.index_dtype][1])
-    t = h.keep + 1
+    t = h.num_prefix_tokens + h.keep
     n_tok, n_sc, n_idx = h.batch * t * h.dim * tdt.itemsize, 0, h.batch * h.keep * idt.itemsize
     if h.token_dtype == "int8":
         n_sc = h.batch * t * 4
@@ -189,7 +200,7 @@ def decode_packed(data: bytes, expect_model_id: str | None = None) -> tuple[Head
     if len(data) != expected:
         what = "truncated" if len(data) < expected else "has trailing bytes"
         raise CodecError(f"payload {what}: {len(data)} bytes, expected {expected} for "
-                         f"B={h.batch}, K={h.keep}, D={h.dim}, {h.token_dtype} tokens")
+                         f"B={h.batch}, P={h.num_prefix_tokens}, K={h.keep}, D={h.dim}, {h.token_dtype} tokens")
     off = HEADER_SIZE
     tokens = np.frombuffer(data, tdt, h.batch * t * h.dim, off).reshape(h.batch, t, h.dim)
     off += n_tok
@@ -204,7 +215,7 @@ def decode_packed(data: bytes, expect_model_id: str | None = None) -> tuple[Head
 
 def decode(data: bytes, expect_model_id: str | None = None,
            dtype=np.float32) -> tuple[Header, np.ndarray, np.ndarray]:
-    """Payload -> header, float tokens (B, 1+K, D), int64 indices (B, K)."""
+    """Payload -> header, float tokens (B, P+K, D), int64 indices (B, K)."""
     h, p = decode_packed(data, expect_model_id)
     tokens, indices = unpack(p, dtype)
     return h, tokens, indices

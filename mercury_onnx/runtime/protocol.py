@@ -16,12 +16,12 @@ functions, and differs only in how a batch reaches onnxruntime:
 Every refusal is a RequestError carrying the HTTP status, a metrics reason and any headers;
 `error_body(str(e))` is its JSON body, {"error": "..."}.
 
-The request: inputs `tokens` FP32 | FP16 | INT8 (then FP32 `scales` [B, 1+K, 1]) and
+The request: inputs `tokens` FP32 | FP16 | INT8 (then FP32 `scales` [B, P+K, 1]) and
 `indices` INT64 | INT32 | INT16 [B, K], strictly ascending in [0, N); each as JSON `data` or
 binary (`Inference-Header-Content-Length`, `binary_data_size`); `"parameters": {"model_id":
 ...}` equal to the export's (409 when it differs, 400 when missing). A codec model
 (mercury_tail_k{K}_c{D}x{B}) takes instead one UINT8 input `payload` [L], the codec payload
-of formats/codec_wire.py, or the raw `codes` UINT8 [B, 1+K, d] + `indices` (what Triton's
+of formats/codec_wire.py, or the raw `codes` UINT8 [B, P+K, d] + `indices` (what Triton's
 copy of the codec tail takes); a payload or `"parameters": {"codec_id": ...}` of another
 codec is refused with 409, like a model id. The response: `logits`
 FP32 [B, C], as JSON `data`, or binary when the request sets `binary_data_output` or the
@@ -86,8 +86,11 @@ class ServedModel:
 
     @property
     def tokens_shape(self) -> tuple[int, int]:
-        """One image's tokens: CLS + K kept patch tokens, D wide (d codes for a codec)."""
-        return 1 + self.keep, self.codec["dims"] if self.codec else self.dim
+        """One image's tokens: the P prefix tokens (manifest `num_prefix_tokens`; manifests
+        written before it was recorded mean 1, the CLS) + K kept patch tokens, D wide (d codes
+        for a codec)."""
+        return (self.manifest.get("num_prefix_tokens", 1) + self.keep,
+                self.codec["dims"] if self.codec else self.dim)
 
     def load_tail(self, provider: str = "auto", threads: int | None = None) -> Tail:
         """The ORT session for this model (raises ProviderError when the provider is missing)."""
@@ -108,7 +111,7 @@ class ServedModel:
                                    "codec": c["name"], "codec_id": c["codec_id"], "dims": c["dims"],
                                    "bits": c["bits"], "dictionary": bool(self.dictionary),
                                    "accepts": {"payload": "UINT8 [L]: a codec payload (docs/FORMAT.md)",
-                                               "codes": "UINT8 [-1, 1+K, d] with 'indices'"}}}
+                                               "codes": "UINT8 [-1, P+K, d] with 'indices'"}}}
         tok = "FP16" if self.io_dtype == np.float16 else "FP32"
         return {"name": self.name, "versions": ["1"], "platform": "onnxruntime_onnx",
                 "inputs": [{"name": "tokens", "datatype": tok, "shape": [-1, *self.tokens_shape]},
@@ -117,7 +120,7 @@ class ServedModel:
                 "parameters": {"model_id": self.model_id, "keep_ratio": self.keep_ratio,
                                "keep_tokens": self.keep, "num_patches": self.num_patches,
                                "accepts": {"tokens": list(TOKEN_TYPES), "indices": list(INDEX_TYPES),
-                                           "scales": "FP32 [-1, 1+K, 1] with INT8 tokens"}}}
+                                           "scales": "FP32 [-1, P+K, 1] with INT8 tokens"}}}
 
 
 def served_models(export_dir: str | Path, keep_ratios: Sequence[float] | None = None,
@@ -193,7 +196,7 @@ def check_body_size(size: int, max_body: int) -> None:
 @dataclass
 class InferRequest:
     """A checked infer request, ready for the tail."""
-    tokens: np.ndarray              # (b, 1+K, D) contiguous, in the tail's io dtype, finite
+    tokens: np.ndarray              # (b, P+K, D) contiguous, in the tail's io dtype, finite
     indices: np.ndarray             # (b, K) int64, strictly ascending in [0, N)
     binary_output: bool             # answer logits as binary data
     id: object = None               # the request's "id", echoed when present
@@ -334,7 +337,7 @@ def prepare(model: ServedModel, arrays: dict[str, np.ndarray]) -> tuple[np.ndarr
         raise RequestError(f"'indices' shape {list(indices.shape)}, expected [{b}, {model.keep}]")
     if tokens.dtype == np.int8:
         if scales is None:
-            raise RequestError("INT8 'tokens' need an FP32 'scales' input [B, 1+K, 1]")
+            raise RequestError("INT8 'tokens' need an FP32 'scales' input [B, P+K, 1]")
         if scales.dtype != np.float32 or list(scales.shape) != [b, want[0], 1]:
             raise RequestError(f"'scales' must be FP32 [{b}, {want[0]}, 1], got "
                                f"{scales.dtype.name.upper()} {list(scales.shape)}")
@@ -349,7 +352,7 @@ def prepare(model: ServedModel, arrays: dict[str, np.ndarray]) -> tuple[np.ndarr
 
 
 def prepare_codec(model: ServedModel, params: dict, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """A codec model's inputs -> codes uint8 (B, 1+K, d), indices int64 (B, K). 409 for a
+    """A codec model's inputs -> codes uint8 (B, P+K, d), indices int64 (B, K). 409 for a
     payload or codec_id of another codec (device and server hold different codecs)."""
     c = model.codec
     sent = params.get("codec_id")
@@ -420,7 +423,7 @@ def run_batch(tail: Callable[[np.ndarray, np.ndarray], np.ndarray],
     """One tail run over several requests (same model): their logits (b_i, C), in order."""
     if len(requests) == 1:
         return [tail(requests[0].tokens, requests[0].indices)]
-    tokens = np.concatenate([r.tokens for r in requests])                # (sum b_i, 1+K, D)
+    tokens = np.concatenate([r.tokens for r in requests])                # (sum b_i, P+K, D)
     indices = np.concatenate([r.indices for r in requests])              # (sum b_i, K)
     logits = tail(tokens, indices)                                       # (sum b_i, C)
     ends = np.cumsum([r.size for r in requests])

@@ -48,9 +48,10 @@ def resolve_provider(provider: str) -> str:
 
 
 class Tail:
-    """tail_k{K}[_fp16].onnx: tokens (B,1+K,D), indices (B,K) int64 -> logits (B,C) float32.
+    """tail_k{K}[_fp16].onnx: tokens (B,P+K,D), indices (B,K) int64 -> logits (B,C) float32.
+    P = num_prefix_tokens (manifests written before it was recorded: 1, the CLS).
 
-    With `codec` ('16x4'): tail_k{K}_c16x4.onnx, which takes the head's uint8 codes (B,1+K,d)
+    With `codec` ('16x4'): tail_k{K}_c16x4.onnx, which takes the head's uint8 codes (B,P+K,d)
     and dequantises inside; `codec_entry` and `dictionary` (checked against the manifest) are
     what the server decodes payloads with."""
 
@@ -95,7 +96,7 @@ class Tail:
             self.num_classes = out.shape[-1]
 
     def __call__(self, tokens: np.ndarray, indices: np.ndarray) -> np.ndarray:
-        tokens = np.ascontiguousarray(tokens, dtype=self.io_dtype)     # (B, 1+K, D), or codes (B, 1+K, d)
+        tokens = np.ascontiguousarray(tokens, dtype=self.io_dtype)     # (B, P+K, D), or codes (B, P+K, d)
         indices = np.ascontiguousarray(indices, dtype=np.int64)        # (B, K)
         if self.provider == "cuda":
             io = self.session.io_binding()

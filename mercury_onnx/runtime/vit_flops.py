@@ -7,8 +7,8 @@ norms, GELU and the pruning score are not counted. On T tokens of width D, one b
     qkv 2·T·D·3D + q@kᵀ 2·T²·D + attn@v 2·T²·D + proj 2·T·D² + MLP 2·2·T·D·(r·D)
     = (8 + 4r)·T·D² + 4·T²·D            (r = MLP ratio, 4 for ViT/DeiT)
 
-With prune point "attn" the pruning block's attention half runs on 1+N tokens and its MLP
-half on the 1+K kept ones.
+With prune point "attn" the pruning block's attention half runs on P+N tokens and its MLP
+half on the P+K kept ones.
 
 Patch embedding is 2·N·(C·p²)·D, the classifier 2·D·classes. The test suite checks these
 against the torch counter on DeiT-T/S/B.
@@ -31,6 +31,7 @@ class VitGeometry:
     num_classes: int
     in_chans: int = 3
     mlp_ratio: float = 4.0
+    num_prefix_tokens: int = 1   # P: the CLS (+ a distilled DeiT's distillation token, + registers)
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "VitGeometry":
@@ -41,7 +42,8 @@ class VitGeometry:
         classes = o.get("num_classes") or len(manifest.get("classes") or []) or 1000
         return cls(num_patches=int(manifest["num_patches"]), dim=int(manifest["dim"]),
                    depth=int(manifest["depth"]), patch_size=patch, num_classes=int(classes),
-                   mlp_ratio=float(o.get("mlp_ratio", 4.0)))
+                   mlp_ratio=float(o.get("mlp_ratio", 4.0)),
+                   num_prefix_tokens=int(manifest.get("num_prefix_tokens", 1)))
 
     @classmethod
     def from_timm_name(cls, name: str, img_size: int | None = None, patch_size: int | None = None,
@@ -80,32 +82,34 @@ def classifier_flops(g: VitGeometry) -> int:
 
 
 def vanilla_flops(g: VitGeometry) -> int:
-    """The whole model on all 1+N tokens."""
-    return embed_flops(g) + g.depth * block_flops(1 + g.num_patches, g.dim, g.mlp_ratio) + classifier_flops(g)
+    """The whole model on all P+N tokens."""
+    return (embed_flops(g) + g.depth * block_flops(g.num_prefix_tokens + g.num_patches, g.dim, g.mlp_ratio)
+            + classifier_flops(g))
 
 
 def head_flops(g: VitGeometry, split: int = 1, token_schedule: list[int] | None = None,
                prune_point: str = "block", keep: int | None = None) -> int:
     """Device part: embedding, then `split` blocks. Without a schedule every device block runs
-    on 1+N tokens (Mercury prunes after the last device block); with prune_point "attn" the
-    last device block's MLP half runs on the 1+keep kept tokens only. With a schedule
-    (Janus-like progressive pruning), block 0 runs on 1+N tokens and block i>0 on 1+schedule[i-1]."""
-    tokens = [1 + g.num_patches] * split
+    on P+N tokens (Mercury prunes after the last device block); with prune_point "attn" the
+    last device block's MLP half runs on the P+keep kept tokens only. With a schedule
+    (Janus-like progressive pruning), block 0 runs on P+N tokens and block i>0 on P+schedule[i-1]."""
+    p = g.num_prefix_tokens
+    tokens = [p + g.num_patches] * split
     if token_schedule is not None:
-        tokens = [1 + g.num_patches] + [1 + k for k in token_schedule[: split - 1]]
+        tokens = [p + g.num_patches] + [p + k for k in token_schedule[: split - 1]]
     if prune_point == "attn" and token_schedule is None:
         if keep is None:
             raise ValueError("prune_point 'attn' needs keep (the kept patch tokens)")
         last = tokens.pop()
         return (embed_flops(g) + sum(block_flops(t, g.dim, g.mlp_ratio) for t in tokens)
-                + attn_flops(last, g.dim) + mlp_flops(1 + keep, g.dim, g.mlp_ratio))
+                + attn_flops(last, g.dim) + mlp_flops(p + keep, g.dim, g.mlp_ratio))
     return embed_flops(g) + sum(block_flops(t, g.dim, g.mlp_ratio) for t in tokens)
 
 
 def tail_flops(g: VitGeometry, split: int = 1, meta_rank: int = 0) -> int:
-    """Cloud part: reconstruction (meta-ctx: about 4·D·r), then blocks split..depth on all 1+N
+    """Cloud part: reconstruction (meta-ctx: about 4·D·r), then blocks split..depth on all P+N
     tokens and the classifier (exactly the vanilla tail)."""
-    return ((g.depth - split) * block_flops(1 + g.num_patches, g.dim, g.mlp_ratio)
+    return ((g.depth - split) * block_flops(g.num_prefix_tokens + g.num_patches, g.dim, g.mlp_ratio)
             + classifier_flops(g) + 4 * g.dim * meta_rank)
 
 

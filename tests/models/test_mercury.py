@@ -4,7 +4,6 @@ import torch
 
 from mercury_onnx.models import ConfigError, MercuryConfig, build_mercury
 from mercury_onnx.models.checkpoint import load_mercury, save_mercury
-from mercury_onnx.models.config import meta_budget
 from mercury_onnx.models.flops import split_flops
 from mercury_onnx.models.loading import create_backbone
 
@@ -58,7 +57,6 @@ def test_head_outputs_exact_k_sorted_unique_and_head_tail_equals_forward(ref, si
         for row in idx:
             assert len(set(row.tolist())) == expected_k
             assert torch.equal(row, torch.sort(row).values)
-        assert torch.equal(m.forward_tail(tokens, idx), m(x))
         # the kept tokens are the block output at those positions (CLS first)
         full = m.embed(x)
         for blk in m.backbone.blocks[:1]:
@@ -67,15 +65,74 @@ def test_head_outputs_exact_k_sorted_unique_and_head_tail_equals_forward(ref, si
         assert torch.allclose(tokens[:, 1:], torch.gather(full[:, 1:], 1, idx[..., None].expand(-1, -1, m.dim)))
 
 
+def _nearest_fill(full: torch.Tensor, idx: torch.Tensor, grid: int, p: int) -> torch.Tensor:
+    """The unpruned sequence (B, P+N, D) with every pruned patch replaced by its spatially
+    nearest kept patch (ties: the lower index), computed with plain Python loops."""
+    out = full.clone()
+    for b, row in enumerate(idx.tolist()):
+        for i in set(range(grid * grid)) - set(row):
+            y, x = divmod(i, grid)
+            j = min(row, key=lambda j: ((j // grid - y) ** 2 + (j % grid - x) ** 2, j))
+            out[b, p + i] = full[b, p + j]
+    return out
+
+
+def _timm_after(backbone, x: torch.Tensor, start: int) -> torch.Tensor:
+    for blk in backbone.blocks[start:]:
+        x = blk(x)
+    return backbone.forward_head(backbone.norm(x))
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_tail_is_timm_on_the_reconstructed_sequence(ref, split):
+    """head -> tail against timm's own blocks run on the sequence the reconstruction should
+    rebuild: meta-local at its init (b = U = A = 0) is 'copy the nearest received token'."""
+    cfg, backbone = ref
+    m = build_mercury(MercuryConfig(**{**cfg.to_dict(), "keep_ratio": 0.25, "split_after_block": split}), backbone)
+    x = _images(32, b=2)
+    with torch.no_grad():
+        tokens, idx = m.forward_head(x)
+        seq = backbone.blocks[0](m.embed(x))                             # (B, 1+N, D)
+        rows = [[0] + [1 + i for i in row] for row in idx.tolist()]
+        kept = torch.stack([seq[b, r] for b, r in enumerate(rows)])      # pruned after block 1
+        for blk in backbone.blocks[1:split]:                             # the rest of the device's
+            kept = blk(kept)
+        assert torch.allclose(tokens, kept, atol=1e-5)
+        for b, r in enumerate(rows):
+            seq[b, r] = kept[b]
+        want = _timm_after(backbone, _nearest_fill(seq, idx, m.grid, 1), split)
+        assert torch.allclose(m.forward_tail(tokens, idx), want, atol=1e-4)
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
 @pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "deit_base_patch16_224"])
-@pytest.mark.parametrize("recon", ["meta-pos", "meta-ctx"])
-def test_meta_parameters_fit_budget(name, recon):
-    backbone = timm.create_model(name)  # no weights needed to count
+@pytest.mark.parametrize("recon", ["meta-local", "meta-ctx", "meta-pos"])
+def test_meta_rank_is_the_largest_within_budget(name, recon):
+    """Budget = 0.13% of the backbone's parameters (the paper), counted here on a fresh timm
+    model; the default rank's parameters fit it, one more rank would not, and asking for that
+    rank is refused."""
+    from mercury_onnx.models.reconstruction import MetaCtx, MetaLocal, MetaPos
+
+    budget = 0.0013 * _count(timm.create_model(name))
     cfg = MercuryConfig(timm_model=name, keep_ratio=0.25, reconstruction=recon)
-    m = build_mercury(cfg, backbone)
-    assert 0 < m.num_meta_params() <= meta_budget(m.backbone_params)
+    m = build_mercury(cfg)
+    rank = m.recon.pos_code.shape[1]
+    n, d, g = m.num_patches, m.dim, m.grid
+
+    def params(r):   # the same module built by hand at rank r, its real tensors counted
+        return _count(MetaLocal(n, d, r, g) if recon == "meta-local" else
+                      (MetaCtx if recon == "meta-ctx" else MetaPos)(n, d, r))
+
+    assert m.num_meta_params() == params(rank) <= budget < params(rank + 1)
+    assert rank >= (4 if name == "deit_base_patch16_224" else 1)
     if name == "deit_base_patch16_224":
         assert m.num_meta_params() < 115_000   # the paper: ~0.11 M for DeiT-B
+    with pytest.raises(ConfigError, match=f"rank {rank + 1} does not fit the meta-parameter budget"):
+        build_mercury(MercuryConfig(**{**cfg.to_dict(), "meta_rank": rank + 1}), m.backbone)
+    assert build_mercury(MercuryConfig(**{**cfg.to_dict(), "meta_rank": rank}), m.backbone).num_meta_params() == params(rank)
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.25])
@@ -151,9 +208,9 @@ def test_error_cases(ref):
         build_mercury(MercuryConfig(**{**base, "prune_after_block": 3, "split_after_block": 2}), backbone)
     with pytest.raises(ConfigError, match="does not divide"):
         build_mercury(MercuryConfig(**{**base, "region_size": 3, "keep_ratio": 0.5}), backbone)
-    with pytest.raises(ConfigError, match="needs a CLS token"):
-        build_mercury(MercuryConfig(timm_model="vit_small_patch16_224", overrides={"class_token": False,
-                                                                                   "global_pool": "avg"}))
+    with pytest.raises(ConfigError, match="has no CLS token, and regional pruning with the product score reads"):
+        build_mercury(MercuryConfig(timm_model="vit_small_patch16_224", score="product",
+                                    overrides={"class_token": False, "global_pool": "avg", "depth": 2}))
     with pytest.raises(ConfigError, match="not square"):
         build_mercury(MercuryConfig(timm_model="deit_tiny_patch16_224", overrides={"img_size": (224, 160)}))
     with pytest.raises(ConfigError, match="timm has no model"):

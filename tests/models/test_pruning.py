@@ -47,23 +47,77 @@ def test_distinctness_matches_full_similarity_matrix():
     assert torch.allclose(P.distinctness(x), expected, atol=1e-6)
 
 
-def test_distinctness_leaves_the_cls_out():
-    x = torch.randn(2, 17, 8)
-    x[:, 0] *= 100                                   # a CLS unlike the patches changes nothing
-    assert torch.allclose(P.distinctness(x, skip=1), P.distinctness(x[:, 1:]), atol=1e-6)
-    a = torch.rand(2, 16)
-    assert torch.allclose(P.semantic_score(x, a, "product", skip=1), a * P.distinctness(x[:, 1:]), atol=1e-6)
-    assert torch.allclose(P.semantic_score(x, a, skip=1), P.distinctness(x[:, 1:]), atol=1e-6)   # default
+def _distinctness64(x: torch.Tensor) -> torch.Tensor:
+    """Eq. 11 from the definition, float64: 1 - mean_{j != i} cos(x_i, x_j) over patches x (B, N, D)."""
+    x = x.double()
+    n = x.shape[1]
+    cos = torch.tensor([[[torch.dot(a, c) / (a.norm() * c.norm()) for c in row] for a in row] for row in x],
+                       dtype=torch.float64)                            # (B, N, N), pair by pair
+    return 1 - (cos.sum(-1) - cos.diagonal(dim1=1, dim2=2)) / (n - 1)
 
 
-def test_score_variants():
-    x, a = torch.randn(2, 16, 8), torch.rand(2, 16)
-    assert torch.equal(P.semantic_score(x, a, "attention"), a)
-    assert torch.allclose(P.semantic_score(x, a, "similarity"), P.distinctness(x))
-    assert torch.allclose(P.semantic_score(x, a, "product"), a * P.distinctness(x))
-    assert torch.equal(P.semantic_score(x, a, "mercury"), P.semantic_score(x, a, "product"))   # old name
+def test_score_variants_on_a_hand_case():
+    """Patches e1, 2 e1, 3 e2, -e1 (cosines 1, 0, -1, known by hand) behind two prefix tokens
+    that must take no part: d_i = 1 - mean cosine to the other three patches."""
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    x = torch.stack([torch.tensor([5.0, 5.0]), torch.tensor([-3.0, 7.0]), e1, 2 * e1, 3 * e2, -e1])[None]
+    a = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    d = torch.tensor([[1 - (1 + 0 - 1) / 3, 1 - (1 + 0 - 1) / 3, 1 - (0 + 0 + 0) / 3, 1 - (-1 - 1 + 0) / 3]])
+    assert torch.allclose(P.distinctness(x, skip=2), d)
+    assert torch.allclose(P.semantic_score(x, a, "similarity", skip=2), d)
+    assert torch.allclose(P.semantic_score(x, a, skip=2), d)                      # the default
+    product = torch.tensor([[0.1, 0.2, 0.3, 0.4 * 5 / 3]])
+    assert torch.allclose(P.semantic_score(x, a, "product", skip=2), product)
+    assert torch.allclose(P.semantic_score(x, a, "mercury", skip=2), product)     # the old name
+    assert torch.equal(P.semantic_score(x, a, "attention", skip=2), a)
     with pytest.raises(ValueError, match="unknown score"):
         P.semantic_score(x, a, "sum")
+
+
+@pytest.mark.parametrize("skip", [0, 1, 2])
+def test_scores_match_a_float64_reference(skip):
+    g = torch.Generator().manual_seed(skip)
+    x, a = torch.randn(2, skip + 9, 6, generator=g), torch.rand(2, 9, generator=g)
+    x[:, :skip] *= 100                                                  # prefix tokens unlike the patches
+    d = _distinctness64(x[:, skip:])
+    assert torch.allclose(P.semantic_score(x, a, "similarity", skip).double(), d, atol=1e-6)
+    assert torch.allclose(P.semantic_score(x, a, "product", skip).double(), a.double() * d, atol=1e-6)
+    # what the head ranks: the prefix rows (any value: always kept), then lower = keep
+    for score, s in (("similarity", d), ("product", a.double() * d)):
+        cost = P.selection_cost(x, a, score, prefix=skip)[..., 0]
+        assert cost.shape == (2, skip + 9)
+        assert torch.equal(cost[:, skip:].argsort(dim=-1, stable=True), (-s).argsort(dim=-1, stable=True))
+
+
+def test_regional_checks_its_arguments():
+    """Plain Python checks on static sizes: they raise while tracing, and cost the graph nothing."""
+    scores = torch.rand(1, 64)
+    with pytest.raises(ValueError, match="K=15 must be in 16..64: each of the 16 subregions"):
+        P.regional_select(scores, 15, 8, 2)
+    with pytest.raises(ValueError, match="region size 3 does not divide the 8x8 token grid"):
+        P.regional_select(scores, 32, 8, 3)
+    with pytest.raises(ValueError, match="K=65 must be in 16..64"):
+        P.regional_select(scores, 65, 8, 2)
+    with pytest.raises(ValueError, match="63 patch scores for a 8x8 grid"):
+        P.regional_select(scores[:, :63], 32, 8, 2)
+    with pytest.raises(ValueError, match="K=3 must be in 4..16"):
+        P.regional_rows(torch.rand(1, 2 + 16, 1), 3, 4, 2, prefix=2)
+
+
+@pytest.mark.parametrize("prefix", [0, 1, 2, 5])
+def test_regional_rows_keep_every_prefix_row_first(prefix):
+    """Whatever their cost (here the worst), the prefix rows come first; the patch rows are the
+    selection regional_select makes on the same costs."""
+    g = torch.Generator().manual_seed(prefix)
+    cost = torch.rand(3, prefix + 64, 1, generator=g)
+    cost[:, :prefix] = 10.0
+    rows = P.regional_rows(cost, 20, 8, 2, prefix=prefix)
+    assert rows.shape == (3, prefix + 20, 1)
+    assert torch.equal(rows[:, :prefix, 0], torch.arange(prefix).expand(3, prefix))
+    assert torch.equal(rows[:, prefix:, 0] - prefix, P.regional_select(-cost[:, prefix:, 0], 20, 8, 2))
+    x = torch.randn(3, prefix + 64, 4, generator=g)
+    idx = rows[:, prefix:, 0] - prefix
+    assert torch.equal(P.gather_tokens(x, idx, prefix), P.batch_gather(x, rows))
 
 
 def test_uniform_and_random_are_exact_and_sorted():

@@ -22,9 +22,14 @@ from mercury_onnx.models.loading import create_backbone
 IMAGES = 256
 
 
+SCORES = ("similarity", "product", "attention")
+
+
 def reference_scores(x: torch.Tensor, cls_attn: torch.Tensor, score: str = "similarity") -> torch.Tensor:
     """Eq. 11-12 from the definition, in float64: d_i = 1 - mean_{j != i} cos(x_i, x_j), and
-    s_i = d_i (similarity, the default) or a_i * d_i (product)."""
+    s_i = d_i (similarity, the default), a_i * d_i (product) or a_i (attention)."""
+    if score == "attention":
+        return cls_attn.double()
     p = x[:, 1:].double()                                              # (B, N, D) patch tokens
     unit = p / p.norm(dim=-1, keepdim=True)
     sim = unit @ unit.transpose(1, 2)                                  # (B, N, N)
@@ -57,15 +62,17 @@ def reference_rows(scores: torch.Tensor, k: int, grid: int, region: int) -> torc
 
 @pytest.fixture(scope="module")
 def ref_models(ref_json):
+    """{score: [K = 32 model, K = 16 model]} on one backbone."""
     cfg = MercuryConfig.from_checkpoint_json(ref_json, keep_ratio=0.5)
     backbone = create_backbone(cfg)
-    return [build_mercury(MercuryConfig(**{**cfg.to_dict(), "keep_ratio": r}), backbone) for r in (0.5, 0.25)]
+    return {s: [build_mercury(MercuryConfig(**{**cfg.to_dict(), "keep_ratio": r, "score": s}), backbone)
+                for r in (0.5, 0.25)] for s in SCORES}
 
 
 @pytest.fixture(scope="module")
 def real_prefix(ref_models, cifar_test):
-    """Real CIFAR-10 test images and the prefix (block 1) outputs on them."""
-    m = ref_models[0]
+    """Real CIFAR-10 test images and the prefix (block 1) outputs and CLS attention on them."""
+    m = ref_models["product"][0]
     images, _ = load_images(cifar_test, IMAGES, (32, 32), m.cfg.mean, m.cfg.std)
     images = torch.from_numpy(images)
     with torch.no_grad():
@@ -78,14 +85,15 @@ def tied(scores: torch.Tensor, levels: int) -> torch.Tensor:
     return torch.round(scores / scores.amax(-1, keepdim=True) * levels) / levels
 
 
-def test_real_images_select_what_the_reference_selects(ref_models, real_prefix):
+@pytest.mark.parametrize("score", SCORES)
+def test_real_images_select_what_the_reference_selects(ref_models, real_prefix, score):
     images, x, cls_attn = real_prefix
-    assert ref_models[0].cfg.score == "similarity"                     # the default
-    for score in ("product", "similarity"):
-        ref = reference_scores(x, cls_attn, score)
-        assert torch.allclose(P.semantic_score(x, cls_attn, score, skip=1).double(), ref, rtol=1e-5, atol=1e-7)
+    assert MercuryConfig().score == "similarity"                       # the default
+    ref = reference_scores(x, cls_attn, score)
+    assert torch.allclose(P.semantic_score(x, cls_attn, score, skip=1).double(), ref, rtol=1e-5, atol=1e-7)
     with torch.no_grad():
-        for m in ref_models:                                           # K = 32 and K = 16
+        for m in ref_models[score]:                                    # K = 32 and K = 16
+            assert m.cfg.score == score
             tokens, idx = m.forward_head(images)
             assert torch.equal(idx, reference_rows(ref, m.keep, m.grid, m.cfg.region_size))
             kept = torch.stack([x[b, [0] + (idx[b] + 1).tolist()] for b in range(len(x))])
@@ -128,16 +136,32 @@ def test_ties_resolve_as_the_reference_in_onnx(real_prefix, tmp_path, k, region)
     assert np.array_equal(got, reference_rows(scores, k, 8, region).numpy())
 
 
-def test_onnx_head_selects_the_same_tokens_on_real_images(ref_models, real_prefix, tmp_path):
+@pytest.mark.parametrize("score", SCORES)
+def test_onnx_head_selects_the_same_tokens_on_real_images(ref_models, real_prefix, tmp_path, score):
     from mercury_onnx.export.graphs import HEAD_IO, HeadGraph
 
     images = real_prefix[0][:64]
-    m = ref_models[1]                                                  # K = 16
+    m = ref_models[score][1]                                           # K = 16
     with torch.no_grad():
         tokens, idx = m.forward_head(images)
+    assert torch.equal(idx, ref_models["similarity"][1].forward_head(images)[1]) == (score == "similarity")
     model = export_onnx(HeadGraph(m), (images[:2],), tmp_path / "head.onnx", *HEAD_IO)
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("GatherND") == 1 and "GatherElements" not in ops       # no int64 index Expand
     got_tokens, got_idx = session(tmp_path / "head.onnx").run(None, {"images": images.numpy()})
     assert np.array_equal(got_idx, idx.numpy())
     assert np.abs(got_tokens - tokens.numpy()).max() < 1e-4
+
+
+def test_region_checks_raise_while_tracing_and_add_nothing_to_the_graph(tmp_path):
+    from mercury_onnx.export.convert import ExportError
+
+    scores = torch.rand(2, 64)
+    with pytest.raises(ExportError, match="ValueError: K=15 must be in 16..64"):
+        export_onnx(_Select(15, 2), (scores,), tmp_path / "bad.onnx", ["scores"], ["indices"])
+    with pytest.raises(ExportError, match="ValueError: region size 3 does not divide"):
+        export_onnx(_Select(32, 3), (scores,), tmp_path / "bad.onnx", ["scores"], ["indices"])
+    model = export_onnx(_Select(16, 2), (scores,), tmp_path / "ok.onnx", ["scores"], ["indices"])
+    ops = sorted(n.op_type for n in model.graph.node)
+    assert not set(ops) & {"If", "Loop", "Assert", "Shape", "Size"}, ops    # nothing checked at run time
+    assert ops.count("TopK") == 2 and ops.count("ArgMin") == 1

@@ -73,8 +73,38 @@ def test_malformed_payloads_are_rejected():
     _bad(codec.encode(tokens, bad_idx, model_id=MID, keep_ratio=0.25, num_patches=64), "out of range")
     with pytest.raises(codec.CodecError, match="16 hex"):
         codec.encode(tokens, indices, model_id="nope", keep_ratio=0.25, num_patches=64)
-    with pytest.raises(codec.CodecError, match="not \\(B, 1\\+K, D\\)"):
+    with pytest.raises(codec.CodecError, match="not \\(B, P\\+K, D\\)"):
         codec.encode(tokens[:, :5], indices, model_id=MID, keep_ratio=0.25, num_patches=64)
+
+
+@pytest.mark.parametrize("prefix", [0, 2, 5])
+@pytest.mark.parametrize("dtype", ["fp16", "int8"])
+def test_prefix_tokens_round_trip_as_version_2(prefix, dtype):
+    """A distilled DeiT sends CLS + distillation token (P = 2), register ViTs more."""
+    rng = np.random.default_rng(prefix)
+    tokens = rng.standard_normal((2, prefix + 16, 8)).astype(np.float32)
+    indices = np.sort(np.stack([rng.choice(64, 16, replace=False) for _ in range(2)]), 1)
+    data = codec.encode(tokens, indices, model_id=MID, keep_ratio=0.25, num_patches=64, token_dtype=dtype)
+    assert data[4] == 2 and int.from_bytes(data[36:40], "little") == prefix
+    h, t, i = codec.decode(data)
+    assert (h.version, h.num_prefix_tokens, h.keep) == (2, prefix, 16) and t.shape == tokens.shape
+    np.testing.assert_allclose(t, tokens, atol=np.abs(tokens).max() / 100)
+    assert np.array_equal(i, indices)
+    _bad(data[:-2], "truncated")
+
+
+def test_one_prefix_token_is_still_written_and_read_as_version_1():
+    """The version-1 layout, built field by field (P = 1 implied, the last u32 reserved = 0):
+    what encode writes for P = 1, byte for byte, and what decode reads."""
+    import struct
+
+    tokens, indices = _sample(b=1, k=4, d=8, n=16)
+    v1 = (struct.pack("<4sBBBB8sfIIIII", b"MRCT", 1, 3, 1, 0, bytes.fromhex(MID), 0.25, 1, 4, 8, 16, 0)
+          + tokens.tobytes() + indices.astype(np.int16).tobytes())
+    assert codec.encode(tokens, indices, model_id=MID, keep_ratio=0.25, num_patches=16, token_dtype="fp32") == v1
+    h, t, i = codec.decode(v1)
+    assert (h.version, h.num_prefix_tokens) == (1, 1) and np.array_equal(t, tokens) and np.array_equal(i, indices)
+    _bad(v1[:4] + bytes([3]) + v1[5:], "version 3, this reader understands \\(1, 2\\)")
 
 
 @settings(max_examples=200, deadline=None)
@@ -97,7 +127,7 @@ def test_any_single_byte_corruption_is_caught_or_harmless(pos, value):
         h, t, i = codec.decode(bytes(data))
     except codec.CodecError:
         return
-    assert t.shape == (h.batch, h.keep + 1, h.dim) and i.shape == (h.batch, h.keep)
+    assert t.shape == (h.batch, h.num_prefix_tokens + h.keep, h.dim) and i.shape == (h.batch, h.keep)
     assert ((0 <= i) & (i < h.num_patches)).all()
 
 
