@@ -112,7 +112,8 @@ def evaluate(base: Mercury, ready: list[tuple[Method, float, Mercury]], images: 
         cls_attn = cls_attn.clone()
         correct[0] += (finish_vanilla(base.backbone, base.finish_prune_block(x), base.prune_at).argmax(-1) == labels).sum()
         for j, (_, _, m) in enumerate(ready, start=1):
-            logits = m.forward_tail(*m.prune(x, cls_attn))
+            tokens, idx = m.prune(x, cls_attn)
+            logits = m.forward_tail(m.transmit(tokens, idx), idx)
             correct[j] += (logits.argmax(-1) == labels).sum()
     n = len(images)
     rows = [{"method": "vanilla", "pruning": "none", "reconstruction": "none", "keep_ratio": 1.0,

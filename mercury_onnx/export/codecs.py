@@ -1,0 +1,99 @@
+"""Codec heads and tails of an export (`export --codec DxB`, docs/FORMAT.md).
+
+For every keep ratio and codec: the codec (the checkpoint's own when it was calibrated with
+that codec in the loop, else fit here on real calibration images), its head graph
+`head_k{K}_c{D}x{B}.onnx` (images -> codes, indices), its tail graph
+`tail_k{K}_c{D}x{B}.onnx` (codes, indices -> logits), the zstd dictionary trained on the
+wire payloads of the calibration images (when the wire module is there), and the manifest
+entry with the codec id (8 hex of the sha256 of basis, ranges and dictionary).
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import graphs as G
+from .convert import ExportError, check_static_head, export_onnx
+from .images import load_images
+
+
+def codec_bytes(codec) -> bytes:
+    """Every buffer of the codec (means, bases, ranges), float32, in state_dict order."""
+    return b"".join(v.detach().to(torch.float32).contiguous().numpy().tobytes()
+                    for _, v in sorted(codec.state_dict().items()))
+
+
+def codec_id(codec, dictionary: bytes | None) -> str:
+    return hashlib.sha256(codec_bytes(codec) + (dictionary or b"")).hexdigest()[:8]
+
+
+@torch.no_grad()
+def head_outputs(m, images: np.ndarray, batch: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    outs = [m.forward_head(torch.from_numpy(images[s: s + batch])) for s in range(0, len(images), batch)]
+    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+
+def train_wire_dictionary(codes: np.ndarray, indices: np.ndarray, num_patches: int, bits: int):
+    """A zstd dictionary from the wire module (codecw's mercury_onnx/formats/codec_wire.py),
+    or None while that module is not there."""
+    try:
+        from ..formats import codec_wire
+    except ImportError:
+        return None
+    return codec_wire.train_dictionary(list(codes), list(indices), num_patches=num_patches, bits=bits)
+
+
+def export_codecs(models, variants: list[dict], names: list[str], tmp: Path, x: torch.Tensor,
+                  calib_data, codec_images: int, opset: int, dynamo: bool, log) -> dict:
+    """Write the codec graphs of every variant into tmp; add v["codecs"]. Returns
+    {(K, name): codec} for validation."""
+    from ..models.codec import fit_codec, parse_codec
+    from .pipeline import CIFAR10
+
+    cfg = models[0].cfg
+    h, w = models[0].backbone.patch_embed.img_size
+    cal_dir = Path(calib_data) if calib_data else CIFAR10 / "train"
+    try:
+        cal_x, _ = load_images(cal_dir, codec_images, (h, w), cfg.mean, cfg.std)
+    except FileNotFoundError as e:
+        raise ExportError(f"codec calibration images: {e}") from e
+    fitted = {}
+    for m, v in zip(models, variants):
+        k = m.keep
+        v["codecs"] = []
+        tok, idx = head_outputs(m, cal_x)                                # (M, 1+K, D), (M, K)
+        for name in names:
+            d, b = parse_codec(name)
+            if m.codec is not None and m.codec.name == name:
+                codec, origin = m.codec, "checkpoint (calibrated with this codec in the loop)"
+            else:
+                codec = fit_codec(tok, idx, m.num_patches, d, b)
+                origin = f"fit on {len(cal_x)} images of {cal_dir}"
+            log(f"  K={k} codec {name}: {origin}, variance kept {codec.variance_kept:.4f}")
+            tag = f"k{k}_c{name}"
+            head_f, tail_f = f"head_{tag}.onnx", f"tail_{tag}.onnx"
+            with torch.no_grad():
+                tok2, idx2 = m.forward_head(x)
+                codes2 = codec.encode(tok2, idx2)
+            g = export_onnx(G.CodecHead(m, codec), (x,), tmp / head_f, *G.CODEC_HEAD_IO, opset=opset, dynamo=dynamo)
+            check_static_head(g)
+            export_onnx(G.CodecTail(m, codec), (codes2, idx2), tmp / tail_f, *G.CODEC_TAIL_IO, opset=opset,
+                        dynamo=dynamo)
+            dict_entry = None
+            dictionary = train_wire_dictionary(codec.encode(tok, idx).numpy(), idx.numpy(), m.num_patches, b)
+            if dictionary is not None:
+                dict_f = f"codec_{tag}.zdict"
+                (tmp / dict_f).write_bytes(dictionary)
+                dict_entry = {"file": dict_f, "sha256": hashlib.sha256(dictionary).hexdigest()}
+            v["codecs"].append({
+                "name": name, "dims": d, "bits": b, "codec_id": codec_id(codec, dictionary),
+                "head": {"file": head_f}, "tail": {"file": tail_f},
+                "basis_sha256": hashlib.sha256(codec_bytes(codec)).hexdigest(),
+                "dictionary": dict_entry, "variance_kept": round(float(codec.variance_kept), 6),
+                "num_prefix": codec.num_prefix, "mean": codec.mean_mode,
+                "projection_flops": codec.extra_flops(k), "origin": origin})
+            fitted[(k, name)] = codec
+    return fitted
