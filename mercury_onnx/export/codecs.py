@@ -4,8 +4,9 @@ For every keep ratio and codec: the codec (the checkpoint's own when it was cali
 that codec in the loop, else fit here on real calibration images), its head graph
 `head_k{K}_c{D}x{B}.onnx` (images -> codes, indices), its tail graph
 `tail_k{K}_c{D}x{B}.onnx` (codes, indices -> logits), the zstd dictionary trained on the
-wire payloads of the calibration images (when the wire module is there), and the manifest
-entry with the codec id (8 hex of the sha256 of basis, ranges and dictionary).
+wire payloads of the calibration images (formats/codec_wire.py), and the manifest entry with
+the codec id (codec_wire.codec_id: model id, DxB, the sha256 of basis + means + ranges, and
+the dictionary's sha256).
 """
 from __future__ import annotations
 
@@ -20,37 +21,18 @@ from .convert import ExportError, check_static_head, export_onnx
 from .images import load_images
 
 
-def codec_bytes(codec) -> bytes:
-    """Every buffer of the codec (means, bases, ranges), float32, in state_dict order."""
-    return b"".join(v.detach().to(torch.float32).contiguous().numpy().tobytes()
-                    for _, v in sorted(codec.state_dict().items()))
-
-
-def codec_id(codec, dictionary: bytes | None) -> str:
-    return hashlib.sha256(codec_bytes(codec) + (dictionary or b"")).hexdigest()[:8]
-
-
 @torch.no_grad()
 def head_outputs(m, images: np.ndarray, batch: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     outs = [m.forward_head(torch.from_numpy(images[s: s + batch])) for s in range(0, len(images), batch)]
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 
-def train_wire_dictionary(codes: np.ndarray, indices: np.ndarray, num_patches: int, bits: int):
-    """A zstd dictionary from the wire module (codecw's mercury_onnx/formats/codec_wire.py),
-    or None while that module is not there."""
-    try:
-        from ..formats import codec_wire
-    except ImportError:
-        return None
-    return codec_wire.train_dictionary(list(codes), list(indices), num_patches=num_patches, bits=bits)
-
-
 def export_codecs(models, variants: list[dict], names: list[str], tmp: Path, x: torch.Tensor,
-                  calib_data, codec_images: int, opset: int, dynamo: bool, log) -> dict:
+                  calib_data, codec_images: int, opset: int, dynamo: bool, log, model_id: str) -> dict:
     """Write the codec graphs of every variant into tmp; add v["codecs"]. Returns
     {(K, name): codec} for validation."""
-    from ..models.codec import fit_codec, parse_codec
+    from ..formats import codec_wire
+    from ..models.codec import codec_bytes, fit_codec, parse_codec
     from .pipeline import CIFAR10
 
     cfg = models[0].cfg
@@ -82,16 +64,15 @@ def export_codecs(models, variants: list[dict], names: list[str], tmp: Path, x: 
             check_static_head(g)
             export_onnx(G.CodecTail(m, codec), (codes2, idx2), tmp / tail_f, *G.CODEC_TAIL_IO, opset=opset,
                         dynamo=dynamo)
-            dict_entry = None
-            dictionary = train_wire_dictionary(codec.encode(tok, idx).numpy(), idx.numpy(), m.num_patches, b)
-            if dictionary is not None:
-                dict_f = f"codec_{tag}.zdict"
-                (tmp / dict_f).write_bytes(dictionary)
-                dict_entry = {"file": dict_f, "sha256": hashlib.sha256(dictionary).hexdigest()}
+            dictionary = codec_wire.train_dictionary(codec.encode(tok, idx).numpy(), b)   # calibration codes
+            dict_f = f"codec_{tag}.zdict"
+            (tmp / dict_f).write_bytes(dictionary)
+            dict_entry = {"file": dict_f, "sha256": hashlib.sha256(dictionary).hexdigest()}
+            basis_sha = hashlib.sha256(codec_bytes(codec)).hexdigest()
             v["codecs"].append({
-                "name": name, "dims": d, "bits": b, "codec_id": codec_id(codec, dictionary),
-                "head": {"file": head_f}, "tail": {"file": tail_f},
-                "basis_sha256": hashlib.sha256(codec_bytes(codec)).hexdigest(),
+                "name": name, "dims": d, "bits": b,
+                "codec_id": codec_wire.codec_id(model_id, d, b, basis_sha, dict_entry["sha256"]),
+                "head": {"file": head_f}, "tail": {"file": tail_f}, "basis_sha256": basis_sha,
                 "dictionary": dict_entry, "variance_kept": round(float(codec.variance_kept), 6),
                 "num_prefix": codec.num_prefix, "mean": codec.mean_mode,
                 "projection_flops": codec.extra_flops(k), "origin": origin})

@@ -103,6 +103,13 @@ class TokenCodec(nn.Module):
         return 2 * (self.num_prefix + keep) * self.basis.shape[0] * self.dims
 
 
+def codec_bytes(codec: TokenCodec) -> bytes:
+    """Every buffer of the codec (means, bases, ranges) as float32, in name order: what the
+    manifest's basis_sha256 and the codec id are computed from."""
+    return b"".join(v.detach().to(torch.float32).contiguous().numpy().tobytes()
+                    for _, v in sorted(codec.state_dict().items()))
+
+
 def _pca(x: torch.Tensor, dims: int) -> tuple[torch.Tensor, float]:
     """Top-dims principal directions of centred rows x (M, D) -> (D, dims), variance kept."""
     x = x.double()
