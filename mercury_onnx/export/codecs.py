@@ -65,7 +65,7 @@ def export_codecs(models, variants: list[dict], names: list[str], tmp: Path, x: 
             export_onnx(G.CodecTail(m, codec), (codes2, idx2), tmp / tail_f, *G.CODEC_TAIL_IO, opset=opset,
                         dynamo=dynamo)
             dictionary = codec_wire.train_dictionary(codec.encode(tok, idx).numpy(), b)   # calibration codes
-            dict_f = f"codec_{tag}.zdict"
+            dict_f = f"codec_k{k}_{name}.zdict"
             (tmp / dict_f).write_bytes(dictionary)
             dict_entry = {"file": dict_f, "sha256": hashlib.sha256(dictionary).hexdigest()}
             basis_sha = hashlib.sha256(codec_bytes(codec)).hexdigest()
