@@ -1,7 +1,7 @@
 """Token codec at 224 px on real photos: distortion and bytes against a q90 JPEG (issue 13, item 3).
 
     python benchmarks/codec_photos.py [--model deit_base_patch16_224] [--keep 0.25]
-        [--json docs/results/codec/photos_deit_b.json]
+        [--dims 64 128 ...] [--bits 4 6] [--json docs/results/codec/photos_deit_b.json]
 
 Model: a timm ViT with RANDOM weights (no trained 224-px weights exist here), so accuracy is
 not measurable; distortion is. Photos: ../shared/data/imagenet-sample, resized (shorter side)
@@ -33,8 +33,8 @@ from mercury_onnx.models.codec import codec_bytes, fit_codec
 from mercury_onnx.runtime.preprocess import resize_crop
 
 PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-sample"
-DIMS = (16, 32, 64, 96, 128, 192, 256, 384)
-BITS = (2, 3, 4, 5, 6, 8)
+DIMS = (64, 128, 256, 384, 512)
+BITS = (4, 6)
 
 
 def photos() -> list[np.ndarray]:
@@ -76,6 +76,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="deit_base_patch16_224")
     ap.add_argument("--keep", type=float, default=0.25)
+    ap.add_argument("--dims", type=int, nargs="*", default=DIMS)
+    ap.add_argument("--bits", type=int, nargs="*", default=BITS)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -99,10 +101,10 @@ def main() -> None:
           f"fit on {half} photos, measured on {len(test_imgs)}")
     print(f"JPEG q90 of the 224 crop: {jpeg_bytes:.0f} B, token error {jpeg_err:.4f}; int8 tokens {int8_bytes} B")
     points = []
-    for d in DIMS:
+    for d in a.dims:
         if d > m.dim:
             continue
-        for b in BITS:
+        for b in a.bits:
             c = fit_codec(tok_fit, idx_fit, m.num_patches, d, b)
             codes = c.encode(tok_t, idx_t)
             err = rel(c.decode(codes, idx_t), tok_t)
