@@ -28,16 +28,14 @@ def head_outputs(m, images: np.ndarray, batch: int = 128) -> tuple[torch.Tensor,
 
 
 def export_codecs(models, variants: list[dict], names: list[str], tmp: Path, x: torch.Tensor,
-                  calib_data, codec_images: int, opset: int, dynamo: bool, log, model_id: str) -> dict:
+                  cal_dir: Path, codec_images: int, opset: int, dynamo: bool, log, model_id: str) -> dict:
     """Write the codec graphs of every variant into tmp; add v["codecs"]. Returns
     {(K, name): codec} for validation."""
     from ..formats import codec_wire
     from ..models.codec import codec_bytes, fit_codec, parse_codec
-    from .pipeline import CIFAR10
 
     cfg = models[0].cfg
     h, w = models[0].backbone.patch_embed.img_size
-    cal_dir = Path(calib_data) if calib_data else CIFAR10 / "train"
     try:
         cal_x, _ = load_images(cal_dir, codec_images, (h, w), cfg.mean, cfg.std)
     except FileNotFoundError as e:

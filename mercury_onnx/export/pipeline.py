@@ -158,7 +158,8 @@ def _export(models, source: str, is_ckpt: bool, out: Path, opts: ExportOptions) 
         fitted = {}
         if opts.codecs:
             from .codecs import export_codecs
-            fitted = export_codecs(models, variants, opts.codecs, tmp, x, opts.calib_data, opts.codec_images,
+            cal_dir = Path(opts.calib_data) if opts.calib_data else CIFAR10 / "train"
+            fitted = export_codecs(models, variants, opts.codecs, tmp, x, cal_dir, opts.codec_images,
                                    opts.opset, opts.dynamo, opts.say, model_id(models))
         if opts.int8_head:
             _add_int8_heads(variants, tmp, cfg, size, opts, graph_ops)
