@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from mercury_onnx.cli import app
 from mercury_onnx.export import export_model
 from mercury_onnx.export.images import load_images
-from mercury_onnx.export.manifest import load_manifest
+from mercury_onnx.formats.manifest import load_manifest
 from mercury_onnx.models.checkpoint import load_mercury, mercury_from_any, save_mercury
 from mercury_onnx.models.codec import fit_codec, parse_codec
 
