@@ -30,7 +30,7 @@ import torch
 from mercury_onnx.formats import codec_wire as w
 from mercury_onnx.models.checkpoint import mercury_from_any
 from mercury_onnx.models.codec import codec_bytes, fit_codec
-from mercury_onnx.runtime.preprocess import resize_crop
+from mercury_onnx.formats.images import resize_crop
 
 PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-sample"
 DIMS = (64, 128, 256, 384, 512)
