@@ -76,11 +76,14 @@ def run_prefix(model: Mercury, images: ImageSet, batch_size: int = 256, progress
 
 @torch.inference_mode()
 def head_outputs(model: Mercury, pre: Prefixed, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """The frozen head's outputs for every stored image: (M, P+K', D), (M, K)."""
+    """What the frozen head delivers to the tail for every stored image: (M, P+K', D), (M, K).
+    With a codec on the model these are the decoded codes, so the fill is calibrated on what
+    the cloud really receives (codec in the loop; nothing before the codec is trained, so the
+    rounding needs no gradient)."""
     toks, idxs = [], []
     for s in range(0, len(pre), batch_size):
         t, i = model.prune(pre.x[s: s + batch_size], pre.cls_attn[s: s + batch_size])
-        toks.append(t), idxs.append(i)
+        toks.append(model.transmit(t, i)), idxs.append(i)
     return torch.cat(toks), torch.cat(idxs)
 
 

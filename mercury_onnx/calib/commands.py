@@ -116,19 +116,27 @@ def calibrate(
     checkpoint: Optional[str] = typer.Option(None, help="backbone weights for a timm name"),
     img_size: Optional[int] = typer.Option(None), patch_size: Optional[int] = typer.Option(None),
     num_classes: Optional[int] = typer.Option(None),
+    codec: Optional[str] = typer.Option(None, "--codec", help="token codec DxB in the loop (e.g. 16x4): fit on "
+                                        "the calibration images, the fill learns from decoded codes; "
+                                        "the codec is saved with the checkpoint"),
     seed: int = typer.Option(0), cache: bool = typer.Option(False, "--cache", help="cache decoded images in ~/.cache/mercury-onnx"),
 ) -> None:
     """Learn the meta-parameters (backbone frozen) by distilling the unpruned model."""
     need_export_extra("calibrate")
     from ..models import ConfigError
     from ..models.checkpoint import save_mercury
-    from .calibrate import CalibSettings, run_prefix
+    from .calibrate import CalibSettings, head_outputs, run_prefix
     from .calibrate import calibrate as run_calibrate
     from ..formats.images import ImageError
     from .data import load_image_set, preprocess_for
 
     if images < 1 or steps < 0 or batch_size < 1 or heldout < 0:
         fail("--images and --batch-size must be >= 1, --steps and --heldout >= 0")
+    from ..models.codec import fit_codec, parse_codec
+    try:
+        codec_db = parse_codec(codec) if codec else None
+    except ValueError as e:
+        fail(str(e))
     t0 = time.time()
     try:
         models, _ = _backbone_models(source, checkpoint, _overrides(img_size, patch_size, num_classes),
@@ -154,7 +162,15 @@ def calibrate(
     held_pre = run_prefix(base, held) if held else None
     per_k = {}
     for m in models:
+        if codec_db:   # fit on the calibration images' head outputs, then train through it
+            m.codec = None
+            tok, idx = head_outputs(m, train_pre)
+            m.codec = fit_codec(tok, idx, m.num_patches, *codec_db)
+            del tok, idx
+            typer.echo(f"K={m.keep}: codec {m.codec.name} in the loop (variance kept {m.codec.variance_kept:.4f})")
         rep = run_calibrate(m, train_pre, s, heldout=held_pre)
+        if codec_db:
+            rep["codec"] = {"name": m.codec.name, "variance_kept": m.codec.variance_kept}
         per_k[str(m.keep)] = rep
         line = f"K={m.keep} (keep {m.keep / m.num_patches:g})"
         if held_pre is not None:
@@ -165,7 +181,7 @@ def calibrate(
         typer.echo(line)
     report = {"data": str(data_dir), "images": len(train_set), "heldout_images": len(held) if held else 0,
               "steps": steps, "batch_size": batch_size, "lr": lr, "temperature": temperature,
-              "ce_weight": ce_weight, "closed_form_init": not no_init, "seed": seed,
+              "ce_weight": ce_weight, "closed_form_init": not no_init, "seed": seed, "codec": codec_db and codec,
               "minutes": round((time.time() - t0) / 60, 2), "per_keep_tokens": per_k}
     weights, meta = save_mercury(out, models, calibration=report)
     typer.echo(f"wrote {weights} and {meta} ({report['minutes']} min)")
@@ -192,6 +208,14 @@ def evaluate(
                                      "same budget as the baselines (ignore the checkpoint's meta-parameters)"),
     prune_point: Optional[str] = typer.Option(None, help="block or attn, for a backbone JSON (default block); "
                                               "a Mercury checkpoint keeps its own"),
+    codec: List[str] = typer.Option([], "--codec", help="also Mercury with token codec DxB (e.g. 16x4), "
+                                    "repeatable; fit on --codec-images train images unless the checkpoint "
+                                    "was calibrated with it"),
+    codec_images: int = typer.Option(2000, help="train images (--calib-data) the codecs are fit on"),
+    rate_curve: bool = typer.Option(False, "--rate-curve", help="rate-accuracy: payload bytes on every row, "
+                                    "+ JPEG/WebP/AVIF of the test images; --plot draws top-1 vs bytes"),
+    image_codecs: str = typer.Option("jpeg,webp,avif", help="with --rate-curve: image formats (qualities "
+                                     "in calib/ratecurve.py)"),
     batch_size: int = typer.Option(256), seed: int = typer.Option(0),
     cache: bool = typer.Option(False, "--cache", help="cache decoded images in ~/.cache/mercury-onnx"),
 ) -> None:
@@ -212,6 +236,18 @@ def evaluate(
     from .evaluate import format_table, method_grid, plot, prepare
 
     t0 = time.time()
+    from ..models.codec import parse_codec
+    try:
+        codec = list(dict.fromkeys(f"{d}x{b}" for d, b in map(parse_codec, codec)))
+        if rate_curve:
+            from .ratecurve import QUALITIES
+            formats = {f.strip(): QUALITIES[f.strip()] for f in image_codecs.split(",") if f.strip()}
+    except ValueError as e:
+        fail(str(e))
+    except KeyError as e:
+        fail(f"--image-codecs: unknown format {e}; choose from jpeg, webp, avif")
+    if (codec or rate_curve) and onnx_dir is not None:
+        fail("--codec / --rate-curve evaluate in PyTorch; drop --onnx")
     try:
         models, stored = _backbone_models(checkpoint, None, {}, keep_ratio[:1], prune_point=prune_point)
         base = models[0]
@@ -236,6 +272,8 @@ def evaluate(
                           seed=seed)
         n_calib = calib_images if calib_images is not None else budget.get("images", 5000)
         stored_by_k = {} if recalibrate else {m.keep: m for m in stored}
+        full_keep = [r for r in keep_ratio if r >= 1.0]   # K = N: no fill, the codec alone
+        keep_ratio = [r for r in keep_ratio if r < 1.0]
         needs = [meth for meth in grid[1:] if meth.name != "mercury" or not stored_by_k]
         calib_pre = None
         if any(meth.reconstruction in ("meta-pos", "meta-ctx", "meta-local", "mask", "generator")
@@ -253,7 +291,17 @@ def evaluate(
         except ConfigError as e:
             fail(str(e))
         del calib_pre
-        rows = run_eval(base, ready, test, batch_size=batch_size)
+        if codec:
+            from .codec_eval import codec_entries
+            ready += codec_entries(base, ready, stored_by_k, codec, keep_ratio + full_keep,
+                                   calib_data or str(Path(data_dir).resolve().parent / "train"),
+                                   codec_images, seed, cache, log=typer.echo)
+        codes = {}
+        rows = run_eval(base, ready, test, batch_size=batch_size, codes_out=codes)
+        if rate_curve:
+            from .codec_eval import add_rate_rows
+            rows = add_rate_rows(base, ready, rows, codes, test, data_dir, formats, batch_size, images, seed,
+                                  log=typer.echo)
     minutes = (time.time() - t0) / 60
     typer.echo(f"\n{dataset}: {len(test)} images, {minutes:.1f} min")
     typer.echo(format_table(rows))
@@ -262,7 +310,13 @@ def evaluate(
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(result, indent=1))
         typer.echo(f"wrote {json_out}")
-    if plot_out:
+    if plot_out and rate_curve:
+        from .ratecurve import plot_rate
+        Path(plot_out).parent.mkdir(parents=True, exist_ok=True)
+        plot_rate(rows, plot_out, title=f"{base.cfg.timm_model} {base.cfg.overrides or ''} on {dataset} "
+                  f"({len(test)} images): top-1 vs bytes on the wire")
+        typer.echo(f"wrote {plot_out}")
+    elif plot_out:
         Path(plot_out).parent.mkdir(parents=True, exist_ok=True)
         plot(rows, plot_out, title=f"{base.cfg.timm_model} {base.cfg.overrides or ''} on {dataset} ({len(test)} images)")
         typer.echo(f"wrote {plot_out}")

@@ -98,13 +98,17 @@ def prepare(base: Mercury, stored: dict[int, Mercury], methods: list[Method], ke
 
 
 @torch.inference_mode()
-def evaluate(base: Mercury, ready: list[tuple[Method, float, Mercury]], images: ImageSet,
-             batch_size: int = 256, progress: bool = True) -> list[dict]:
-    """Top-1 of vanilla and every ready model; one prefix pass per batch shared by all."""
+def evaluate(base: Mercury, ready: list[tuple], images: ImageSet,
+             batch_size: int = 256, progress: bool = True, codes_out: dict | None = None) -> list[dict]:
+    """Top-1 of vanilla and every ready model; one prefix pass per batch shared by all.
+    A ready entry (method, keep ratio, model, codec) sends its tokens through the codec
+    (models/codec.py); codes_out, when given, collects {j: (codes, indices)} of those."""
     from tqdm import tqdm
 
-    for _, _, m in ready:                       # same numbers on every call (random pruning)
-        m._gen.manual_seed(m.cfg.seed)
+    for item in ready:                          # same numbers on every call (random pruning)
+        item[2]._gen.manual_seed(item[2].cfg.seed)
+    codecs = [item[3] if len(item) > 3 else None for item in ready]
+    collected = {j: ([], []) for j, c in enumerate(codecs, start=1) if c is not None}
     correct = torch.zeros(1 + len(ready), dtype=torch.long)
     base.record_attention()                     # one prefix pass for all: some methods read it
     for imgs, labels in tqdm(images.batches(batch_size), total=math.ceil(len(images) / batch_size),
@@ -112,21 +116,34 @@ def evaluate(base: Mercury, ready: list[tuple[Method, float, Mercury]], images: 
         x, cls_attn = base.forward_prefix(imgs)
         cls_attn = cls_attn.clone()
         correct[0] += (finish_vanilla(base.backbone, base.finish_prune_block(x), base.prune_at).argmax(-1) == labels).sum()
-        for j, (_, _, m) in enumerate(ready, start=1):
-            logits = m.forward_tail(*m.prune(x, cls_attn))
+        for j, item in enumerate(ready, start=1):
+            m, codec = item[2], codecs[j - 1]
+            tokens, idx = m.prune(x, cls_attn)
+            if codec is not None:
+                codes = codec.encode(tokens, idx)                        # (B, 1+K, d) uint8
+                tokens = codec.decode(codes, idx)
+                collected[j][0].append(codes), collected[j][1].append(idx)
+            logits = m.forward_tail(tokens, idx)
             correct[j] += (logits.argmax(-1) == labels).sum()
+    if codes_out is not None:
+        codes_out.update({j: (torch.cat(c).numpy(), torch.cat(i).numpy()) for j, (c, i) in collected.items()})
     n = len(images)
     rows = [{"method": "vanilla", "pruning": "none", "reconstruction": "none", "keep_ratio": 1.0,
              "top1": correct[0].item() / n}]
-    for j, (meth, r, m) in enumerate(ready, start=1):
+    for j, item in enumerate(ready, start=1):
+        meth, r, m = item[:3]
         rows.append({"method": meth.name, "pruning": m.cfg.pruning, "reconstruction": m.cfg.reconstruction,
                      "keep_ratio": float(r), "top1": correct[j].item() / n})
+        if codecs[j - 1] is not None:
+            rows[-1]["codec"] = codecs[j - 1].name
     return rows
 
 
 def label(row: dict) -> str:
     """A row's name in the table and the plot (int8-token rows of `eval --onnx` share "mercury")."""
-    return row["method"] + (f" ({row['token_dtype']} tokens)" if row.get("token_dtype") else "")
+    return (row["method"] + (f" ({row['token_dtype']} tokens)" if row.get("token_dtype") else "")
+            + (f" + codec {row['codec']}" if row.get("codec") else "")
+            + (f" q{row['quality']}" if row.get("quality") is not None else ""))
 
 
 def format_table(rows: list[dict]) -> str:

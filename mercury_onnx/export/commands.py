@@ -25,6 +25,9 @@ def export(
     fp16_tail: bool = typer.Option(False, "--fp16-tail", help="also an fp16 tail for CUDA"),
     token_dtype: List[str] = typer.Option([], "--token-dtype",
                                           help="extra head with int8 (+ per-token scales) or fp16 tokens"),
+    codec: List[str] = typer.Option([], "--codec", help="token codec DxB (e.g. 16x4: 16 principal dims, "
+                                    "4 bits each), repeatable: codec head/tail per keep ratio"),
+    codec_images: int = typer.Option(2000, help="calibration images (--calib-data) the codec is fit on"),
     triton_repo: Optional[str] = typer.Option(None, help="also write a Triton model repository of the tails"),
     validate_data: Optional[str] = typer.Option(None, help="validation images (default CIFAR-10 test)"),
     validate_images: int = typer.Option(64, help="how many real images ORT is checked on"),
@@ -49,6 +52,8 @@ def export(
         fail(f"--token-dtype {bad[0]!r}: choose from {', '.join(TOKEN_DTYPES)}")
     if validate_images < 1:
         fail("--validate-images must be >= 1")
+    if codec_images < 1:
+        fail("--codec-images must be >= 1")
     model_kw = {k: v for k, v in dict(prune_after_block=prune_after_block, split_after_block=split_after_block,
                                       reconstruction=reconstruction, prune_point=prune_point).items()
                 if v is not None}
@@ -57,7 +62,7 @@ def export(
                              calib_data=calib_data, calib_images=calib_images,
                              int8_select_images=int8_select_images, validate_data=validate_data,
                              validate_images=validate_images, triton_repo=triton_repo, dynamo=dynamo,
-                             threads=threads, model_kw=model_kw)
+                             threads=threads, model_kw=model_kw, codecs=codec, codec_images=codec_images)
         out = export_model(source, out_dir, keep_ratio, opts)
     except ValidationFailed as e:
         fail(f"{e}\nnothing was written to {out_dir}", code=1)

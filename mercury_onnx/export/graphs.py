@@ -9,6 +9,8 @@ code itself is `mercury_onnx.models`, so the ONNX graphs compute exactly what Py
 | Tok8Head  | images            | tokens (B,P+K,D) i8, scales (B,P+K,1) f32, indices   |
 | Tok16Head | images            | tokens (B,P+K,D) f16, indices                        |
 | TailGraph | tokens, indices   | logits (B,C)                                         |
+| CodecHead | images            | codes (B,P+K,d) u8, indices (B,K) i64 (codec DxB)     |
+| CodecTail | codes, indices    | logits (B,C): decode codes to tokens, then the tail  |
 | FullGraph | images            | logits (B,C): the vanilla model, no pruning          |
 
 P = the backbone's prefix tokens (timm's `num_prefix_tokens`; manifest "num_prefix_tokens").
@@ -23,6 +25,8 @@ from ..models import Mercury
 HEAD_IO = (["images"], ["tokens", "indices"])
 TOK8_IO = (["images"], ["tokens", "scales", "indices"])
 TAIL_IO = (["tokens", "indices"], ["logits"])
+CODEC_HEAD_IO = (["images"], ["codes", "indices"])
+CODEC_TAIL_IO = (["codes", "indices"], ["logits"])
 FULL_IO = (["images"], ["logits"])
 
 
@@ -65,6 +69,29 @@ class TailGraph(nn.Module):
 
     def forward(self, tokens, indices):
         return self.m.forward_tail(tokens, indices)                      # (B, C)
+
+
+class CodecHead(HeadGraph):
+    """The head + the token codec (models/codec.py): integer codes instead of tokens."""
+
+    def __init__(self, mercury: Mercury, codec):
+        super().__init__(mercury)
+        self.codec = codec
+
+    def forward(self, images):
+        tokens, indices = self.m.forward_head(images)                    # (B,P+K,D), (B,K)
+        return self.codec.encode(tokens, indices), indices               # (B,P+K,d) u8
+
+
+class CodecTail(TailGraph):
+    """Decode the codes (dequantise, project back to D, add the means), then the tail."""
+
+    def __init__(self, mercury: Mercury, codec):
+        super().__init__(mercury)
+        self.codec = codec
+
+    def forward(self, codes, indices):
+        return self.m.forward_tail(self.codec.decode(codes, indices), indices)   # (B, C)
 
 
 class FullGraph(nn.Module):

@@ -80,12 +80,19 @@ class ExportOptions:
     threads: int = 1                                # CPU threads for torch and onnxruntime
     model_kw: dict | None = None                    # MercuryConfig settings for a backbone JSON / timm name
                                                     # (a checkpoint keeps its own and refuses another prune_point)
+    codecs: Sequence[str] = ()                      # token codecs "DxB": codec head/tail per keep ratio
+    codec_images: int = 2000                        # calib_data images a codec is fit on (unless the checkpoint has it)
     log: Callable[[str], None] | None = _log
 
     def __post_init__(self):
         bad = [t for t in self.token_dtypes if t not in TOKEN_DTYPES]
         if bad:
             raise ExportError(f"unknown token dtype {bad}; choose from {TOKEN_DTYPES}")
+        from ..models.codec import parse_codec
+        try:
+            self.codecs = list(dict.fromkeys(f"{d}x{b}" for d, b in map(parse_codec, self.codecs)))
+        except ValueError as e:
+            raise ExportError(str(e)) from e
         if self.dynamo and self.opset < 18:   # the dynamo exporter starts at opset 18 and cannot convert down
             self.opset = 18
 
@@ -148,16 +155,23 @@ def _export(models, source: str, is_ckpt: bool, out: Path, opts: ExportOptions) 
         opts.export(G.FullGraph(first), (x,), tmp / "full.onnx", G.FULL_IO)
         graph_ops: dict[str, dict] = {}
         variants = [_export_variant(m, x, tmp, opts, graph_ops) for m in models]
+        fitted = {}
+        if opts.codecs:
+            from .codecs import export_codecs
+            cal_dir = Path(opts.calib_data) if opts.calib_data else CIFAR10 / "train"
+            fitted = export_codecs(models, variants, opts.codecs, tmp, x, cal_dir, opts.codec_images,
+                                   opts.opset, opts.dynamo, opts.say, model_id(models))
         if opts.int8_head:
             _add_int8_heads(variants, tmp, cfg, size, opts, graph_ops)
         opts.say(f"  validate ORT vs torch on {len(images)} images from {val_dir}")
-        report = validate_export(tmp, models, variants, "full.onnx", images, labels, opts.tolerances, opts.threads)
+        report = validate_export(tmp, models, variants, "full.onnx", images, labels, opts.tolerances, opts.threads,
+                                 codecs=fitted)
         report["data"] = str(val_dir)
         report["graph_checks"] = {f: {"TopK": ops.get("TopK", 0), "NonZero": ops.get("NonZero", 0)}
                                   for f, ops in graph_ops.items() if f.startswith("head")}
         if not report["passed"]:
             raise ValidationFailed(report)
-        files = sorted(p.name for p in tmp.iterdir() if p.suffix == ".onnx")
+        files = sorted(p.name for p in tmp.iterdir() if p.suffix in (".onnx", ".zdict"))
         write_manifest(tmp, _manifest(models, source, is_ckpt, opts, variants, report), files)
         _swap_into_place(tmp, out)
     except BaseException:

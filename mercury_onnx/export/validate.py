@@ -8,6 +8,10 @@ What is compared (every number lands in manifest["validation"]):
   near-ties in the scores may flip one pick between two float implementations).
 - kK end to end (ORT head -> ORT tail) vs torch Mercury: top-1 agreement (>= min_top1), and
   accuracy on labelled images (CIFAR-10 for the reference model).
+- Codec heads/tails (head_kK_cDxB): ORT codes within one quantisation step of torch's codes
+  on the rows whose indices agree (|ORT - torch| <= 1: a rounding tie may go either way);
+  the codec tail fed torch's codes within atol of the torch codec pipeline's logits; ORT
+  codec head -> ORT codec tail top-1 agreement with the torch codec pipeline (>= min_top1).
 - Lossy variants against the fp32 pipeline: head_kK_tok8 (int8 tokens; the dequantised tokens
   must be within scale/2 of torch's), head_kK_tok16, tail_kK_fp16: top-1 agreement
   (>= min_top1_lossy); head_kK_int8 (>= min_top1_int8, its indices may differ: quantised
@@ -71,8 +75,9 @@ def _agree(a: np.ndarray, b: np.ndarray) -> float:
 
 def validate_export(export_dir: str | Path, models, variants: list[dict], full_file: str,
                     images: np.ndarray, labels: np.ndarray | None, tol: Tolerances | None = None,
-                    threads: int = 1, batch: int = 16) -> dict:
-    """models: the Mercury wrappers, in the order of variants (manifest entries)."""
+                    threads: int = 1, batch: int = 16, codecs: dict | None = None) -> dict:
+    """models: the Mercury wrappers, in the order of variants (manifest entries);
+    codecs: {(K, name): TokenCodec} of the variants' codec graphs."""
     tol = tol or Tolerances()
     d = Path(export_dir)
     n = len(images)
@@ -124,6 +129,10 @@ def validate_export(export_dir: str | Path, models, variants: list[dict], full_f
         agree[key] = _agree(split, logit_t)
         acc[key] = _acc(split, labels)
         check(f"{key} ORT head->tail top-1 agreement with torch", agree[key], tol.min_top1, above=True)
+
+        for c in v.get("codecs") or []:
+            _check_codec(d, m, (codecs or {})[(k, c["name"])], c, key, x_t, x_feeds, slices, idx_t, labels,
+                         tol, threads, diff, agree, acc, rows, fails, check)
 
         if v.get("head_tok8"):
             f = v["head_tok8"]["file"]
@@ -181,8 +190,40 @@ def validate_export(export_dir: str | Path, models, variants: list[dict], full_f
                 check(f"{f} top-1 agreement with torch", agree[f"{key}_fp16"], tol.min_top1_lossy, above=True)
 
     return {"images": n, "labelled": labels is not None, "tolerances": asdict(tol),
+            "codes": "|ORT - torch| <= 1 quantisation step on rows with identical indices",
             "atol": {"float32": tol.atol_fp32, "float16": tol.atol_fp16,
                      "int8_tokens": "scale/2 per token (+ the float32 atol)",
                      "rule": "max|ort - torch| <= atol * max(1, max|torch|)"},
             "max_abs_diff": diff, "identical_index_rows": rows, "top1_agreement": agree,
             "accuracy": acc, "failures": fails, "passed": not fails}
+
+
+def _check_codec(d, m, codec, c, key, x_t, x_feeds, slices, idx_t, labels, tol, threads,
+                 diff, agree, acc, rows, fails, check):
+    """One codec head/tail pair against the torch codec pipeline (see the module docstring)."""
+    head_f, tail_f, ck = c["head"]["file"], c["tail"]["file"], f"{key}_c{c['name']}"
+    with torch.no_grad():
+        outs = [m.forward_head(x_t[s]) for s in slices]
+        codes_t = torch.cat([codec.encode(*o) for o in outs])
+        logit_t = torch.cat([m.forward_tail(codec.decode(codec.encode(*o), o[1]), o[1]) for o in outs]).numpy()
+    codes_t = codes_t.numpy()
+    acc[f"torch.{ck}"] = _acc(logit_t, labels)
+    codes, idx = _run(session(d / head_f, threads), x_feeds)
+    same = (idx == idx_t).all(-1)
+    rows[f"{head_f}.indices"] = round(float(same.mean()), 4)
+    check(f"{head_f} identical index rows", rows[f"{head_f}.indices"], tol.min_index_rows, above=True)
+    if codes.dtype != np.uint8 or codes.shape != codes_t.shape:
+        fails.append(f"{head_f}: codes {codes.shape} {codes.dtype}, expected {codes_t.shape} uint8")
+        return
+    if same.any():
+        step = np.abs(codes[same].astype(np.int16) - codes_t[same].astype(np.int16))
+        diff[f"{head_f}.codes_steps"] = int(step.max())
+        rows[f"{head_f}.codes_equal"] = round(float((step == 0).mean()), 6)
+        check(f"{head_f} codes max steps from torch", int(step.max()), 1)
+    tail = session(d / tail_f, threads)
+    (lg,) = _run(tail, [{"codes": codes_t[s], "indices": idx_t[s]} for s in slices])
+    diff[f"{tail_f}.logits"] = _max_diff(lg, logit_t)
+    check(f"{tail_f} logits max diff", diff[f"{tail_f}.logits"], tol.atol_fp32 * _scale(logit_t))
+    (split,) = _run(tail, [{"codes": codes[s], "indices": idx[s]} for s in slices])
+    agree[ck], acc[ck] = _agree(split, logit_t), _acc(split, labels)
+    check(f"{ck} ORT codec head->tail top-1 agreement with torch", agree[ck], tol.min_top1, above=True)

@@ -5,6 +5,9 @@ Files (same stem):
   per kept-token count K;
 - `NAME.json`: {"format": "mercury-checkpoint/1", "config": MercuryConfig (backbone part and
   method settings), "keep_tokens": [K, ...], "calibration": {...free-form report...}}.
+- When the meta-parameters were calibrated with a token codec in the loop (`calibrate
+  --codec`), that codec too: `codec.<K>.<buffer>` tensors and "codecs": {"K": {"name": "16x4",
+  "num_prefix": 1, "mean": "position", "variance_kept": ...}} in the JSON.
 
 Self-contained on purpose: `export` needs nothing else, and a checkpoint copied to another
 machine still works.
@@ -39,9 +42,14 @@ def save_mercury(path: str | Path, models: list[Mercury], calibration: dict | No
     if any(m.backbone is not backbone for m in models):
         raise ValueError("all models in one checkpoint must share the backbone")
     tensors = {f"backbone.{k}": v.detach().contiguous() for k, v in backbone.state_dict().items()}
+    codecs = {}
     for m in models:
         for k, v in m.recon.state_dict().items():
             tensors[f"meta.{m.keep}.{k}"] = v.detach().contiguous()
+        if m.codec is not None:
+            tensors.update({f"codec.{m.keep}.{k}": v.detach().contiguous() for k, v in m.codec.state_dict().items()})
+            codecs[str(m.keep)] = {"name": m.codec.name, "num_prefix": m.codec.num_prefix,
+                                   "mean": m.codec.mean_mode, "variance_kept": m.codec.variance_kept}
     cfg = copy.deepcopy(models[0].cfg)
     cfg.checkpoint, cfg.pretrained, cfg.keep_ratio, cfg.keep_tokens = None, False, None, None
     weights, meta = checkpoint_paths(path)
@@ -49,7 +57,8 @@ def save_mercury(path: str | Path, models: list[Mercury], calibration: dict | No
     save_file(tensors, str(weights))
     meta.write_text(json.dumps({"format": FORMAT, "config": cfg.to_dict(),
                                 "keep_tokens": list(dict.fromkeys(m.keep for m in models)),
-                                "calibration": calibration or {}}, indent=1))
+                                "calibration": calibration or {},
+                                **({"codecs": codecs} if codecs else {})}, indent=1))
     return weights, meta
 
 
@@ -109,6 +118,15 @@ def load_mercury(path: str | Path, keep_tokens: list[int] | None = None, **overr
             m = build_mercury(cfg, backbone)
         prefix = f"meta.{k}."
         m.recon.load_state_dict({n.removeprefix(prefix): v for n, v in tensors.items() if n.startswith(prefix)})
+        spec = info.get("codecs", {}).get(str(k))
+        if spec:
+            from .codec import TokenCodec, parse_codec
+
+            d, b = parse_codec(spec["name"])
+            m.codec = TokenCodec(m.dim, m.num_patches, d, b, spec["num_prefix"])
+            m.codec.load_state_dict({n.removeprefix(f"codec.{k}."): v for n, v in tensors.items()
+                                     if n.startswith(f"codec.{k}.")})
+            m.codec.mean_mode, m.codec.variance_kept = spec.get("mean", "position"), spec.get("variance_kept")
         models.append(m.eval())
     return models
 

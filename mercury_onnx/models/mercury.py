@@ -113,6 +113,11 @@ class Mercury(nn.Module):
             num_heads=m.blocks[0].attn.num_heads, pos_embed=pos,
             backbone_params=self.backbone_params, rank=cfg.meta_rank, prefix=self.num_prefix_tokens)
         self._gen = torch.Generator().manual_seed(cfg.seed)
+        self.codec = None   # a TokenCodec (models/codec.py) when the tokens travel as codes
+
+    def transmit(self, tokens: torch.Tensor, indices: torch.Tensor, ste: bool = False) -> torch.Tensor:
+        """What the tail receives: the tokens, or their codec round trip when a codec is set."""
+        return tokens if self.codec is None else self.codec.roundtrip(tokens, indices, ste)
 
     def record_attention(self) -> None:
         """Swap in CLSAttention in the pruning block(s), so forward_prefix returns the CLS
@@ -231,7 +236,8 @@ class Mercury(nn.Module):
         return m.forward_head(x)                                         # (B, classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_tail(*self.forward_head(images))
+        tokens, idx = self.forward_head(images)
+        return self.forward_tail(self.transmit(tokens, idx), idx)
 
     # ---------------------------------------------------------------- facts
     def num_meta_params(self) -> int:

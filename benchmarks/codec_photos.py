@@ -1,0 +1,144 @@
+"""Token codec at 224 px on real photos: distortion and bytes against a q90 JPEG (issue 13, item 3).
+
+    python benchmarks/codec_photos.py [--model deit_base_patch16_224] [--keep 0.25]
+        [--dims 64 128 ...] [--bits 4 6] [--json docs/results/codec/photos_deit_b.json]
+
+Model: a timm ViT with RANDOM weights (no trained 224-px weights exist here), so accuracy is
+not measurable; distortion is. Photos: ../shared/data/imagenet-sample, resized (shorter side)
+and center-cropped to 224 like runtime preprocessing; the first half (sorted names) fits the
+codec (models/codec.py: per-position mean, PCA basis, ranges) and the zstd dictionary, the
+second half is measured. Per measured photo:
+- reference: the kept block-1 tokens X (1+K rows) and indices of the photo as stored;
+- JPEG q90: the 224 crop re-encoded at q90, its block-1 tokens at the SAME kept positions:
+  relative error ||X_jpeg - X||_F / ||X||_F, and the JPEG's bytes;
+- codec DxB: ||decode(encode(X)) - X||_F / ||X||_F, and the payload bytes of
+  formats/codec_wire.encode (header, mask, codes, trained dictionary).
+Means over photos. Target: at no more error than JPEG q90, payload <= 0.5x the q90 JPEG.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mercury_onnx.formats import codec_wire as w
+from mercury_onnx.models.checkpoint import mercury_from_any
+from mercury_onnx.models.codec import codec_bytes, fit_codec
+from mercury_onnx.formats.images import resize_crop
+
+PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-sample"
+DIMS = (64, 128, 256, 384, 512)
+BITS = (4, 6)
+
+
+def photos() -> list[np.ndarray]:
+    from PIL import Image
+
+    files = sorted(f for f in PHOTOS.iterdir() if f.suffix.lower() in (".jpeg", ".jpg", ".png"))
+    return [np.asarray(resize_crop(Image.open(f).convert("RGB"), 224, 224), np.uint8) for f in files]
+
+
+def jpeg(img: np.ndarray, q: int) -> tuple[np.ndarray, int]:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=q)
+    n = buf.tell()
+    buf.seek(0)
+    return np.asarray(Image.open(buf).convert("RGB"), np.uint8), n
+
+
+@torch.inference_mode()
+def block1(m, imgs: np.ndarray, batch: int = 25) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-1 tokens (M, 1+N, D) and CLS attention of uint8 photos (M, 224, 224, 3)."""
+    mean = torch.tensor(m.cfg.mean or (0.485, 0.456, 0.406)).view(1, 3, 1, 1)
+    std = torch.tensor(m.cfg.std or (0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+    xs, att = [], []
+    for s in range(0, len(imgs), batch):
+        x = torch.from_numpy(imgs[s: s + batch]).permute(0, 3, 1, 2).float() / 255
+        t, a = m.forward_prefix((x - mean) / std)
+        xs.append(t), att.append(a.clone())
+    return torch.cat(xs), torch.cat(att)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over images of ||a - b||_F / ||b||_F (per image over its 1+K token rows)."""
+    return float(((a - b).flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1)).mean())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="deit_base_patch16_224")
+    ap.add_argument("--keep", type=float, default=0.25)
+    ap.add_argument("--dims", type=int, nargs="*", default=DIMS)
+    ap.add_argument("--bits", type=int, nargs="*", default=BITS)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    t0 = time.time()
+    (m,) = mercury_from_any(a.model, keep_ratios=[a.keep])
+    imgs = np.stack(photos())
+    half = len(imgs) // 2
+    fit_imgs, test_imgs = imgs[:half], imgs[half:]
+    x_fit, att_fit = block1(m, fit_imgs)
+    tok_fit, idx_fit = m.prune(x_fit, att_fit)                           # (M, 1+K, D), (M, K)
+    x_t, att_t = block1(m, test_imgs)
+    tok_t, idx_t = m.prune(x_t, att_t)
+    q90 = [jpeg(i, 90) for i in test_imgs]
+    x_j, _ = block1(m, np.stack([j for j, _ in q90]))
+    rows = torch.cat([torch.zeros(len(idx_t), 1, dtype=torch.long), idx_t + 1], 1)   # CLS + kept rows
+    tok_j = torch.gather(x_j, 1, rows.unsqueeze(-1).expand(-1, -1, x_j.shape[-1]))
+    jpeg_bytes = float(np.mean([n for _, n in q90]))
+    jpeg_err = rel(tok_j, tok_t)
+    int8_bytes = 40 + tok_t.shape[1] * (tok_t.shape[2] + 4) + 2 * idx_t.shape[1]
+    print(f"{a.model} (random weights), keep {a.keep}: K={m.keep} of N={m.num_patches}, D={m.dim}; "
+          f"fit on {half} photos, measured on {len(test_imgs)}")
+    print(f"JPEG q90 of the 224 crop: {jpeg_bytes:.0f} B, token error {jpeg_err:.4f}; int8 tokens {int8_bytes} B")
+    points = []
+    for d in a.dims:
+        if d > m.dim:
+            continue
+        for b in a.bits:
+            c = fit_codec(tok_fit, idx_fit, m.num_patches, d, b)
+            codes = c.encode(tok_t, idx_t)
+            err = rel(c.decode(codes, idx_t), tok_t)
+            dic = w.train_dictionary(c.encode(tok_fit, idx_fit).numpy(), b)
+            cid = w.codec_id("0" * 16, d, b, hashlib.sha256(codec_bytes(c)).hexdigest(),
+                             hashlib.sha256(dic).hexdigest())
+            cn = codes.numpy()
+            payload = float(np.mean([len(w.encode(cn[i: i + 1], idx_t[i: i + 1].numpy(), m.num_patches, b,
+                                                  "0" * 16, cid, dic)) for i in range(len(cn))]))
+            p = {"codec": f"{d}x{b}", "dims": d, "bits": b, "variance_kept": round(c.variance_kept, 5),
+                 "token_error": round(err, 5), "payload_bytes": round(payload, 1),
+                 "entropy_bytes": round(w.entropy_bytes(cn, b), 1),
+                 "vs_jpeg_q90_bytes": round(payload / jpeg_bytes, 4), "error_le_jpeg_q90": err <= jpeg_err}
+            points.append(p)
+            print(f"  {p['codec']:>6}: variance kept {p['variance_kept']:.4f}  error {err:.4f}  "
+                  f"{payload:8.0f} B = {p['vs_jpeg_q90_bytes']:.3f}x JPEG q90"
+                  f"{'  <= JPEG error' if err <= jpeg_err else ''}", flush=True)
+    ok = [p for p in points if p["error_le_jpeg_q90"]]
+    best = min(ok, key=lambda p: p["payload_bytes"]) if ok else None
+    print(f"smallest payload at <= JPEG q90's error: "
+          + (f"{best['codec']} {best['payload_bytes']:.0f} B = {best['vs_jpeg_q90_bytes']:.3f}x JPEG q90 "
+             f"(target <= 0.5x: {'met' if best['vs_jpeg_q90_bytes'] <= 0.5 else 'MISSED'})" if best else "none"))
+    if a.json:
+        out = {"model": a.model, "weights": "random (timm init, torch.manual_seed(0))", "keep_ratio": a.keep,
+               "keep_tokens": m.keep, "num_patches": m.num_patches, "dim": m.dim,
+               "photos": str(PHOTOS.name), "fit_photos": half, "measured_photos": len(test_imgs),
+               "crop": "shorter side to 224 (bilinear), center crop 224", "jpeg_q90_bytes": round(jpeg_bytes, 1),
+               "jpeg_q90_token_error": round(jpeg_err, 5), "int8_token_bytes": int8_bytes,
+               "error": "mean over photos of ||X_hat - X||_F / ||X||_F over the CLS + K kept block-1 tokens",
+               "points": points, "best_at_jpeg_error": best, "seconds": round(time.time() - t0, 1)}
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(out, indent=1))
+        print(f"wrote {a.json}")
+
+
+if __name__ == "__main__":
+    main()

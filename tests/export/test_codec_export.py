@@ -1,0 +1,90 @@
+"""Codec heads/tails (export --codec DxB) on real CIFAR-10 images: ORT codes vs PyTorch's."""
+import hashlib
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mercury_onnx.cli import app
+from mercury_onnx.export import export_model
+from mercury_onnx.export.images import load_images
+from mercury_onnx.formats.manifest import load_manifest
+from mercury_onnx.models.checkpoint import load_mercury, mercury_from_any, save_mercury
+from mercury_onnx.models.codec import fit_codec, parse_codec
+
+
+def _sess(path):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def codec_export(ref_json, cifar_test, tmp_path_factory):
+    out = tmp_path_factory.mktemp("codec") / "export"
+    export_model(ref_json, out, [0.25], codecs=["16x4"], codec_images=256,
+                 validate_data=cifar_test, validate_images=16, log=None)
+    return out
+
+
+def test_onnx_codec_head_codes_within_one_step_of_torch(codec_export, ref_json, cifar_test):
+    man = load_manifest(codec_export)
+    v = man["variants"][0]
+    (c,) = v["codecs"]
+    assert (c["name"], c["dims"], c["bits"]) == ("16x4", 16, 4) and len(c["codec_id"]) == 8
+    assert hashlib.sha256((codec_export / c["dictionary"]["file"]).read_bytes()).hexdigest() == c["dictionary"]["sha256"]
+    assert man["validation"]["passed"] and man["validation"]["max_abs_diff"]["head_k16_c16x4.onnx.codes_steps"] <= 1
+    # the same codec as the export's: fit again on the same 256 calibration images
+    (m,) = mercury_from_any(str(ref_json), keep_ratios=[0.25])
+    p = man["preprocess"]
+    cal, _ = load_images(cifar_test.parent / "train", 256, tuple(p["size"]), p["mean"], p["std"])
+    with torch.no_grad():
+        codec = fit_codec(*m.forward_head(torch.from_numpy(cal)), m.num_patches, 16, 4)
+    x, labels = load_images(cifar_test, 32, tuple(p["size"]), p["mean"], p["std"], man["classes"], offset=1000)
+    codes, idx = _sess(codec_export / c["head"]["file"]).run(None, {"images": x})
+    with torch.no_grad():
+        tok_t, idx_t = m.forward_head(torch.from_numpy(x))
+        codes_t = codec.encode(tok_t, idx_t)
+        logits_t = m.forward_tail(codec.decode(codes_t, idx_t), idx_t).numpy()
+    assert codes.dtype == np.uint8 and codes.shape == (32, 17, 16) and codes.max() <= 15
+    assert np.array_equal(idx, idx_t.numpy())
+    steps = np.abs(codes.astype(int) - codes_t.numpy().astype(int))
+    assert steps.max() <= 1 and (steps == 0).mean() > 0.99
+    (logits,) = _sess(codec_export / c["tail"]["file"]).run(None, {"codes": codes_t.numpy(), "indices": idx})
+    np.testing.assert_allclose(logits, logits_t, atol=1e-4 * max(1, np.abs(logits_t).max()))
+
+
+def test_codec_error_falls_with_dims_and_bits(ref_json, cifar_test):
+    (m,) = mercury_from_any(str(ref_json), keep_ratios=[0.5])
+    x, _ = load_images(cifar_test.parent / "train", 96, (32, 32), m.cfg.mean, m.cfg.std)
+    with torch.no_grad():
+        tok, idx = m.forward_head(torch.from_numpy(x))
+    fit, test = slice(0, 64), slice(64, 96)
+    err = {}
+    for d, b in [(8, 4), (16, 4), (16, 8)]:
+        c = fit_codec(tok[fit], idx[fit], m.num_patches, d, b)
+        err[(d, b)] = float(((c.roundtrip(tok[test], idx[test]) - tok[test]) ** 2).mean())
+        assert 0 < c.variance_kept <= 1
+    assert err[(16, 8)] < err[(16, 4)] < err[(8, 4)]
+
+
+def test_codec_saved_with_the_checkpoint(ref_json, cifar_test, tmp_path):
+    (m,) = mercury_from_any(str(ref_json), keep_ratios=[0.25])
+    x, _ = load_images(cifar_test.parent / "train", 32, (32, 32), m.cfg.mean, m.cfg.std)
+    with torch.no_grad():
+        m.codec = fit_codec(*m.forward_head(torch.from_numpy(x)), m.num_patches, 8, 3)
+    save_mercury(tmp_path / "ck", [m])
+    (back,) = load_mercury(tmp_path / "ck")
+    assert back.codec.name == "8x3"
+    for k, v in m.codec.state_dict().items():
+        assert torch.equal(v, back.codec.state_dict()[k])
+
+
+def test_bad_codec_name_is_a_clear_error(ref_json, tmp_path):
+    for bad in ("16", "16x9", "0x4", "ax4"):
+        with pytest.raises(ValueError, match="codec"):
+            parse_codec(bad)
+    r = CliRunner().invoke(app, ["export", str(ref_json), str(tmp_path / "o"), "--codec", "16x9"])
+    assert r.exit_code == 2 and "bits 1..8" in r.output and not (tmp_path / "o").exists()
