@@ -105,7 +105,10 @@ def calibrate(
     images: int = typer.Option(5000, help="calibration images (class-balanced, seeded)"),
     heldout: int = typer.Option(1000, help="held-out images (disjoint) for before/after top-1; 0 = none"),
     steps: int = typer.Option(200), batch_size: int = typer.Option(64), lr: float = typer.Option(3e-3),
-    temperature: float = typer.Option(1.0, help="distillation temperature"),
+    temperature: List[float] = typer.Option([], help="distillation temperature (default 1): once for all "
+                                            "ratios, or once per -r in the same order"),
+    choose_temperature: List[float] = typer.Option([], help="repeatable: candidate temperatures, each ratio "
+                                                   "keeps the one with the lowest held-out KL (needs --heldout)"),
     ce_weight: float = typer.Option(0.0, help="add this times CE on the labels (0 = labels unused)"),
     no_init: bool = typer.Option(False, "--no-init", help="skip the closed-form init (ablation)"),
     reconstruction: Optional[str] = typer.Option(None, help="default: meta-local / the checkpoint's"),
@@ -123,12 +126,20 @@ def calibrate(
     from ..models import ConfigError
     from ..models.checkpoint import save_mercury
     from .calibrate import CalibSettings, run_prefix
-    from .calibrate import calibrate as run_calibrate
     from ..formats.images import ImageError
     from .data import load_image_set, preprocess_for
 
     if images < 1 or steps < 0 or batch_size < 1 or heldout < 0:
         fail("--images and --batch-size must be >= 1, --steps and --heldout >= 0")
+    from .recipe import calibrate_all, per_ratio_temperatures
+    if temperature and choose_temperature:
+        fail("give --temperature or --choose-temperature, not both")
+    if choose_temperature and not heldout:
+        fail("--choose-temperature chooses on the held-out slice: set --heldout > 0")
+    try:
+        temps = per_ratio_temperatures(temperature, len(keep_ratio))
+    except ValueError as e:
+        fail(str(e))
     t0 = time.time()
     try:
         models, _ = _backbone_models(source, checkpoint, _overrides(img_size, patch_size, num_classes),
@@ -148,23 +159,16 @@ def calibrate(
     typer.echo(f"calibrating {base.cfg.pruning}+{base.cfg.reconstruction} (prune point {base.cfg.prune_point}) "
                f"at K={[m.keep for m in models]} "
                f"on {len(train_set)} images of {data_dir} (held out: {len(held) if held else 0})")
-    s = CalibSettings(steps=steps, batch_size=batch_size, lr=lr, temperature=temperature,
-                      ce_weight=ce_weight, seed=seed, closed_form_init=not no_init)
+    s = CalibSettings(steps=steps, batch_size=batch_size, lr=lr, ce_weight=ce_weight, seed=seed,
+                      closed_form_init=not no_init)
     train_pre = run_prefix(base, train_set)
     held_pre = run_prefix(base, held) if held else None
-    per_k = {}
-    for m in models:
-        rep = run_calibrate(m, train_pre, s, heldout=held_pre)
-        per_k[str(m.keep)] = rep
-        line = f"K={m.keep} (keep {m.keep / m.num_patches:g})"
-        if held_pre is not None:
-            b, a = rep["heldout_before"], rep["heldout_after"]
-            line += (f": held-out top-1 {100 * rep['heldout_untrained']['top1']:.2f}% untrained, "
-                     f"{100 * b['top1']:.2f}% after init, {100 * a['top1']:.2f}% after {steps} steps "
-                     f"(vanilla {100 * rep['heldout_vanilla_top1']:.2f}%); KL {b['loss']:.4f} -> {a['loss']:.4f}")
-        typer.echo(line)
+    per_k = calibrate_all(models, train_pre, s, held_pre, temps, choose_temperature, log=typer.echo)
+    chosen = {k: rep["temperature_choice"]["chosen"] for k, rep in per_k.items()}
     report = {"data": str(data_dir), "images": len(train_set), "heldout_images": len(held) if held else 0,
-              "steps": steps, "batch_size": batch_size, "lr": lr, "temperature": temperature,
+              "steps": steps, "batch_size": batch_size, "lr": lr, "temperature_per_keep_tokens": chosen,
+              **({"temperature": next(iter(chosen.values()))} if len(set(chosen.values())) == 1 else {}),
+              "temperature_candidates": choose_temperature,
               "ce_weight": ce_weight, "closed_form_init": not no_init, "seed": seed,
               "minutes": round((time.time() - t0) / 60, 2), "per_keep_tokens": per_k}
     weights, meta = save_mercury(out, models, calibration=report)
@@ -175,7 +179,8 @@ def calibrate(
 
 def evaluate(
     data_dir: str = typer.Argument(..., help="evaluation split, DATA_DIR/<class>/<image>"),
-    checkpoint: str = typer.Option(..., help="Mercury checkpoint (from calibrate) or backbone JSON"),
+    checkpoint: str = typer.Option(..., help="Mercury checkpoint (from calibrate), `reference` (the shipped "
+                                   "calibration), or backbone JSON"),
     keep_ratio: List[float] = typer.Option([0.5, 0.25], "--keep-ratio", "-r", help="repeatable"),
     images: Optional[int] = typer.Option(None, help="class-balanced seeded subset (default: all)"),
     methods: str = typer.Option("all", help="'all' (every baseline), 'main' (vanilla + mercury), or "
@@ -212,6 +217,9 @@ def evaluate(
     from .evaluate import format_table, method_grid, plot, prepare
 
     t0 = time.time()
+    if not recalibrate:
+        from ..models.reference import use_shipped
+        checkpoint = use_shipped(checkpoint, keep_ratio, typer.echo)
     try:
         models, stored = _backbone_models(checkpoint, None, {}, keep_ratio[:1], prune_point=prune_point)
         base = models[0]
