@@ -120,18 +120,15 @@ def calibrate(
     img_size: Optional[int] = typer.Option(None), patch_size: Optional[int] = typer.Option(None),
     num_classes: Optional[int] = typer.Option(None),
     seed: int = typer.Option(0), cache: bool = typer.Option(False, "--cache", help="cache decoded images in ~/.cache/mercury-onnx"),
+    jobs: int = typer.Option(1, help="calibrate this many keep ratios at once, one process each (same result)"),
 ) -> None:
     """Learn the meta-parameters (backbone frozen) by distilling the unpruned model."""
     need_export_extra("calibrate")
-    from ..models import ConfigError
     from ..models.checkpoint import save_mercury
-    from .calibrate import CalibSettings, run_prefix
-    from ..formats.images import ImageError
-    from .data import load_image_set, preprocess_for
+    from .recipe import combine_parts, per_ratio_temperatures, run_parallel, summary_line
 
-    if images < 1 or steps < 0 or batch_size < 1 or heldout < 0:
-        fail("--images and --batch-size must be >= 1, --steps and --heldout >= 0")
-    from .recipe import calibrate_all, per_ratio_temperatures
+    if images < 1 or steps < 0 or batch_size < 1 or heldout < 0 or jobs < 1:
+        fail("--images, --batch-size and --jobs must be >= 1, --steps and --heldout >= 0")
     if temperature and choose_temperature:
         fail("give --temperature or --choose-temperature, not both")
     if choose_temperature and not heldout:
@@ -141,6 +138,56 @@ def calibrate(
     except ValueError as e:
         fail(str(e))
     t0 = time.time()
+    if jobs > 1 and len(keep_ratio) > 1:
+        shared = [source, data_dir, "--images", images, "--heldout", heldout, "--steps", steps, "--batch-size",
+                  batch_size, "--lr", lr, "--ce-weight", ce_weight, "--seed", seed]
+        for flag, v in (("--reconstruction", reconstruction), ("--pruning", pruning), ("--score", score),
+                        ("--prune-point", prune_point), ("--checkpoint", checkpoint), ("--img-size", img_size), ("--patch-size", patch_size),
+                        ("--num-classes", num_classes)):
+            if v is not None:
+                shared += [flag, v]
+        shared += (["--no-init"] if no_init else []) + (["--cache"] if cache else [])
+        for t in choose_temperature:
+            shared += ["--choose-temperature", t]
+        parts = [f"{Path(out).with_suffix('')}_part{i}" for i in range(len(keep_ratio))]
+        argvs = [[str(a) for a in shared + ["-r", r, "--out", part] + ([] if choose_temperature else ["--temperature", t])]
+                 for r, t, part in zip(keep_ratio, temps, parts)]
+        typer.echo(f"calibrating keep ratios {keep_ratio} in {len(argvs)} processes")
+        try:
+            run_parallel(argvs, parts, log=typer.echo)
+        except RuntimeError as e:
+            fail(str(e), code=1)
+        models, per_k = combine_parts(parts)
+        for m in models:
+            typer.echo(summary_line(m, per_k[str(m.keep)]))
+        train_n = per_k[str(models[0].keep)]["images"]
+        held_n = per_k[str(models[0].keep)].get("heldout_images", 0)
+    else:
+        models, per_k, train_n, held_n = _calibrate_here(
+            source, data_dir, keep_ratio, images, heldout, steps, batch_size, lr, ce_weight, no_init, reconstruction,
+            pruning, score, prune_point, checkpoint, img_size, patch_size, num_classes, seed, cache, temps,
+            choose_temperature)
+    chosen = {k: rep["temperature_choice"]["chosen"] for k, rep in per_k.items()}
+    report = {"data": str(data_dir), "images": train_n, "heldout_images": held_n,
+              "steps": steps, "batch_size": batch_size, "lr": lr, "temperature_per_keep_tokens": chosen,
+              **({"temperature": next(iter(chosen.values()))} if len(set(chosen.values())) == 1 else {}),
+              "temperature_candidates": choose_temperature,
+              "ce_weight": ce_weight, "closed_form_init": not no_init, "seed": seed, "jobs": jobs,
+              "minutes": round((time.time() - t0) / 60, 2), "per_keep_tokens": per_k}
+    weights, meta = save_mercury(out, models, calibration=report)
+    typer.echo(f"wrote {weights} and {meta} ({report['minutes']} min)")
+
+
+def _calibrate_here(source, data_dir, keep_ratio, images, heldout, steps, batch_size, lr, ce_weight, no_init,
+                    reconstruction, pruning, score, prune_point, checkpoint, img_size, patch_size, num_classes, seed,
+                    cache, temps, choose_temperature):
+    """calibrate's work in this process: models, per-K reports, train and held-out image counts."""
+    from ..formats.images import ImageError
+    from ..models import ConfigError
+    from .calibrate import CalibSettings, run_prefix
+    from .data import load_image_set, preprocess_for
+    from .recipe import calibrate_all
+
     try:
         models, _ = _backbone_models(source, checkpoint, _overrides(img_size, patch_size, num_classes),
                                      keep_ratio, reconstruction=reconstruction, pruning=pruning, score=score,
@@ -164,15 +211,7 @@ def calibrate(
     train_pre = run_prefix(base, train_set)
     held_pre = run_prefix(base, held) if held else None
     per_k = calibrate_all(models, train_pre, s, held_pre, temps, choose_temperature, log=typer.echo)
-    chosen = {k: rep["temperature_choice"]["chosen"] for k, rep in per_k.items()}
-    report = {"data": str(data_dir), "images": len(train_set), "heldout_images": len(held) if held else 0,
-              "steps": steps, "batch_size": batch_size, "lr": lr, "temperature_per_keep_tokens": chosen,
-              **({"temperature": next(iter(chosen.values()))} if len(set(chosen.values())) == 1 else {}),
-              "temperature_candidates": choose_temperature,
-              "ce_weight": ce_weight, "closed_form_init": not no_init, "seed": seed,
-              "minutes": round((time.time() - t0) / 60, 2), "per_keep_tokens": per_k}
-    weights, meta = save_mercury(out, models, calibration=report)
-    typer.echo(f"wrote {weights} and {meta} ({report['minutes']} min)")
+    return models, per_k, len(train_set), len(held) if held else 0
 
 
 # ---------------------------------------------------------------- eval
@@ -265,7 +304,10 @@ def evaluate(
     minutes = (time.time() - t0) / 60
     typer.echo(f"\n{dataset}: {len(test)} images, {minutes:.1f} min")
     typer.echo(format_table(rows))
-    result = {"dataset": dataset, "images": len(test), "prune_point": base.cfg.prune_point, "results": rows}
+    result = {"dataset": dataset, "images": len(test), "prune_point": base.cfg.prune_point, "results": rows,
+              "checkpoint": checkpoint,
+              "calibration": (read_checkpoint_json(checkpoint).get("calibration")
+                              if is_mercury_checkpoint(checkpoint) and not recalibrate else None)}
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(result, indent=1))

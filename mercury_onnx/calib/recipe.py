@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import replace
+from pathlib import Path
 from typing import Callable
 
 from ..models.mercury import Mercury
@@ -89,3 +90,47 @@ def summary_line(m: Mercury, rep: dict) -> str:
                  f"{100 * b['top1']:.2f}% after init, {100 * a['top1']:.2f}% after {rep['steps']} steps "
                  f"(vanilla {100 * rep['heldout_vanilla_top1']:.2f}%); KL at T=1 {rep['heldout_kl_t1']:.4f}")
     return line
+
+
+def run_parallel(child_argvs: list[list[str]], parts: list, log: Callable[[str], None] = print) -> None:
+    """Run one `mercury-onnx calibrate` per keep ratio at once (independent: same images and
+    seeds as a sequential run), each writing parts[i] (+ .log); raise RuntimeError on a failure."""
+    import subprocess
+    import sys
+    import time
+
+    procs = []
+    for argv, part in zip(child_argvs, parts):
+        Path(part).parent.mkdir(parents=True, exist_ok=True)
+        f = open(f"{part}.log", "w")
+        procs.append((subprocess.Popen([sys.executable, "-m", "mercury_onnx.cli", "calibrate", *argv],
+                                       stdout=f, stderr=subprocess.STDOUT), f, part))
+        log(f"  started {' '.join(argv[argv.index('-r'):argv.index('-r') + 2])} (log {part}.log)")
+    failed = []
+    for p, f, part in procs:
+        while p.poll() is None:
+            time.sleep(5)
+        f.close()
+        if p.returncode != 0:
+            failed.append(f"{part}.log (exit {p.returncode})")
+    if failed:
+        raise RuntimeError("a keep ratio's calibration failed: see " + ", ".join(failed))
+
+
+def combine_parts(parts: list) -> tuple[list[Mercury], dict[str, dict]]:
+    """The parts' models on one shared backbone, and their per-K reports."""
+    from ..models.checkpoint import load_mercury, read_checkpoint_json
+    from ..models.mercury import build_mercury
+
+    models, per_k, backbone = [], {}, None
+    for part in parts:
+        (m,) = load_mercury(part)
+        if backbone is None:
+            backbone = m.backbone
+        else:
+            state = m.recon.state_dict()
+            m = build_mercury(m.cfg, backbone)
+            m.recon.load_state_dict(state)
+        models.append(m)
+        per_k.update(read_checkpoint_json(part)["calibration"]["per_keep_tokens"])
+    return models, per_k

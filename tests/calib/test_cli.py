@@ -117,8 +117,9 @@ def test_eval_cli_json_schema_and_plot(calibrated, cifar_test, tmp_path):
                      "--images", 40, "--methods", "main", "--json", js, "--plot", png)
     assert res.exit_code == 0, text
     data = json.loads(js.read_text())
-    assert set(data) == {"dataset", "images", "prune_point", "results"} and data["images"] == 40
-    assert data["prune_point"] == "block"
+    assert set(data) == {"dataset", "images", "prune_point", "results", "checkpoint", "calibration"}
+    assert data["images"] == 40 and data["prune_point"] == "block"
+    assert data["calibration"]["steps"] == 2          # which calibration the Mercury rows used
     assert data["dataset"].endswith("test")
     for row in data["results"]:
         assert set(row) == {"method", "pruning", "reconstruction", "keep_ratio", "top1"}
