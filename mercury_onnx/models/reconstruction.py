@@ -113,7 +113,7 @@ class MetaLocal(MetaCtx):
         nothing was received (CLS included as row 0, with no correction). In ONNX: a GatherND and
         a few (B, N) ops instead of int64 (B, N, D) and (B, K, D) index Expands, GatherElements
         and ScatterElements, whose generic per-element index loops made the DeiT-T tail ~2.5%
-        slower than the vanilla tail (docs/results/export.md)."""
+        slower than the vanilla tail (git history of docs/results/export.md)."""
         rank = self.nearest.nearest_rank(idx)                            # (B, N) into kept
         x = P.batch_gather(tokens, F.pad(rank + 1, (1, 0)))              # (B, 1+N, D)  row 0 = CLS
         received = torch.gather(idx, 1, rank) == self.nearest.positions   # (B, N)
