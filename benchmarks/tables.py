@@ -8,7 +8,7 @@ renderer that turns that JSON into Markdown:
     ...
     <!-- /table -->
 
-    python benchmarks/tables.py            # rewrite every table from its JSON
+    python benchmarks/tables.py            # rewrite every table from its JSON (docs/results/*.md, docs/RESULTS.md)
     python benchmarks/tables.py --check    # exit 1 if any table differs from its JSON (the test does this)
 
 tests/test_results_tables.py checks that every Markdown table in docs/results/ sits inside such
@@ -142,13 +142,18 @@ def regenerate(text: str) -> str:
     return BLOCK.sub(lambda m: m.group(1) + render_block(m["json"], m["spec"]) + m.group(5), text)
 
 
+def documents() -> list[Path]:
+    """Every file whose tables are generated: docs/results/*.md and docs/RESULTS.md."""
+    return sorted(RESULTS.glob("*.md")) + [ROOT / "docs" / "RESULTS.md"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="do not write; exit 1 when a table is stale")
     ap.add_argument("files", nargs="*", type=Path, help="default: docs/results/*.md")
     a = ap.parse_args()
     stale = []
-    for md in a.files or sorted(RESULTS.glob("*.md")):
+    for md in a.files or documents():
         old = md.read_text()
         new = regenerate(old)
         if new != old:
