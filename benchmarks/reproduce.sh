@@ -52,6 +52,13 @@ mkdir -p "$WORK" "$RES"
 say() { echo "== reproduce: $*" >&2; }
 timed() { local t0=$SECONDS; "$@"; say "$1 ${2:-}: $((SECONDS - t0)) s (load average $(cut -d' ' -f1 /proc/loadavg))"; }
 
+page() {   # page NAME.md TITLE "JSON | renderer [args]"...: a results page for the section, if it has none yet
+  local md="$RES/$1" title=$2; shift 2
+  [ -f "$md" ] && return
+  { echo "## $title"; echo; echo "Regenerate: \`benchmarks/reproduce.sh $SECTION\` (tables: \`python benchmarks/tables.py\`)."
+    for b in "$@"; do echo; echo "<!-- table: $b -->"; echo "<!-- /table -->"; done; } > "$md"
+}
+
 reference_export() {   # the shipped calibration as an export folder, made once per $WORK
   [ -f "$WORK/export_ref/manifest.json" ] && return
   $MERCURY export reference "$WORK/export_ref" -r 0.5 -r 0.25 --token-dtype int8 --int8-head \
@@ -85,12 +92,14 @@ sys.exit(0 if worst <= 0.1 + 1e-9 else 1)
 EOF
   fi
   $PY benchmarks/ship_reference.py --accuracy "$RES/accuracy.json"
+  page accuracy.md "Accuracy of the shipped calibration, all 10,000 CIFAR-10 test images" "accuracy.json | accuracy"
 }
 
 section_baselines() {
   $MERCURY eval "$TEST" --checkpoint reference -r 0.5 -r 0.25 --images 2000 --methods all --recalibrate \
     --calib-images 1000 --calib-steps 40 --calib-batch-size 32 --json "$RES/baselines.json" \
     --plot "$RES/baselines.png" --cache
+  page baselines.md "Every method at one calibration budget (2,000 test images)" "baselines.json | accuracy"
 }
 
 section_export() {
@@ -112,12 +121,16 @@ json.dump({"source": m["source"], "model_id": m["model_id"], "images": v["images
           open(sys.argv[2], "w"), indent=1)
 EOF
   $PY benchmarks/export_latency.py --profile --json "$RES/export_latency.json"
+  page export.md "Export: validation on real images, latency of the graphs" "export_validation.json | rows key=tables.0" \
+    "export_validation.json | rows key=tables.1" "export_validation.json | rows key=tables.2" "export_latency.json | rows key=table"
 }
 
 section_runtime() {
   reference_export
   $PY benchmarks/codec.py --json "$RES/runtime_codec.json"
   $PY benchmarks/serve_load.py "$WORK/export_ref" --requests 320 --seconds 2 --json "$RES/runtime_serve.json"
+  page runtime.md "Runtime: token codec, serve-tail under load" "runtime_codec.json | rows key=table" \
+    "runtime_serve.json | rows key=tables.0" "runtime_serve.json | rows key=tables.1"
 }
 
 section_bench() {
@@ -128,19 +141,21 @@ section_bench() {
   reference_export
   $MERCURY bench "$WORK/export_ref" --device pi "${TRACES[@]}" --requests 2000 --images "$TEST" \
     --json "$RES/bench_reference.json"
+  grep -q "bench_reference.json" "$RES/bench.md" || printf '\n### The reference export (accuracy: the shipped calibration'"'"'s committed top-1)\n\n<!-- table: bench_reference.json | bench_top1 -->\n<!-- /table -->\n\n<!-- table: bench_reference.json | bench_speedup -->\n<!-- /table -->\n\n<!-- table: bench_reference.json | bench_planner -->\n<!-- /table -->\n' >> "$RES/bench.md"
 }
 
 section_edge() {
   reference_export
   MERCURY_ARM64_IMAGES=64 MERCURY_ARM64_JSON="$REPO/$RES/edge.json" tools/arm64_check.sh "$WORK/export_ref" "$TEST"
+  page edge.md "Edge: the heads under the real aarch64 onnxruntime (QEMU) vs x86" "edge.json | rows key=table"
 }
 
 [ $# -ge 1 ] || { sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 2; }
 for s in "$@"; do
   declare -F "section_$s" >/dev/null || { echo "unknown section $s: calibration accuracy baselines export runtime bench edge" >&2; exit 2; }
 done
-for s in "$@"; do
-  say "section $s"
-  timed "section_$s"
+for SECTION in "$@"; do
+  say "section $SECTION"
+  timed "section_$SECTION"
 done
 $PY benchmarks/tables.py
