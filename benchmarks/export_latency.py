@@ -256,7 +256,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="per-kernel profile of the pruning (onnxruntime profiler)")
     ap.add_argument("--out", default="", help="also write this Markdown report")
     ap.add_argument("--json", default=str(ROOT / "docs" / "results" / "export_latency.json"),
-                    help="raw results + the table (docs/results/export.md renders it with benchmarks/tables.py)")
+                    help="raw results + the table (docs/results/export.md, made by reproduce.sh export, renders it)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = []

@@ -136,7 +136,7 @@ section_runtime() {
 section_bench() {
   for m in tiny small base; do
     $MERCURY bench --model deit_${m}_patch16_224 --device pi --cloud rtx4090 "${TRACES[@]}" \
-      --requests 2000 --images "$TEST" --json "$RES/bench_deit_$m.json"
+      --requests 2000 --json "$RES/bench_deit_$m.json"
   done
   reference_export
   $MERCURY bench "$WORK/export_ref" --device pi "${TRACES[@]}" --requests 2000 --images "$TEST" \

@@ -10,7 +10,8 @@ possible (15 after the block): the similarity as a normalised copy and two MatMu
 it is (lower = more distinct, no Sub, no Slice of the CLS); the subregions as constant index
 tables over the 1+N token rows, with the CLS as one more subregion that always wins, so the
 TopK's rows are the GatherND index as they are (no Add, Pad, Unsqueeze). What each kernel
-costs, and the earlier formulations measured against this one: docs/results/export.md.
+costs, and the earlier formulations measured against this one: git history of docs/results/export.md
+(benchmarks/reproduce.sh export regenerates the current figures).
 
 Shapes: B batch, N patch tokens (a g x g grid, N = g*g), D width, K kept patch tokens.
 Ties: every selection takes the lower index first among equal scores (the rule of ONNX TopK
