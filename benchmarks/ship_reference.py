@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mercury_onnx.models import reference  # noqa: E402
+from mercury_onnx.models import reference, ship  # noqa: E402
 
 BACKBONE = ROOT.parent / "shared" / "models" / "deit_tiny_patch4_32_cifar10.json"
 
@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--accuracy", help="eval JSON (mercury-onnx eval --checkpoint reference --json) to record")
     a = ap.parse_args()
     if a.checkpoint:
-        for p in reference.write(a.checkpoint, a.backbone):
+        for p in ship.write(a.checkpoint, a.backbone):
             print(f"wrote {p.relative_to(ROOT)}")
     if a.accuracy:
         meta = reference.info()

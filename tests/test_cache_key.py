@@ -17,7 +17,7 @@ def test_the_key_changes_when_the_source_changes(tmp_path):
     root = _copy_package(tmp_path)
     before = ck.cache_key("same inputs", 0.5, root=root)
     assert ck.cache_key("same inputs", 0.5, root=root) == before       # stable for the same code
-    demo = root / "runtime" / "demo.py"
+    demo = root / "demo.py"
     ck.source_digest.cache_clear()
     demo.write_text(demo.read_text() + "\n# a one-line change\n")
     assert ck.cache_key("same inputs", 0.5, root=root) != before
@@ -47,7 +47,7 @@ def test_files_are_keyed_by_content(tmp_path):
 
 def test_the_demo_and_image_caches_use_it(monkeypatch):
     from mercury_onnx.calib import data
-    from mercury_onnx.runtime import demo
+    from mercury_onnx import demo
 
     assert demo._key("a", 1) == ck.cache_key("a", 1)
     paths = [Path("/d/c/1.jpg")]

@@ -2,7 +2,7 @@
 whose sha256 it records, and any other backbone is refused.
 
 The mechanism is tested on a calibration written the way benchmarks/ship_reference.py writes
-the real one (reference.write), into a temporary folder; the files actually shipped in
+the real one (models/ship.py), into a temporary folder; the files actually shipped in
 mercury_onnx/data/reference/ are checked by the last tests."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from mercury_onnx.cli import app
-from mercury_onnx.models import ConfigError, MercuryConfig, build_mercury, reference
+from mercury_onnx.models import ConfigError, MercuryConfig, build_mercury, reference, ship
 from mercury_onnx.models.checkpoint import (is_mercury_checkpoint, mercury_from_any, read_checkpoint_json,
                                             save_mercury)
 from mercury_onnx.runtime import shipped as runtime_shipped
@@ -37,7 +37,7 @@ def shipped(ref_json, tmp_path, monkeypatch):
     report = {"steps": 0, "per_keep_tokens": {str(m.keep): {"temperature": 1.0} for m in models}}
     save_mercury(tmp_path / "ck", models, calibration=report)
     data = tmp_path / "data"
-    reference.write(tmp_path / "ck", ref_json, out_dir=data)
+    ship.write(tmp_path / "ck", ref_json, out_dir=data)
     monkeypatch.setattr(reference, "META_JSON", data / "reference.json")
     monkeypatch.setattr(reference, "META_WEIGHTS", data / "reference.safetensors")
     monkeypatch.setattr(runtime_shipped, "SHIPPED_JSON", data / "reference.json")
@@ -91,7 +91,7 @@ def test_write_refuses_a_checkpoint_of_another_backbone(ref_json, other_backbone
     models = mercury_from_any(str(other_backbone), keep_ratios=[0.5])
     save_mercury(tmp_path / "ck", models)
     with pytest.raises(ConfigError, match="backbone differs"):
-        reference.write(tmp_path / "ck", ref_json, out_dir=tmp_path / "data")
+        ship.write(tmp_path / "ck", ref_json, out_dir=tmp_path / "data")
 
 
 def test_bench_uses_the_committed_accuracy_of_an_export_of_it(shipped):
@@ -128,7 +128,7 @@ def test_pyproject_ships_the_calibration():
 
 
 def test_demo_uses_the_shipped_calibration_and_prints_its_committed_top1(shipped, ref_json):
-    from mercury_onnx.runtime import demo
+    from mercury_onnx import demo
 
     src = demo.shipped_calibration(demo.DemoOptions(), str(ref_json))
     assert src == f"reference:{ref_json}"
