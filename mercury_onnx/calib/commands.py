@@ -142,8 +142,8 @@ def calibrate(
         shared = [source, data_dir, "--images", images, "--heldout", heldout, "--steps", steps, "--batch-size",
                   batch_size, "--lr", lr, "--ce-weight", ce_weight, "--seed", seed]
         for flag, v in (("--reconstruction", reconstruction), ("--pruning", pruning), ("--score", score),
-                        ("--prune-point", prune_point), ("--checkpoint", checkpoint), ("--img-size", img_size), ("--patch-size", patch_size),
-                        ("--num-classes", num_classes)):
+                        ("--prune-point", prune_point), ("--checkpoint", checkpoint), ("--img-size", img_size),
+                        ("--patch-size", patch_size), ("--num-classes", num_classes)):
             if v is not None:
                 shared += [flag, v]
         shared += (["--no-init"] if no_init else []) + (["--cache"] if cache else [])
