@@ -2,7 +2,7 @@
 the head, and the tail vs a vanilla tail (the same blocks on 1+N tokens, no reconstruction).
 
     .venv/bin/python benchmarks/export_latency.py [--models deit_tiny_patch16_224 ...] [--reps 40]
-        [--head-reps 800] [--threads 1] [--keep-ratio 0.5] [--profile] [--out docs/results/export.md]
+        [--head-reps 800] [--threads 1] [--keep-ratio 0.5] [--profile] [--json docs/results/export_latency.json]
 
 The graphs being compared are timed interleaved (a round of A, B, C, ..., in a new random order
 each round) at batch 1 with one thread, as process CPU time (time.process_time): the machine
@@ -190,6 +190,27 @@ def bench_model(source: str, keep_ratio: float, reps: int, head_reps: int, threa
             "tail_vs_vanilla": ratio, "tail_vs_vanilla_blocks": (rlo, rhi)}
 
 
+def table(rows: list[dict]) -> dict:
+    """The latency table as {"columns", "rows"} of formatted cells (benchmarks/tables.py `rows`)."""
+    ms = lambda s: f"{1e3 * s:.2f}"   # noqa: E731
+    ok = lambda v, t: "yes" if v <= t else "**no**"   # noqa: E731
+    out = []
+    for r in rows:
+        lo, hi = r["pruning_share_blocks"]
+        tlo, thi = r["tail_vs_vanilla_blocks"]
+        out.append([f"{r['model']} ({r['img']}px)", f"{r['N']}→{r['K']}", ms(r['torch_head']), ms(r['onnx_head']),
+                    f"{r['head_onnx_vs_torch']:.2f} {ok(r['head_onnx_vs_torch'], 0.85)}", ms(r['onnx_head_noprune']),
+                    f"{r['pruning_us']:.0f}", f"{100 * r['pruning_share']:.1f}% {ok(r['pruning_share'], 0.03)} "
+                    f"({100 * lo:.1f}–{100 * hi:.1f})", str(r['pruning_kernels']),
+                    f"{r['pruning_us'] / max(r['pruning_kernels'], 1):.1f}", ms(r['onnx_tail']),
+                    ms(r['onnx_vanilla_tail']), f"{r['tail_vs_vanilla']:.3f} {ok(r['tail_vs_vanilla'], 1.02)} "
+                    f"({tlo:.3f}–{thi:.3f})"])
+    return {"columns": ["model", "N→K", "torch head ms", "ONNX head ms", "ONNX/torch (≤0.85)", "head w/o pruning ms",
+                        "pruning µs", "pruning share (≤3%)", "pruning kernels", "µs per pruning kernel", "tail ms",
+                        "vanilla tail ms", "tail/vanilla (≤1.02)"],
+            "align": ["---"] * 13, "rows": out}
+
+
 def to_markdown(rows: list[dict], args, cmd: str) -> str:
     ms = lambda s: f"{1e3 * s:.2f}"   # noqa: E731
     ok = lambda v, t: "yes" if v <= t else "**no**"   # noqa: E731
@@ -205,20 +226,10 @@ def to_markdown(rows: list[dict], args, cmd: str) -> str:
         "range of that median over 4 consecutive blocks of rounds. "
         "All figures measured; "
         "224 models have random weights (latency does not depend on them).", "",
-        "| model | N→K | torch head ms | ONNX head ms | ONNX/torch (≤0.85) | head w/o pruning ms | pruning µs | pruning share (≤3%) | pruning kernels | µs per pruning kernel | tail ms | vanilla tail ms | tail/vanilla (≤1.02) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        lo, hi = r["pruning_share_blocks"]
-        tlo, thi = r["tail_vs_vanilla_blocks"]
-        lines.append(
-            f"| {r['model']} ({r['img']}px) | {r['N']}→{r['K']} | {ms(r['torch_head'])} | {ms(r['onnx_head'])} | "
-            f"{r['head_onnx_vs_torch']:.2f} {ok(r['head_onnx_vs_torch'], 0.85)} | {ms(r['onnx_head_noprune'])} | "
-            f"{r['pruning_us']:.0f} | {100 * r['pruning_share']:.1f}% {ok(r['pruning_share'], 0.03)} "
-            f"({100 * lo:.1f}–{100 * hi:.1f}) | {r['pruning_kernels']} | "
-            f"{r['pruning_us'] / max(r['pruning_kernels'], 1):.1f} | {ms(r['onnx_tail'])} | "
-            f"{ms(r['onnx_vanilla_tail'])} | {r['tail_vs_vanilla']:.3f} {ok(r['tail_vs_vanilla'], 1.02)} "
-            f"({tlo:.3f}–{thi:.3f}) |")
+    t = table(rows)
+    lines += ["| " + " | ".join(t["columns"]) + " |", "|" + "|".join(["---"] * len(t["columns"])) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in t["rows"]]
     lines += ["", "Head without pruning = the same patch embedding and blocks exported without scoring, "
               "region ArgMin, TopK and Gather; pruning share = pruning µs / ONNX head. "
               "Pruning kernels = nodes of onnxruntime's optimised head graph that the block output does not "
@@ -243,7 +254,9 @@ def main() -> None:
     ap.add_argument("--head-reps", type=int, default=800, help="head rounds")
     ap.add_argument("--threads", type=int, default=1, help="1 = CPU time is the latency")
     ap.add_argument("--profile", action="store_true", help="per-kernel profile of the pruning (onnxruntime profiler)")
-    ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "export.md"))
+    ap.add_argument("--out", default="", help="also write this Markdown report")
+    ap.add_argument("--json", default=str(ROOT / "docs" / "results" / "export_latency.json"),
+                    help="raw results + the table (docs/results/export.md, made by reproduce.sh export, renders it)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
@@ -260,6 +273,15 @@ def main() -> None:
                 f.unlink()
     cmd = "python benchmarks/export_latency.py " + " ".join(sys.argv[1:])
     md = to_markdown(rows, args, cmd.strip())
+    if args.json:
+        import os
+        Path(args.json).write_text(json.dumps({
+            "command": cmd.strip(), "machine": f"{platform.machine()} {platform.processor()}, {os.cpu_count()} CPUs, "
+            f"load average {os.getloadavg()[0]:.1f} at the end", "torch": torch.__version__,
+            "onnxruntime": __import__("onnxruntime").__version__, "threads": args.threads,
+            "keep_ratio": args.keep_ratio, "head_reps": args.head_reps, "reps": args.reps,
+            "results": rows, "table": table(rows)}, indent=1, default=str) + "\n")
+        print(f"wrote {args.json}")
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import re
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 
@@ -157,7 +159,8 @@ def main() -> None:
     ap.add_argument("--engine", default="standalone", choices=["standalone", "ray"],
                     help="ray: standalone vs Ray Serve 1 and 2 replicas, paired (benchmarks/serve_load_ray.py)")
     ap.add_argument("--rounds", type=int, default=3, help="[ray] paired rounds")
-    ap.add_argument("--json", default=None, help="[ray] write the rounds and ratios here")
+    ap.add_argument("--json", default=None, help="write the results as JSON: [ray] the rounds and ratios; "
+                    "[standalone] both tables (benchmarks/tables.py `rows`, key=tables.N)")
     args = ap.parse_args()
     if args.engine == "ray":
         from serve_load_ray import main as ray_main
@@ -204,6 +207,7 @@ def main() -> None:
     try:
         params = {"model_id": manifest["model_id"]}
         body, hlen = build_request({"tokens": tokens, "indices": indices}, params)
+        single = []
         print("\n| clients (1 image/request) | requests | errors | images/s | bare ORT images/s (batch; before/after) "
               "| ratio | p50 ms | p99 ms | p99/p50 | mean server batch | CPU ms/image server / bare |\n"
               "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|")
@@ -213,9 +217,11 @@ def main() -> None:
             r = load(url, model, body, hlen, c, args.requests, proc.pid)
             after = bare(b)
             ref, ref_cpu = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
-            print(f"| {c} | {r['requests']} | {r['errors']} | {r['req_s']:.1f} | {ref:.1f} ({b}; {before[0]:.1f}/{after[0]:.1f}) "
-                  f"| {r['req_s'] / ref:.2f}x | {r['p50']:.2f} | {r['p99']:.2f} | {r['p99'] / r['p50']:.2f} "
-                  f"| {r['mean_batch']:.2f} | {r['cpu_ms']:.2f} / {ref_cpu:.2f} |")
+            cells = [c, r['requests'], r['errors'], f"{r['req_s']:.1f}", f"{ref:.1f} ({b}; {before[0]:.1f}/{after[0]:.1f})",
+                     f"{r['req_s'] / ref:.2f}x", f"{r['p50']:.2f}", f"{r['p99']:.2f}", f"{r['p99'] / r['p50']:.2f}",
+                     f"{r['mean_batch']:.2f}", f"{r['cpu_ms']:.2f} / {ref_cpu:.2f}"]
+            single.append(cells)
+            print("| " + " | ".join(map(str, cells)) + " |")
         body, hlen = build_request({"tokens": np.repeat(tokens, mb, 0), "indices": np.repeat(indices, mb, 0)}, params)
         before = bare(mb)
         r = load(url, model, body, hlen, 1, max(20, args.requests // mb), proc.pid)
@@ -225,10 +231,27 @@ def main() -> None:
               f"| p50 ms | p99 ms | CPU ms/image server / bare |\n|---|---:|---:|---|---:|---:|---:|---|\n"
               f"| | {r['requests']} | {r['req_s'] * mb:.1f} | {ref:.1f} ({before[0]:.1f}/{after[0]:.1f}) "
               f"| {r['req_s'] * mb / ref:.2f}x | {r['p50']:.2f} | {r['p99']:.2f} | {r['cpu_ms']:.2f} / {ref_cpu:.2f} |")
+        batched = [f"1 client, {mb} images/request", r['requests'], f"{r['req_s'] * mb:.1f}",
+                   f"{ref:.1f} ({before[0]:.1f}/{after[0]:.1f})", f"{r['req_s'] * mb / ref:.2f}x", f"{r['p50']:.2f}",
+                   f"{r['p99']:.2f}", f"{r['cpu_ms']:.2f} / {ref_cpu:.2f}"]
     finally:
         proc.terminate()
         proc.wait(15)
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+    if args.json:   # rendered into docs/results/runtime.md by benchmarks/tables.py (`rows`, key=tables.N)
+        Path(args.json).write_text(json.dumps({
+            "export": {"timm_model": manifest["timm_model"], "overrides": manifest.get("overrides"),
+                       "keep_tokens": v["keep_tokens"], "model_id": manifest["model_id"]},
+            "max_batch": mb, "max_delay_ms": args.max_delay_ms, "threads": args.threads, "cpus": os.cpu_count(),
+            "server_cpus": sorted(server_cpus or []), "client_cpus": sorted(client_cpus or []),
+            "load_average_end": round(os.getloadavg()[0], 1),
+            "tables": [{"columns": ["clients (1 image/request)", "requests", "errors", "images/s",
+                                    "bare ORT images/s (batch; before/after)", "ratio", "p50 ms", "p99 ms", "p99/p50",
+                                    "mean server batch", "CPU ms/image server / bare"], "rows": single},
+                       {"columns": ["requests", "n", "images/s", f"bare ORT batch {mb} (before/after)", "ratio",
+                                    "p50 ms", "p99 ms", "CPU ms/image server / bare"], "rows": [batched]}]},
+            indent=1) + "\n")
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

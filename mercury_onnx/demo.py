@@ -1,6 +1,7 @@
 """mercury-onnx demo: the whole system end to end on loopback, in one command.
 
-1. calibrate the meta-parameters (`mercury-onnx calibrate`, small budget; cached)
+1. the meta-parameters: shipped with the package for the reference backbone (v3b recipe,
+   models/reference.py); for any other model, `mercury-onnx calibrate` at a small budget (cached)
 2. export head/tail/full ONNX (`mercury_onnx.export.export_model`; cached)
 3. start `serve-tail` on a free 127.0.0.1 port in a subprocess
 4. run the device-side client (head here, tail on the server) on N real test images,
@@ -9,12 +10,12 @@
    and the band of constant uplink rates where Mercury is the fastest strategy, for this
    export and for DeiT-B at 224 (Pi profile, modelled; runtime/band.py)
 
-Everything it writes goes under the cache folder (default ~/.cache/mercury-onnx/demo).
+Everything it writes goes under the cache folder (default ~/.cache/mercury-onnx/demo), keyed
+by the package version and source (cache_key.py) as well as the inputs.
 It orchestrates every stage (calib, export, runtime), so it lives above them, not in runtime/.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -58,14 +59,9 @@ class DemoOptions:
 
 
 def _key(*parts) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        if isinstance(p, Path) and p.exists():
-            st = p.stat()
-            h.update(f"{p.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode())
-        else:
-            h.update(repr(p).encode())
-    return h.hexdigest()[:12]
+    """Cache key: the package version and source content, then the inputs (cache_key.py)."""
+    from .cache_key import cache_key
+    return cache_key(*parts)
 
 
 def pick_images(folder: Path, n: int, classes: list[str] | None) -> tuple[list[Path], list[int]]:
@@ -91,7 +87,12 @@ def _method_defaults() -> tuple:
 
 
 def calibrate(opts: DemoOptions, source: str, train: Path, echo) -> str:
-    """Mercury checkpoint path (cached), or the source unchanged when calibration is skipped."""
+    """Mercury checkpoint path (cached), the shipped reference calibration when the source is
+    the reference backbone, or the source unchanged when calibration is skipped."""
+    shipped = shipped_calibration(opts, source)
+    if shipped:
+        echo(f"[1/5] calibrate: shipped with the package ({shipped_summary()})")
+        return shipped
     if not opts.calibrate:
         echo("[1/5] calibrate: skipped (--no-calibrate): uncalibrated meta-parameters")
         return source
@@ -114,6 +115,40 @@ def calibrate(opts: DemoOptions, source: str, train: Path, echo) -> str:
     if r.returncode != 0 or not out.with_suffix(".json").exists():
         raise DemoError(f"calibrate failed (exit {r.returncode}): {' '.join(cmd)}")
     return str(out.with_suffix(".json"))
+
+
+def shipped_calibration(opts: DemoOptions, source: str) -> str | None:
+    """`reference:SOURCE` for the reference backbone at the demo's default budget (the shipped
+    calibration, v3b recipe), else None: other budgets and models calibrate here."""
+    from .models.reference import is_reference_name, shipped_source
+
+    defaults = DemoOptions()
+    if not opts.calibrate or (opts.calib_images, opts.calib_steps) != (defaults.calib_images, defaults.calib_steps):
+        return None
+    s = shipped_source(source, opts.keep_ratios)
+    return s if is_reference_name(s) else None
+
+
+def shipped_summary() -> str:
+    from .models.reference import info
+    cal = info()["calibration"]
+    temps = ", ".join(f"K={k} T={t:g}" for k, t in cal.get("temperature_per_keep_tokens", {}).items())
+    return f"{cal['images']} train images, {cal['steps']} steps of {cal['batch_size']}, {temps}"
+
+
+def committed_top1(source: str, keep_ratios: list) -> dict:
+    """The committed 10,000-image test top-1 of the shipped calibration, by demo row name."""
+    from .models.reference import info, is_reference_name
+    if not is_reference_name(source):
+        return {}
+    acc = info().get("accuracy") or {"results": []}
+    out = {}
+    for r in acc["results"]:
+        if r["method"] == "vanilla":
+            out[VANILLA] = r["top1"]
+        elif r["method"] == "mercury" and r["keep_ratio"] in keep_ratios:
+            out[f"mercury r={r['keep_ratio']}"] = r["top1"]
+    return out
 
 
 def export(opts: DemoOptions, source: str, data: Path, echo) -> Path:
@@ -235,13 +270,17 @@ def run_demo(opts: DemoOptions, echo=print) -> dict:
     (res_dir / "client.json").write_text(json.dumps(rows, indent=1))
     plots = plot(report, curves, res_dir)
 
+    committed = committed_top1(ckpt, opts.keep_ratios)
     echo("\n== accuracy and measured latency on loopback (this machine) ==")
-    echo(f"{'':38} {'top-1':>7} {'agree':>7}   median ms per image")
+    echo(f"{'':38} {'top-1':>7} {'10k':>7} {'agree':>7}   median ms per image")
     for name, r in rows.items():
         ms = ", ".join(f"{k} {v:.2f}" if k != "payload_bytes" else f"{int(v)} B" for k, v in r["ms"].items())
-        echo(f"{name:38} {r['top1']:7.3f} {r['agree']:7.3f}   {ms}")
-    echo(f"({len(paths)} images; 'agree' = same top-1 class as vanilla; head/encode on this machine, round_trip "
-         "= HTTP to serve-tail incl. its tail run)")
+        c = next((v for k, v in committed.items() if name.startswith(k)), None)
+        r["top1_committed_10k"] = c
+        echo(f"{name:38} {r['top1']:7.3f} {'' if c is None else format(c, '.4f'):>7} {r['agree']:7.3f}   {ms}")
+    echo(f"({len(paths)} images; '10k' = committed top-1 on all 10,000 test images with the same "
+         "calibration (docs/results/accuracy.json); 'agree' = same top-1 class as vanilla; head/encode on "
+         "this machine, round_trip = HTTP to serve-tail incl. its tail run)")
     echo("\n== short bench ==")
     echo(format_table(report))
     echo("\n== where the split pays: the band of uplink rates (Pi profile, modelled) ==")

@@ -16,7 +16,8 @@
 #                                                  `mercury-onnx profile` (what `bench --device pi` runs on a Pi)
 #                                                  under emulation: a functional check, its timings meaningless
 #
-# MERCURY_ARM64_IMAGES: how many real images (default 32). MERCURY_ARM64_LENIENT_INT8=1: only report
+# MERCURY_ARM64_IMAGES: how many real images (default 32). MERCURY_ARM64_JSON=FILE: also write the
+# comparison table as JSON (benchmarks/reproduce.sh edge writes docs/results/edge.json). MERCURY_ARM64_LENIENT_INT8=1: only report
 # an int8 (QDQ) head's unequal indices (older S8S8 exports; their end-to-end top-1 is still gated).
 # Exit codes: 0 pass, 1 outputs differ, 2 bad usage, 77 this machine cannot build or enter the
 # arm64 root (not root, no Debian mirror, ...): the pytest wrapper skips with the message.
@@ -213,7 +214,7 @@ main() {
   run_arm "$export_dir" "$work" /mnt/repo/tools/arm64_run_heads.py run /mnt/export /mnt/work/batch.npy /mnt/work/aarch64.npz \
     || { log "FAIL: the emulated aarch64 run crashed (exit $?)"; exit 1; }
   "$PY" "$HERE/arm64_run_heads.py" compare "$work/x86_64.npz" "$work/aarch64.npz" "$export_dir" \
-    ${MERCURY_ARM64_LENIENT_INT8:+--lenient-int8}
+    ${MERCURY_ARM64_LENIENT_INT8:+--lenient-int8} ${MERCURY_ARM64_JSON:+--json "$MERCURY_ARM64_JSON"}
 }
 
 main "$@"; exit $?  # one line: bash reads no further, so editing this file mid-run is safe

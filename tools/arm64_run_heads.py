@@ -95,7 +95,8 @@ def tail_top1(export_dir: Path, tail_file: str, tokens: np.ndarray, indices: np.
     return tail.run(["logits"], {"tokens": tokens.astype(np.float32), "indices": indices})[0].argmax(1)
 
 
-def compare(x86_path: Path, arm_path: Path, export_dir: Path, lenient_int8: bool = False) -> int:
+def compare(x86_path: Path, arm_path: Path, export_dir: Path, lenient_int8: bool = False,
+            json_out: Path | None = None) -> int:
     """fp32 head: equal indices, tokens within FP32_ATOL. tok8 head: equal indices, int8 tokens
     within one step, scales within FP32_ATOL/127. tok16 head: equal indices, fp16 tokens within
     FP32_ATOL + one fp16 ulp. Codec head: equal indices, uint8 codes within one step (a float
@@ -130,8 +131,11 @@ def compare(x86_path: Path, arm_path: Path, export_dir: Path, lenient_int8: bool
           f"(QEMU cortex-a72), {fx['images']} real images")
     print(f"{'variant':8} {'graph':10} {'output':8} {'x86 vs arm64':>34} {'rule':>12}  result")
 
+    table = []
+
     def row(tag, kind, name, diff, rule, ok):
         print(f"{tag:8} {kind:10} {name:8} {diff:>34} {rule:>12}  {'PASS' if ok else 'FAIL'}")
+        table.append([tag, kind, name, diff, rule, "PASS" if ok else "FAIL"])
         if not ok:
             problems.append(f"{tag} {kind} {name}: {diff} (rule: {rule})")
 
@@ -179,6 +183,12 @@ def compare(x86_path: Path, arm_path: Path, export_dir: Path, lenient_int8: bool
     emulated = sum(r["seconds"] for r in fa["runs"])
     print(f"emulated aarch64 run: {emulated:.1f} s in the heads, {fa['total_seconds']:.1f} s in all "
           "(QEMU: says nothing about a Pi's latency)")
+    if json_out is not None:   # docs/results/edge.json: rendered by benchmarks/tables.py (`rows`)
+        json_out.write_text(json.dumps({
+            "x86_64": fx["onnxruntime"], "aarch64": fa["onnxruntime"], "images": fx["images"],
+            "model_id": fx["model_id"], "emulated_head_seconds": round(emulated, 1), "problems": problems,
+            "table": {"columns": ["variant", "graph", "output", "x86 vs arm64", "rule", "result"],
+                      "align": ["---"] * 6, "rows": table}}, indent=1) + "\n")
     if problems:
         print("FAIL: " + "; ".join(problems))
         return 1
@@ -274,6 +284,7 @@ def main() -> None:
     c = sub.add_parser("compare")
     c.add_argument("x86", type=Path); c.add_argument("arm", type=Path); c.add_argument("export_dir", type=Path)
     c.add_argument("--lenient-int8", action="store_true", help="int8 (QDQ) heads: report unequal indices, do not fail")
+    c.add_argument("--json", type=Path, default=None, help="also write the comparison table as JSON")
     e = sub.add_parser("edge-requirements")
     e.add_argument("pyproject", type=Path)
     pr = sub.add_parser("probe")
@@ -288,7 +299,7 @@ def main() -> None:
     elif a.cmd == "run":
         run_heads(a.export_dir, a.batch, a.out)
     elif a.cmd == "compare":
-        sys.exit(compare(a.x86, a.arm, a.export_dir, a.lenient_int8))
+        sys.exit(compare(a.x86, a.arm, a.export_dir, a.lenient_int8, a.json))
     elif a.cmd == "probe":
         probe_graphs(a.export_dir, a.out)
     elif a.cmd == "tensors":

@@ -105,7 +105,10 @@ def calibrate(
     images: int = typer.Option(5000, help="calibration images (class-balanced, seeded)"),
     heldout: int = typer.Option(1000, help="held-out images (disjoint) for before/after top-1; 0 = none"),
     steps: int = typer.Option(200), batch_size: int = typer.Option(64), lr: float = typer.Option(3e-3),
-    temperature: float = typer.Option(1.0, help="distillation temperature"),
+    temperature: List[float] = typer.Option([], help="distillation temperature (default 1): once for all "
+                                            "ratios, or once per -r in the same order"),
+    choose_temperature: List[float] = typer.Option([], help="repeatable: candidate temperatures, each ratio "
+                                                   "keeps the one with the lowest held-out KL (needs --heldout)"),
     ce_weight: float = typer.Option(0.0, help="add this times CE on the labels (0 = labels unused)"),
     no_init: bool = typer.Option(False, "--no-init", help="skip the closed-form init (ablation)"),
     reconstruction: Optional[str] = typer.Option(None, help="default: meta-local / the checkpoint's"),
@@ -120,24 +123,79 @@ def calibrate(
                                         "the calibration images, the fill learns from decoded codes; "
                                         "the codec is saved with the checkpoint"),
     seed: int = typer.Option(0), cache: bool = typer.Option(False, "--cache", help="cache decoded images in ~/.cache/mercury-onnx"),
+    jobs: int = typer.Option(1, help="calibrate this many keep ratios at once, one process each (same result)"),
 ) -> None:
     """Learn the meta-parameters (backbone frozen) by distilling the unpruned model."""
     need_export_extra("calibrate")
-    from ..models import ConfigError
     from ..models.checkpoint import save_mercury
-    from .calibrate import CalibSettings, head_outputs, run_prefix
-    from .calibrate import calibrate as run_calibrate
-    from ..formats.images import ImageError
-    from .data import load_image_set, preprocess_for
+    from .recipe import combine_parts, per_ratio_temperatures, run_parallel, summary_line
+    from ..models.codec import parse_codec
 
-    if images < 1 or steps < 0 or batch_size < 1 or heldout < 0:
-        fail("--images and --batch-size must be >= 1, --steps and --heldout >= 0")
-    from ..models.codec import fit_codec, parse_codec
+    if images < 1 or steps < 0 or batch_size < 1 or heldout < 0 or jobs < 1:
+        fail("--images, --batch-size and --jobs must be >= 1, --steps and --heldout >= 0")
+    if temperature and choose_temperature:
+        fail("give --temperature or --choose-temperature, not both")
+    if choose_temperature and not heldout:
+        fail("--choose-temperature chooses on the held-out slice: set --heldout > 0")
     try:
         codec_db = parse_codec(codec) if codec else None
+        temps = per_ratio_temperatures(temperature, len(keep_ratio))
     except ValueError as e:
         fail(str(e))
     t0 = time.time()
+    if jobs > 1 and len(keep_ratio) > 1:
+        shared = [source, data_dir, "--images", images, "--heldout", heldout, "--steps", steps, "--batch-size",
+                  batch_size, "--lr", lr, "--ce-weight", ce_weight, "--seed", seed]
+        for flag, v in (("--reconstruction", reconstruction), ("--pruning", pruning), ("--score", score),
+                        ("--prune-point", prune_point), ("--checkpoint", checkpoint), ("--img-size", img_size),
+                        ("--patch-size", patch_size), ("--num-classes", num_classes)):
+            if v is not None:
+                shared += [flag, v]
+        shared += (["--no-init"] if no_init else []) + (["--cache"] if cache else [])
+        shared += ["--codec", codec] if codec_db else []
+        for t in choose_temperature:
+            shared += ["--choose-temperature", t]
+        parts = [f"{Path(out).with_suffix('')}_part{i}" for i in range(len(keep_ratio))]
+        argvs = [[str(a) for a in shared + ["-r", r, "--out", part] + ([] if choose_temperature else ["--temperature", t])]
+                 for r, t, part in zip(keep_ratio, temps, parts)]
+        typer.echo(f"calibrating keep ratios {keep_ratio} in {len(argvs)} processes")
+        try:
+            run_parallel(argvs, parts, log=typer.echo)
+        except RuntimeError as e:
+            fail(str(e), code=1)
+        models, per_k = combine_parts(parts)
+        for m in models:
+            typer.echo(summary_line(m, per_k[str(m.keep)]))
+        train_n = per_k[str(models[0].keep)]["images"]
+        held_n = per_k[str(models[0].keep)].get("heldout_images", 0)
+    else:
+        models, per_k, train_n, held_n = _calibrate_here(
+            source, data_dir, keep_ratio, images, heldout, steps, batch_size, lr, ce_weight, no_init, reconstruction,
+            pruning, score, prune_point, checkpoint, img_size, patch_size, num_classes, seed, cache, temps,
+            choose_temperature, codec_db)
+    chosen = {k: rep["temperature_choice"]["chosen"] for k, rep in per_k.items()}
+    report = {"data": str(data_dir), "images": train_n, "heldout_images": held_n,
+              "steps": steps, "batch_size": batch_size, "lr": lr, "temperature_per_keep_tokens": chosen,
+              **({"temperature": next(iter(chosen.values()))} if len(set(chosen.values())) == 1 else {}),
+              "temperature_candidates": choose_temperature,
+              "ce_weight": ce_weight, "closed_form_init": not no_init, "seed": seed, "jobs": jobs,
+              "codec": codec_db and codec,
+              "minutes": round((time.time() - t0) / 60, 2), "per_keep_tokens": per_k}
+    weights, meta = save_mercury(out, models, calibration=report)
+    typer.echo(f"wrote {weights} and {meta} ({report['minutes']} min)")
+
+
+def _calibrate_here(source, data_dir, keep_ratio, images, heldout, steps, batch_size, lr, ce_weight, no_init,
+                    reconstruction, pruning, score, prune_point, checkpoint, img_size, patch_size, num_classes, seed,
+                    cache, temps, choose_temperature, codec_db=None):
+    """calibrate's work in this process: models, per-K reports, train and held-out image counts."""
+    from ..formats.images import ImageError
+    from ..models import ConfigError
+    from ..models.codec import fit_codec
+    from .calibrate import CalibSettings, head_outputs, run_prefix
+    from .data import load_image_set, preprocess_for
+    from .recipe import calibrate_all
+
     try:
         models, _ = _backbone_models(source, checkpoint, _overrides(img_size, patch_size, num_classes),
                                      keep_ratio, reconstruction=reconstruction, pruning=pruning, score=score,
@@ -156,42 +214,30 @@ def calibrate(
     typer.echo(f"calibrating {base.cfg.pruning}+{base.cfg.reconstruction} (prune point {base.cfg.prune_point}) "
                f"at K={[m.keep for m in models]} "
                f"on {len(train_set)} images of {data_dir} (held out: {len(held) if held else 0})")
-    s = CalibSettings(steps=steps, batch_size=batch_size, lr=lr, temperature=temperature,
-                      ce_weight=ce_weight, seed=seed, closed_form_init=not no_init)
+    s = CalibSettings(steps=steps, batch_size=batch_size, lr=lr, ce_weight=ce_weight, seed=seed,
+                      closed_form_init=not no_init)
     train_pre = run_prefix(base, train_set)
     held_pre = run_prefix(base, held) if held else None
-    per_k = {}
-    for m in models:
-        if codec_db:   # fit on the calibration images' head outputs, then train through it
+    if codec_db:   # fit on the calibration images' head outputs, then train through it
+        for m in models:
             m.codec = None
             tok, idx = head_outputs(m, train_pre)
             m.codec = fit_codec(tok, idx, m.num_patches, *codec_db)
             del tok, idx
             typer.echo(f"K={m.keep}: codec {m.codec.name} in the loop (variance kept {m.codec.variance_kept:.4f})")
-        rep = run_calibrate(m, train_pre, s, heldout=held_pre)
-        if codec_db:
-            rep["codec"] = {"name": m.codec.name, "variance_kept": m.codec.variance_kept}
-        per_k[str(m.keep)] = rep
-        line = f"K={m.keep} (keep {m.keep / m.num_patches:g})"
-        if held_pre is not None:
-            b, a = rep["heldout_before"], rep["heldout_after"]
-            line += (f": held-out top-1 {100 * rep['heldout_untrained']['top1']:.2f}% untrained, "
-                     f"{100 * b['top1']:.2f}% after init, {100 * a['top1']:.2f}% after {steps} steps "
-                     f"(vanilla {100 * rep['heldout_vanilla_top1']:.2f}%); KL {b['loss']:.4f} -> {a['loss']:.4f}")
-        typer.echo(line)
-    report = {"data": str(data_dir), "images": len(train_set), "heldout_images": len(held) if held else 0,
-              "steps": steps, "batch_size": batch_size, "lr": lr, "temperature": temperature,
-              "ce_weight": ce_weight, "closed_form_init": not no_init, "seed": seed, "codec": codec_db and codec,
-              "minutes": round((time.time() - t0) / 60, 2), "per_keep_tokens": per_k}
-    weights, meta = save_mercury(out, models, calibration=report)
-    typer.echo(f"wrote {weights} and {meta} ({report['minutes']} min)")
+    per_k = calibrate_all(models, train_pre, s, held_pre, temps, choose_temperature, log=typer.echo)
+    if codec_db:
+        for m in models:
+            per_k[str(m.keep)]["codec"] = {"name": m.codec.name, "variance_kept": m.codec.variance_kept}
+    return models, per_k, len(train_set), len(held) if held else 0
 
 
 # ---------------------------------------------------------------- eval
 
 def evaluate(
     data_dir: str = typer.Argument(..., help="evaluation split, DATA_DIR/<class>/<image>"),
-    checkpoint: str = typer.Option(..., help="Mercury checkpoint (from calibrate) or backbone JSON"),
+    checkpoint: str = typer.Option(..., help="Mercury checkpoint (from calibrate), `reference` (the shipped "
+                                   "calibration), or backbone JSON"),
     keep_ratio: List[float] = typer.Option([0.5, 0.25], "--keep-ratio", "-r", help="repeatable"),
     images: Optional[int] = typer.Option(None, help="class-balanced seeded subset (default: all)"),
     methods: str = typer.Option("all", help="'all' (every baseline), 'main' (vanilla + mercury), or "
@@ -248,6 +294,9 @@ def evaluate(
         fail(f"--image-codecs: unknown format {e}; choose from jpeg, webp, avif")
     if (codec or rate_curve) and onnx_dir is not None:
         fail("--codec / --rate-curve evaluate in PyTorch; drop --onnx")
+    if not recalibrate:
+        from ..models.reference import use_shipped
+        checkpoint = use_shipped(checkpoint, keep_ratio, typer.echo)
     try:
         models, stored = _backbone_models(checkpoint, None, {}, keep_ratio[:1], prune_point=prune_point)
         base = models[0]
@@ -305,7 +354,10 @@ def evaluate(
     minutes = (time.time() - t0) / 60
     typer.echo(f"\n{dataset}: {len(test)} images, {minutes:.1f} min")
     typer.echo(format_table(rows))
-    result = {"dataset": dataset, "images": len(test), "prune_point": base.cfg.prune_point, "results": rows}
+    result = {"dataset": dataset, "images": len(test), "prune_point": base.cfg.prune_point, "results": rows,
+              "checkpoint": checkpoint,
+              "calibration": (read_checkpoint_json(checkpoint).get("calibration")
+                              if is_mercury_checkpoint(checkpoint) and not recalibrate else None)}
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(result, indent=1))

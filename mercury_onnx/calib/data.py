@@ -4,7 +4,8 @@ Small sets only (CIFAR-sized, or a few thousand ImageNet images): every image is
 with PIL and brought to the model's input size by the same rule as export and the device
 (mercury_onnx.formats.images), and kept as uint8 (M, H, W, 3).
 Normalisation happens in torch, per batch. Decoded arrays can be cached in an .npz under
-~/.cache/mercury-onnx (never in the repo), keyed by the folder, the chosen files and size.
+~/.cache/mercury-onnx (never in the repo), keyed by the folder, the chosen files and size, and
+the package version and source (mercury_onnx/cache_key.py).
 
 Bad data raises formats.images.ImageError with a message that names the file or folder.
 """
@@ -79,7 +80,10 @@ def decode(paths: list[Path], size: tuple[int, int], progress: bool = False) -> 
 
 
 def _cache_file(root: Path, paths: list[Path], size: tuple[int, int]) -> Path:
-    h = hashlib.sha256(f"{root.resolve()}|{size}|{len(paths)}|resize-crop-bilinear".encode())
+    from ..cache_key import cache_key
+
+    # the resize rule, the package version and its source are in the key: changed code is a new entry
+    h = hashlib.sha256(f"{root.resolve()}|{size}|{len(paths)}|resize-crop-bilinear|{cache_key()}".encode())
     for p in paths:
         h.update(str(p.relative_to(root)).encode())
     return CACHE_DIR / f"{root.name}_{len(paths)}_{size[0]}x{size[1]}_{h.hexdigest()[:12]}.npz"

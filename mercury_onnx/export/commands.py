@@ -13,7 +13,8 @@ from ..app import fail, need_export_extra
 
 def export(
     source: str = typer.Argument(..., metavar="CHECKPOINT_OR_MODEL",
-                                 help="Mercury checkpoint (from calibrate), backbone JSON, or timm name"),
+                                 help="Mercury checkpoint (from calibrate), `reference` (the shipped "
+                                 "calibration), backbone JSON, or timm name"),
     out_dir: str = typer.Argument(..., help="export folder to create (replaced only once validated)"),
     keep_ratio: List[float] = typer.Option([0.5], "--keep-ratio", "-r", help="one head/tail per ratio"),
     opset: int = typer.Option(17, help="ONNX opset"),
@@ -57,6 +58,9 @@ def export(
     model_kw = {k: v for k, v in dict(prune_after_block=prune_after_block, split_after_block=split_after_block,
                                       reconstruction=reconstruction, prune_point=prune_point).items()
                 if v is not None}
+    if not model_kw:
+        from ..models.reference import use_shipped
+        source = use_shipped(source, keep_ratio, typer.echo)
     try:
         opts = ExportOptions(opset=opset, token_dtypes=token_dtype, int8_head=int8_head, fp16_tail=fp16_tail,
                              calib_data=calib_data, calib_images=calib_images,

@@ -7,10 +7,10 @@
   * S8S8 (int8 activations) fuses differently per platform: onnxruntime fuses int8-activation
     Conv / Softmax / MatMul into integer kernels (QLinearConv, QLinearSoftmax, QLinearMatMul)
     only on ARM; on x86 they run as float math on dequantised values. Same model, other
-    arithmetic, and other tokens selected on aarch64 (docs/results/edge.md).
+    arithmetic, and other tokens selected on aarch64 (docs/RESULTS.md, ARM64).
   * U8S8 fuses the same way on both, but x86 AVX2 without VNNI multiplies u8 x s8 pairs with
     vpmaddubsw, whose int16 pair sums saturate with 8-bit weights (measured:
-    docs/results/edge.md). With 7-bit weights a pair sum
+    git history of docs/results/edge.md). With 7-bit weights a pair sum
     is at most 2 * 255 * 64 < 2^15: no saturation, as the onnxruntime docs advise for x86
     without VNNI. The ARM kernels are exact either way.
   * Only the nodes with weights are quantised (the patch embedding's Conv, the qkv / proj /

@@ -10,7 +10,9 @@ Files (same stem):
   "num_prefix": 1, "mean": "position", "variance_kept": ...}} in the JSON.
 
 Self-contained on purpose: `export` needs nothing else, and a checkpoint copied to another
-machine still works.
+machine still works. The one exception is the calibration shipped for the reference backbone
+(`reference`, `reference:PATH.json`; see models/reference.py): meta-parameters only, the
+backbone found by path and checked by sha256.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from . import reference
 from .config import ConfigError, MercuryConfig
 from .mercury import Mercury, build_mercury
 
@@ -63,6 +66,8 @@ def save_mercury(path: str | Path, models: list[Mercury], calibration: dict | No
 
 
 def is_mercury_checkpoint(path: str | Path) -> bool:
+    if reference.is_reference_name(path):    # the calibration shipped for the reference backbone
+        return True
     _, meta = checkpoint_paths(path)
     try:
         return json.loads(meta.read_text()).get("format") == FORMAT
@@ -71,6 +76,8 @@ def is_mercury_checkpoint(path: str | Path) -> bool:
 
 
 def read_checkpoint_json(path: str | Path) -> dict:
+    if reference.is_reference_name(path):
+        return reference.checkpoint_json(str(path))
     _, meta = checkpoint_paths(path)
     try:
         info = json.loads(meta.read_text())
@@ -86,6 +93,8 @@ def load_mercury(path: str | Path, keep_tokens: list[int] | None = None, **overr
     """Mercury wrappers (sharing one backbone) for the stored keep counts, or those asked for."""
     from safetensors.torch import load_file
 
+    if reference.is_reference_name(path):
+        return reference.load(str(path), keep_tokens, **overrides)
     weights, _ = checkpoint_paths(path)
     info = read_checkpoint_json(path)
     stored = info["keep_tokens"]

@@ -12,7 +12,8 @@ tables over the P+N token rows, with each prefix token (the CLS, and a distilled
 distillation token or a ViT's registers: timm's `num_prefix_tokens`) as one more subregion
 that always wins, so the TopK's rows are the GatherND index as they are (no Add, Pad,
 Unsqueeze). What each kernel costs, and the earlier formulations measured against this one:
-docs/results/export.md.
+git history of docs/results/export.md
+(benchmarks/reproduce.sh export regenerates the current figures).
 
 Shapes: B batch, P prefix tokens, N patch tokens (a g x g grid, N = g*g), D width, K kept
 patch tokens.

@@ -118,7 +118,7 @@ class MetaLocal(MetaCtx):
         nothing was received (the P prefix tokens included, as rows 0..P-1, with no correction).
         In ONNX: a GatherND and a few (B, N) ops instead of int64 (B, N, D) and (B, K, D) index Expands, GatherElements
         and ScatterElements, whose generic per-element index loops made the DeiT-T tail ~2.5%
-        slower than the vanilla tail (docs/results/export.md)."""
+        slower than the vanilla tail (git history of docs/results/export.md)."""
         p = self.prefix
         rank = self.nearest.nearest_rank(idx)                            # (B, N) into kept
         x = P.gather_tokens(tokens, rank, p)                             # (B, P+N, D)  prefix first

@@ -66,6 +66,14 @@ def bench(
             raise BenchError(f"no images at {img_dir}: pass --images DIR (real photos for the JPEG sizes)")
         files = sample_images(img_dir, jpeg_images, images_skip)
         evals = load_eval(eval_json)
+        shipped = None
+        if eval_json is None and setup.manifest is not None:
+            from .shipped import shipped_accuracy
+            shipped = shipped_accuracy(setup.manifest)
+            if shipped:
+                evals = shipped[0]
+                typer.echo(f"top-1: the shipped reference calibration's committed figures "
+                           f"({shipped[1]['images']} images of {shipped[1]['dataset']})")
         dev = resolve_device(device, setup, typer.echo)
         cld = resolve_cloud(cloud, server, setup, typer.echo)
         cfg = BenchConfig(traces=traces, requests=requests, slo_ms=slo_ms, hq_size=hq_size,
@@ -78,6 +86,8 @@ def bench(
     if eval_json:
         from .bench import eval_source
         report["accuracy_source"] = eval_source(eval_json)
+    elif shipped:
+        report["accuracy_source"] = shipped[1]
     typer.echo(format_table(report))
     if band:
         from .band import format_band, plot_band

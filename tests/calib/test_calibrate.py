@@ -148,3 +148,18 @@ def test_meta_local_starts_as_duplicate_and_fits_the_budget(ref, train64):
     assert choice in ("closed-form", "default")
     assert _loss(chooser, train64) <= before + 1e-6
     assert (choice == "closed-form") == (_loss(local, train64) < before)
+
+
+def test_choose_temperature_keeps_the_lowest_heldout_kl(ref, train64):
+    from mercury_onnx.calib.recipe import calibrate_ratio, heldout_kl
+
+    train, held = train64, train64      # same images both ways: only the bookkeeping is under test
+    m = _fresh(ref)
+    rep = calibrate_ratio(m, train, CalibSettings(steps=2, batch_size=16), held, candidates=[1.0, 4.0],
+                          progress=False)
+    choice = rep["temperature_choice"]
+    kls = {float(t): kl for t, kl in choice["heldout_kl_t1"].items()}
+    assert set(kls) == {1.0, 4.0} and choice["chosen"] == min(kls, key=kls.get)
+    assert rep["temperature"] == choice["chosen"]
+    # the model holds the chosen candidate's parameters, not the last one tried
+    assert heldout_kl(m, held) == pytest.approx(kls[choice["chosen"]], abs=1e-6)

@@ -78,7 +78,8 @@ def calibrated(ref_json, tmp_path_factory):
         pytest.skip("CIFAR-10 train split missing")
     out = tmp_path_factory.mktemp("calib") / "ref_cal"
     res, text = _run("calibrate", ref_json, CIFAR_TRAIN, "--keep-ratio", 0.5, "--keep-ratio", 0.25,
-                     "--out", out, "--images", 48, "--heldout", 24, "--steps", 2, "--batch-size", 16)
+                     "--out", out, "--images", 48, "--heldout", 24, "--steps", 2, "--batch-size", 16,
+                     "--temperature", 1, "--temperature", 2)
     assert res.exit_code == 0, text
     assert "held-out top-1" in text
     return out, text
@@ -97,6 +98,18 @@ def test_calibrate_cli_writes_a_mercury_checkpoint(calibrated):
     assert [m.keep for m in models] == [32, 16]
 
 
+def test_per_ratio_temperatures_land_in_one_checkpoint(calibrated):
+    out, text = calibrated
+    cal = json.loads(out.with_suffix(".json").read_text())["calibration"]
+    assert cal["temperature_per_keep_tokens"] == {"32": 1.0, "16": 2.0}
+    assert "temperature" not in cal          # no single temperature describes this run
+    for k, t in (("32", 1.0), ("16", 2.0)):
+        rep = cal["per_keep_tokens"][k]
+        assert rep["temperature"] == t and rep["temperature_choice"]["chosen"] == t
+        assert rep["heldout_kl_t1"] >= 0     # held-out KL at T=1, comparable across ratios' temperatures
+    assert "K=32 (keep 0.5), T=1" in text and "K=16 (keep 0.25), T=2" in text
+
+
 def test_eval_cli_json_schema_and_plot(calibrated, cifar_test, tmp_path):
     out, _ = calibrated
     js, png = tmp_path / "r.json", tmp_path / "r.png"
@@ -104,8 +117,9 @@ def test_eval_cli_json_schema_and_plot(calibrated, cifar_test, tmp_path):
                      "--images", 40, "--methods", "main", "--json", js, "--plot", png)
     assert res.exit_code == 0, text
     data = json.loads(js.read_text())
-    assert set(data) == {"dataset", "images", "prune_point", "results"} and data["images"] == 40
-    assert data["prune_point"] == "block"
+    assert set(data) == {"dataset", "images", "prune_point", "results", "checkpoint", "calibration"}
+    assert data["images"] == 40 and data["prune_point"] == "block"
+    assert data["calibration"]["steps"] == 2          # which calibration the Mercury rows used
     assert data["dataset"].endswith("test")
     for row in data["results"]:
         assert set(row) == {"method", "pruning", "reconstruction", "keep_ratio", "top1"}
@@ -154,6 +168,9 @@ def test_eval_onnx_matches_torch(ref_export, ref_json, cifar_test, tmp_path):
     (["calibrate", "REF", "/nonexistent/data", "--out", "/tmp/x"], "image folder not found"),
     (["calibrate", "REF", "TRAIN", "--out", "/tmp/x", "--keep-ratio", 0.1], "smaller than the 16 subregions"),
     (["calibrate", "REF", "TRAIN", "--out", "/tmp/x", "--reconstruction", "zero"], "nothing to learn"),
+    (["calibrate", "REF", "TRAIN", "--out", "/tmp/x", "-r", 0.5, "-r", 0.25, "--temperature", 1,
+      "--temperature", 2, "--temperature", 3], "once per -r"),
+    (["calibrate", "REF", "TRAIN", "--out", "/tmp/x", "--heldout", 0, "--choose-temperature", 1], "--heldout > 0"),
     (["eval", "TINY", "--checkpoint", "/nonexistent/ck.json"], "cannot read checkpoint JSON"),
     (["eval", "TINY", "--checkpoint", "REF", "--methods", "regional+duplicate,nope"], "unknown method(s) ['nope']"),
 ])

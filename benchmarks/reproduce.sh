@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# Regenerate the published figures: each SECTION rewrites its JSON under docs/results/ (and the
+# Markdown tables made from it, benchmarks/tables.py) from a clean clone, with ../shared only.
+#
+#   benchmarks/reproduce.sh SECTION [SECTION ...]
+#
+# Run from the repository root after the README's set-up (`pip install -e '.[export,test]'`),
+# with ../shared beside the checkout. Intermediate files (checkpoints, exports) go to $WORK
+# (default: a fresh temporary folder, removed at the end unless WORK is set).
+# Wall times: this machine (2-core x86_64 AMD EPYC, AVX2, no GPU), "quiet" = nothing else
+# running; the machine is often shared, and then everything takes 2-5x longer.
+#
+#   calibration  the v3b recipe for the reference backbone in one `calibrate` run (5,000 train
+#                images, 2,000 held out, 480 AdamW steps of 32, lr 3e-3, K=32 at T=1 and K=16 at
+#                T=2, both ratios at once with --jobs 2), shipped as mercury_onnx/data/reference/
+#                ~21 min quiet (two 10.5-min processes side by side); 66 min measured with load 12-20
+#   accuracy     vanilla, Mercury (the shipped calibration) and regional+duplicate at keep 0.5 and
+#                0.25 on all 10,000 CIFAR-10 test images -> docs/results/accuracy.json; checks every
+#                figure against the committed JSON (+-0.1 pt) and records it in the shipped JSON
+#                ~10.5 min quiet
+#   baselines    every method at one equal budget (1,000 calibration images, 40 steps of 32, Mercury
+#                recalibrated too) on 2,000 test images -> docs/results/baselines.json
+#                ~58 min (measured with load 4-9)
+#   export       export the shipped calibration (fp32, int8-token and QDQ int8 heads), validated on
+#                256 real images -> docs/results/export_validation.json; latency of the exported
+#                graphs (benchmarks/export_latency.py --profile) -> docs/results/export_latency.json
+#                ~3 min + ~6 min quiet
+#   runtime      token codec (benchmarks/codec.py) -> docs/results/runtime_codec.json; serve-tail vs
+#                bare onnxruntime under load (benchmarks/serve_load.py) -> docs/results/runtime_serve.json
+#                ~1 min + ~3 min quiet
+#   bench        end to end on the 9 real uplink traces: DeiT-T/S/B modelled (Pi profile, RTX 4090),
+#                and the reference export with its committed accuracy -> docs/results/bench_*.json
+#                ~4 min quiet (about 25 s per bench run, plus one export)
+#   edge         the reference export's heads under the real aarch64 onnxruntime (QEMU, as root)
+#                vs x86 -> docs/results/edge.json; ~3 min plus 1-2.5 min to build the arm64 root once
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+REPO=$PWD
+SHARED=${SHARED:-../shared}
+REF=$SHARED/models/deit_tiny_patch4_32_cifar10.json
+TEST=$SHARED/data/cifar10/test
+TRAIN=$SHARED/data/cifar10/train
+RES=docs/results
+MERCURY=${MERCURY:-mercury-onnx}
+PY=${PYTHON:-python}
+TRACES=(-t lte-static -t lte-walking -t lte-driving -t 5g-static -t 5g-walking -t 5g-driving
+        -t mahimahi:ATT-LTE-driving-2016 -t mahimahi:TMobile-LTE-short -t mahimahi:Verizon-LTE-short)
+if [ -z "${WORK:-}" ]; then WORK=$(mktemp -d); trap 'rm -rf "$WORK"' EXIT; fi
+mkdir -p "$WORK" "$RES"
+
+say() { echo "== reproduce: $*" >&2; }
+timed() { local t0=$SECONDS; "$@"; say "$1 ${2:-}: $((SECONDS - t0)) s (load average $(cut -d' ' -f1 /proc/loadavg))"; }
+
+page() {   # page NAME.md TITLE "JSON | renderer [args]"...: a results page for the section, if it has none yet
+  local md="$RES/$1" title=$2; shift 2
+  [ -f "$md" ] && return
+  { echo "## $title"; echo; echo "Regenerate: \`benchmarks/reproduce.sh $SECTION\` (tables: \`python benchmarks/tables.py\`)."
+    for b in "$@"; do echo; echo "<!-- table: $b -->"; echo "<!-- /table -->"; done; } > "$md"
+}
+
+reference_export() {   # the shipped calibration as an export folder, made once per $WORK
+  [ -f "$WORK/export_ref/manifest.json" ] && return
+  $MERCURY export reference "$WORK/export_ref" -r 0.5 -r 0.25 --token-dtype int8 --int8-head \
+    --validate-images 256 --validate-data "$TEST"
+}
+
+section_calibration() {
+  $MERCURY calibrate "$REF" "$TRAIN" -r 0.5 -r 0.25 --temperature 1 --temperature 2 --images 5000 \
+    --heldout 2000 --steps 480 --batch-size 32 --lr 3e-3 --jobs 2 --cache --out "$WORK/ref_v3b"
+  $PY benchmarks/ship_reference.py "$WORK/ref_v3b"
+}
+
+section_accuracy() {
+  local before="$WORK/accuracy.committed.json"
+  [ -f "$RES/accuracy.json" ] && cp "$RES/accuracy.json" "$before"
+  $MERCURY eval "$TEST" --checkpoint reference -r 0.5 -r 0.25 --methods regional+duplicate \
+    --json "$RES/accuracy.json" --plot "$RES/accuracy.png" --cache
+  if [ -f "$before" ]; then
+    $PY - "$before" "$RES/accuracy.json" <<'EOF'
+import json, sys
+old, new = (json.load(open(p)) for p in sys.argv[1:])
+key = lambda r: (r["method"], r["keep_ratio"], r.get("token_dtype"))
+old_rows = {key(r): r["top1"] for r in old["results"]}
+worst = 0.0
+for r in new["results"]:
+    d = 100 * abs(r["top1"] - old_rows[key(r)])
+    worst = max(worst, d)
+    print(f"  {r['method']:22} keep {r['keep_ratio']:<5} {100 * r['top1']:6.2f} (committed {100 * old_rows[key(r)]:6.2f})")
+print(f"largest difference to the committed JSON: {worst:.2f} pt (allowed 0.1)")
+sys.exit(0 if worst <= 0.1 + 1e-9 else 1)
+EOF
+  fi
+  $PY benchmarks/ship_reference.py --accuracy "$RES/accuracy.json"
+  page accuracy.md "Accuracy of the shipped calibration, all 10,000 CIFAR-10 test images" "accuracy.json | accuracy"
+}
+
+section_baselines() {
+  $MERCURY eval "$TEST" --checkpoint reference -r 0.5 -r 0.25 --images 2000 --methods all --recalibrate \
+    --calib-images 1000 --calib-steps 40 --calib-batch-size 32 --json "$RES/baselines.json" \
+    --plot "$RES/baselines.png" --cache
+  page baselines.md "Every method at one calibration budget (2,000 test images)" "baselines.json | accuracy"
+}
+
+section_export() {
+  reference_export
+  $PY - "$WORK/export_ref/manifest.json" "$RES/export_validation.json" <<'EOF'
+import json, sys
+m = json.load(open(sys.argv[1]))
+v = m["validation"]
+fmt = lambda x, f: "-" if x is None else format(x, f)
+diffs = [[k, fmt(d, ".2g")] for k, d in v["max_abs_diff"].items()]
+index = [[k, fmt(r, ".3f")] for k, r in v["identical_index_rows"].items()]
+agree = [[k, fmt(a, ".4f"), fmt(v["accuracy"].get(k), ".4f")] for k, a in v["top1_agreement"].items()]
+json.dump({"source": m["source"], "model_id": m["model_id"], "images": v["images"], "files": m["files"],
+           "versions": m["versions"], "tables": [
+               {"columns": ["output", "max abs diff, ORT vs torch"], "align": ["---", "---:"], "rows": diffs},
+               {"columns": ["head", "identical index rows"], "align": ["---", "---:"], "rows": index},
+               {"columns": ["pipeline", "top-1 agreement with torch", "top-1 accuracy"],
+                "align": ["---", "---:", "---:"], "rows": agree}]},
+          open(sys.argv[2], "w"), indent=1)
+EOF
+  $PY benchmarks/export_latency.py --profile --json "$RES/export_latency.json"
+  page export.md "Export: validation on real images, latency of the graphs" "export_validation.json | rows key=tables.0" \
+    "export_validation.json | rows key=tables.1" "export_validation.json | rows key=tables.2" "export_latency.json | rows key=table"
+}
+
+section_runtime() {
+  reference_export
+  $PY benchmarks/codec.py --json "$RES/runtime_codec.json"
+  $PY benchmarks/serve_load.py "$WORK/export_ref" --requests 320 --seconds 2 --json "$RES/runtime_serve.json"
+  page runtime.md "Runtime: token codec, serve-tail under load" "runtime_codec.json | rows key=table" \
+    "runtime_serve.json | rows key=tables.0" "runtime_serve.json | rows key=tables.1"
+}
+
+section_bench() {
+  for m in tiny small base; do
+    $MERCURY bench --model deit_${m}_patch16_224 --device pi --cloud rtx4090 "${TRACES[@]}" \
+      --requests 2000 --json "$RES/bench_deit_$m.json"
+  done
+  reference_export
+  $MERCURY bench "$WORK/export_ref" --device pi "${TRACES[@]}" --requests 2000 --images "$TEST" \
+    --json "$RES/bench_reference.json"
+  grep -q "bench_reference.json" "$RES/bench.md" || printf '\n### The reference export (accuracy: the shipped calibration'"'"'s committed top-1)\n\n<!-- table: bench_reference.json | bench_top1 -->\n<!-- /table -->\n\n<!-- table: bench_reference.json | bench_speedup -->\n<!-- /table -->\n\n<!-- table: bench_reference.json | bench_planner -->\n<!-- /table -->\n' >> "$RES/bench.md"
+}
+
+section_edge() {
+  reference_export
+  MERCURY_ARM64_IMAGES=64 MERCURY_ARM64_JSON="$REPO/$RES/edge.json" tools/arm64_check.sh "$WORK/export_ref" "$TEST"
+  page edge.md "Edge: the heads under the real aarch64 onnxruntime (QEMU) vs x86" "edge.json | rows key=table"
+}
+
+[ $# -ge 1 ] || { sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 2; }
+for s in "$@"; do
+  declare -F "section_$s" >/dev/null || { echo "unknown section $s: calibration accuracy baselines export runtime bench edge" >&2; exit 2; }
+done
+for SECTION in "$@"; do
+  say "section $SECTION"
+  timed "section_$SECTION"
+done
+$PY benchmarks/tables.py

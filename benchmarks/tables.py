@@ -1,0 +1,170 @@
+"""Markdown tables in docs/results/*.md, generated from the JSON beside them.
+
+A table lives between two markers that name its JSON (relative to docs/results/) and the
+renderer that turns that JSON into Markdown:
+
+    <!-- table: accuracy.json | accuracy -->
+    | method | keep 0.5 | keep 0.25 |        <- written by this script, never by hand
+    ...
+    <!-- /table -->
+
+    python benchmarks/tables.py            # rewrite every table from its JSON (docs/results/*.md, docs/RESULTS.md)
+    python benchmarks/tables.py --check    # exit 1 if any table differs from its JSON (the test does this)
+
+tests/test_results_tables.py checks that every Markdown table in docs/results/ sits inside such
+a block, that its JSON exists, and that the text equals what the renderer makes of the JSON.
+
+Adding a table (e.g. docs/results/codec.md from codec.json): write the JSON with a committed
+command (a benchmarks/ script or `mercury-onnx ... --json`, and a section in
+benchmarks/reproduce.sh), put the two markers in the .md, then either
+- use the generic `rows` renderer: the JSON holds {"columns": [...], "rows": [[...], ...]}
+  (or a list of such tables under a key: `<!-- table: codec.json | rows | key=tables.0 -->`),
+  cells printed as they are (format numbers in the script that writes the JSON), or
+- add `def render_NAME(data: dict, **args) -> str` below and list it in RENDERERS.
+Then run `python benchmarks/tables.py`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+BLOCK = re.compile(r"(<!-- table: *(?P<json>[^|>]+?) *\| *(?P<spec>[^>]*?) *-->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+
+
+def _table(header: list[str], rows: list[list], align: list[str] | None = None) -> str:
+    align = align or ["---"] + ["---:"] * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join("" if c is None else str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _pt(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+# ---------------------------------------------------------------- renderers
+
+def render_rows(data: dict, key: str | None = None) -> str:
+    """{"columns": [...], "rows": [[...]]}, optionally found under a dotted key."""
+    for part in (key.split(".") if key else []):
+        data = data[int(part)] if isinstance(data, list) else data[part]
+    return _table(data["columns"], data["rows"], data.get("align"))
+
+
+def render_accuracy(data: dict, methods: str | None = None) -> str:
+    """`mercury-onnx eval --json`: one row per method, one column per keep ratio, top-1 in %
+    with the difference to vanilla in brackets."""
+    rows = data["results"]
+    vanilla = next((r["top1"] for r in rows if r["method"] == "vanilla"), None)
+    ratios = sorted({r["keep_ratio"] for r in rows if r["method"] != "vanilla"}, reverse=True)
+    order = list(dict.fromkeys(r["method"] for r in rows))
+    if methods:
+        order = [m for m in methods.split(",") if m in order]
+    out = []
+    for m in order:
+        cells = []
+        for k in ratios:
+            r = next((r for r in rows if r["method"] == m and (m == "vanilla" or r["keep_ratio"] == k)), None)
+            if r is None:
+                cells.append("-")
+            elif m == "vanilla" or vanilla is None:
+                cells.append(_pt(r["top1"]))
+            else:
+                cells.append(f"{_pt(r['top1'])} ({100 * (r['top1'] - vanilla):+.2f})")
+        first = next(r for r in rows if r["method"] == m)
+        out.append([m, first.get("pruning") or "-", first.get("reconstruction") or "-", *cells])
+    header = ["method", "pruning", "reconstruction"] + [f"keep {k:g} ({100 * (1 - k):.0f}% pruned)" for k in ratios]
+    return (_table(header, out, ["---", "---", "---"] + ["---:"] * len(ratios))
+            + f"\n{data['dataset']}, {data['images']} images, top-1 %.\n")
+
+
+def render_bench_speedup(data: dict) -> str:
+    """`mercury-onnx bench --json`: Mercury's speed-up over mobile-only per trace (mean / median)."""
+    traces = list(data["traces"])
+    rows = []
+    for name, s in data["mercury_vs_mobile"].items():
+        rows.append([name] + [f"{s['per_trace'][t]['mean']:.2f} / {s['per_trace'][t]['p50']:.2f}" for t in traces]
+                    + [f"{s['pooled_mean']:.2f} / {s['pooled_p50']:.2f}"])
+    mob = {r["trace"]: r["latency_ms"]["mean"] for r in data["results"] if r["method"] == "mobile-only"}
+    note = (f"\n{data['model']}, device {data['device']}, {next(iter(data['traces'].values()))['requests']} "
+            f"requests per trace; mobile-only mean {next(iter(mob.values())):.0f} ms. "
+            "Cells: speed-up by mean / by median latency.\n")
+    return _table(["strategy"] + traces + ["all pooled"], rows) + note
+
+
+def render_bench_planner(data: dict) -> str:
+    """`mercury-onnx bench --json`: the adaptive planner against the best fixed strategy."""
+    rows = []
+    for t, p in data["planner"].items():
+        rows.append([t, f"{p['planner']['mean_latency_ms']:.1f}", p["best_fixed"],
+                     f"{p['best']['mean_latency_ms']:.1f}", "yes" if p["never_worse"] else "**no**",
+                     "yes" if p["strictly_better"] else "no"])
+    return _table(["trace", "planner mean ms", "best fixed", "its mean ms", "never worse", "strictly better"],
+                  rows, ["---", "---:", "---", "---:", "---", "---"])
+
+
+def render_bench_top1(data: dict) -> str:
+    """`mercury-onnx bench --json`: top-1 per strategy (from the eval JSON or shipped calibration)."""
+    seen, rows = set(), []
+    for r in data["results"]:
+        name = r["method"] + (f" r={r['keep_ratio']:g}" if r.get("keep_ratio") else "") + (
+            f" {r['token_dtype']}" if r.get("token_dtype") else "")
+        if name in seen or r.get("top1") is None:
+            continue
+        seen.add(name)
+        rows.append([name, _pt(r["top1"]), r["payload_bytes"]])
+    src = data.get("accuracy_source") or {}
+    return (_table(["strategy", "top-1 %", "payload bytes"], rows)
+            + f"\ntop-1 from {src.get('file', '-')}: {src.get('images', '-')} images of {src.get('dataset', '-')}.\n")
+
+
+RENDERERS = {"rows": render_rows, "accuracy": render_accuracy, "bench_speedup": render_bench_speedup,
+             "bench_planner": render_bench_planner, "bench_top1": render_bench_top1}
+
+
+# ---------------------------------------------------------------- the files
+
+def render_block(json_name: str, spec: str) -> str:
+    name, *args = spec.split()
+    kwargs = dict(a.split("=", 1) for a in args)
+    if name not in RENDERERS:
+        raise KeyError(f"unknown renderer {name!r}; known: {', '.join(RENDERERS)}")
+    data = json.loads((RESULTS / json_name).read_text())
+    return RENDERERS[name](data, **kwargs)
+
+
+def regenerate(text: str) -> str:
+    return BLOCK.sub(lambda m: m.group(1) + render_block(m["json"], m["spec"]) + m.group(5), text)
+
+
+def documents() -> list[Path]:
+    """Every file whose tables are generated: docs/results/*.md and docs/RESULTS.md."""
+    return sorted(RESULTS.glob("*.md")) + [ROOT / "docs" / "RESULTS.md"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="do not write; exit 1 when a table is stale")
+    ap.add_argument("files", nargs="*", type=Path, help="default: docs/results/*.md")
+    a = ap.parse_args()
+    stale = []
+    for md in a.files or documents():
+        old = md.read_text()
+        new = regenerate(old)
+        if new != old:
+            stale.append(md)
+            if not a.check:
+                md.write_text(new)
+    verb = "stale" if a.check else "rewrote"
+    for md in stale:
+        print(f"{verb}: {md.relative_to(ROOT)}")
+    return 1 if a.check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
