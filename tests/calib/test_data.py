@@ -101,7 +101,15 @@ def test_class_list_mismatch(tiny):
 
 
 def test_no_class_folders(tmp_path):
+    """A flat folder of photos is one unnamed class when no classes are asked for (payload sizes,
+    codec fitting on ../shared/data/imagenet-sample), and refused where a model's classes are."""
     (tmp_path / "x.jpg").write_bytes(b"")
+    (tmp_path / "notes.txt").write_bytes(b"")
+    paths, labels, classes = list_images(tmp_path)
+    assert [p.name for p in paths] == ["x.jpg"] and labels == [0] and classes == [""]
+    with pytest.raises(ImageError, match="no class folders"):
+        list_images(tmp_path, classes=["airplane", "cat"])
+    (tmp_path / "x.jpg").unlink()
     with pytest.raises(ImageError, match="no class folders"):
         list_images(tmp_path)
 
