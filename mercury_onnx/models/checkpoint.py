@@ -24,7 +24,7 @@ import torch
 
 from . import reference
 from .config import ConfigError, MercuryConfig
-from .mercury import Mercury, build_mercury
+from .mercury import Mercury, build_mercury, load_meta, models_sharing_backbone
 
 FORMAT = "mercury-checkpoint/1"
 
@@ -125,8 +125,7 @@ def load_mercury(path: str | Path, keep_tokens: list[int] | None = None, **overr
             backbone = m.backbone
         else:
             m = build_mercury(cfg, backbone)
-        prefix = f"meta.{k}."
-        m.recon.load_state_dict({n.removeprefix(prefix): v for n, v in tensors.items() if n.startswith(prefix)})
+        load_meta(m, tensors, k)
         spec = info.get("codecs", {}).get(str(k))
         if spec:
             from .codec import TokenCodec, parse_codec
@@ -159,12 +158,4 @@ def mercury_from_any(source: str, keep_tokens: list[int] | None = None,
         base = MercuryConfig.from_checkpoint_json(source, **overrides)
     else:
         base = MercuryConfig(timm_model=source, **overrides)
-    ratios = keep_ratios or [base.keep_ratio or 0.5]
-    models, backbone = [], None
-    for r in ratios:
-        cfg = copy.deepcopy(base)
-        cfg.keep_ratio, cfg.keep_tokens = r, None
-        m = build_mercury(cfg, backbone)
-        backbone = m.backbone
-        models.append(m)
-    return models
+    return models_sharing_backbone(base, keep_ratios=keep_ratios or [base.keep_ratio or 0.5])

@@ -19,6 +19,8 @@ What is modified in the timm model, and why (ToMe-style, no fork):
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from timm.layers import Attention
@@ -247,3 +249,23 @@ class Mercury(nn.Module):
 def build_mercury(cfg: MercuryConfig, backbone: nn.Module | None = None) -> Mercury:
     """Backbone from cfg (or the one given, shared between several Mercury wrappers)."""
     return Mercury(create_backbone(cfg) if backbone is None else backbone, cfg).eval()
+
+
+def models_sharing_backbone(base: MercuryConfig, keep_ratios: list[float] | None = None,
+                            keep_tokens: list[int] | None = None) -> list[Mercury]:
+    """One Mercury per keep ratio (or per kept-token count), all over one backbone built once."""
+    keys = keep_ratios if keep_ratios is not None else keep_tokens
+    models, backbone = [], None
+    for key in keys:
+        cfg = copy.deepcopy(base)
+        cfg.keep_ratio, cfg.keep_tokens = (key, None) if keep_ratios is not None else (None, key)
+        m = build_mercury(cfg, backbone)
+        backbone = m.backbone
+        models.append(m)
+    return models
+
+
+def load_meta(m: Mercury, tensors: dict, k: int) -> None:
+    """Load the `meta.<K>.*` tensors of a checkpoint into m's reconstruction."""
+    prefix = f"meta.{k}."
+    m.recon.load_state_dict({n.removeprefix(prefix): v for n, v in tensors.items() if n.startswith(prefix)})

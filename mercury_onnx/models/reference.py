@@ -18,7 +18,6 @@ calibration when handed the reference backbone JSON itself (`shipped_source`).
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 from pathlib import Path
@@ -90,7 +89,7 @@ def load(source: str = NAME, keep_tokens: list[int] | None = None, **overrides) 
     """Mercury wrappers for the shipped keep counts (or those asked for), sharing the backbone."""
     from safetensors.torch import load_file
 
-    from .mercury import build_mercury
+    from .mercury import load_meta, models_sharing_backbone
 
     meta = info()
     path = backbone_json(source)
@@ -104,15 +103,10 @@ def load(source: str = NAME, keep_tokens: list[int] | None = None, **overrides) 
     backbone_cfg = MercuryConfig.from_checkpoint_json(path)
     base = MercuryConfig.from_dict({**meta["config"], "checkpoint": backbone_cfg.checkpoint, **overrides})
     tensors = load_file(str(META_WEIGHTS))
-    models, backbone = [], None
-    for k in wanted:
-        cfg = copy.deepcopy(base)
-        cfg.keep_ratio, cfg.keep_tokens = None, k
-        m = build_mercury(cfg, backbone)
-        backbone = m.backbone
-        prefix = f"meta.{k}."
-        m.recon.load_state_dict({n.removeprefix(prefix): v for n, v in tensors.items() if n.startswith(prefix)})
-        models.append(m.eval())
+    models = models_sharing_backbone(base, keep_tokens=wanted)
+    for m, k in zip(models, wanted):
+        load_meta(m, tensors, k)
+        m.eval()
     return models
 
 
