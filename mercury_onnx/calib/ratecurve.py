@@ -100,6 +100,8 @@ def plot_rate(rows: list[dict], path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..runtime.band import log_axes
+
     fig, ax = plt.subplots(figsize=(8.5, 5.5))
     styles = {"jpeg": ("tab:red", "s"), "webp": ("tab:green", "^"), "avif": ("tab:purple", "v")}
     for fmt, (color, mk) in styles.items():
@@ -127,12 +129,7 @@ def plot_rate(rows: list[dict], path, title: str = "") -> None:
         if r["method"] == "vanilla":
             ax.axhline(100 * r["top1"], color="black", ls="--", lw=0.8,
                        label=f"vanilla on the stored images ({r['payload_bytes']:.0f} B)")
-    ax.set_xscale("log")
-    ax.set_xlabel("mean bytes on the wire per image (log)")
-    ax.set_ylabel("top-1 (%)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    log_axes(ax, "mean bytes on the wire per image (log)", "top-1 (%)", title, legend_size=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

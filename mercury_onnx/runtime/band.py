@@ -128,16 +128,23 @@ def plot_band(band: dict, title: str, path: str | Path) -> Path | None:
     b = band["mercury"]["band_mbps"]
     if b is not None:
         ax.axvspan(b[0], b[1], color="tab:green", alpha=0.12, label=f"Mercury fastest: {b[0]:.3g}-{b[1]:.3g} Mbps")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("constant uplink rate (Mbps, log)")
-    ax.set_ylabel("mean latency (ms, log)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=6)
+    log_axes(ax, "constant uplink rate (Mbps, log)", "mean latency (ms, log)", title, legend_size=6, log_y=True)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def log_axes(ax, xlabel: str, ylabel: str, title: str, legend_size: int = 7, log_y: bool = False) -> None:
+    """The style of the rate plots (this band, eval's rate-accuracy curve): log x (and y), the
+    labels, a small title, a light grid on both tick levels, the legend."""
+    ax.set_xscale("log")
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=legend_size)
