@@ -13,11 +13,11 @@
 #   calibration  the v3b recipe for the reference backbone in one `calibrate` run (5,000 train
 #                images, 2,000 held out, 480 AdamW steps of 32, lr 3e-3, K=32 at T=1 and K=16 at
 #                T=2, both ratios at once with --jobs 2), shipped as mercury_onnx/data/reference/
-#                ~21 min quiet (two 10.5-min processes side by side); 66 min measured with load 12-20
+#                17.6 min measured, mostly quiet (two processes side by side, --jobs 2); 66 min with load 12-20
 #   accuracy     vanilla, Mercury (the shipped calibration) and regional+duplicate at keep 0.5 and
 #                0.25 on all 10,000 CIFAR-10 test images -> docs/results/accuracy.json; checks every
 #                figure against the committed JSON (+-0.1 pt) and records it in the shipped JSON
-#                ~10.5 min quiet
+#                278 s measured quiet (fifth session)
 #   baselines    every method at one equal budget (1,000 calibration images, 40 steps of 32, Mercury
 #                recalibrated too) on 2,000 test images -> docs/results/baselines.json
 #                ~58 min (measured with load 4-9)
