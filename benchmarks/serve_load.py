@@ -143,6 +143,17 @@ def pinning(args) -> tuple[set[int], set[int]]:
     return server, client
 
 
+def one_image(export_dir, keep_ratio):
+    """(manifest, variant, served model name, head output) of one seeded random image: what
+    every request of the load carries (the tail's cost does not depend on the pixels)."""
+    manifest = load_manifest(export_dir)
+    v = variant(manifest, keep_ratio)
+    size = manifest["preprocess"]["size"]
+    images = np.random.default_rng(0).standard_normal((1, 3, *size)).astype(np.float32)
+    out = Head(export_dir, v["keep_ratio"], manifest=manifest)(images)
+    return manifest, v, model_name(v["keep_tokens"]), out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("export_dir")
@@ -171,13 +182,8 @@ def main() -> None:
         args.threads = len(server_cpus)                                 # same ORT threads on both sides
     pin = (lambda cpus: os.sched_setaffinity(0, cpus) if cpus else None)  # noqa: E731  this thread only
 
-    manifest = load_manifest(args.export_dir)
-    v = variant(manifest, args.keep_ratio)
-    model = model_name(v["keep_tokens"])
-    size = manifest["preprocess"]["size"]
-    images = np.random.default_rng(0).standard_normal((1, 3, *size)).astype(np.float32)
-    out = Head(args.export_dir, v["keep_ratio"], manifest=manifest)(images)
-    tokens, indices = out["tokens"], out["indices"]                    # (1, 1+K, D), (1, K)
+    manifest, v, model, out = one_image(args.export_dir, args.keep_ratio)
+    tokens, indices = out["tokens"], out["indices"]                    # (1, P+K, D), (1, K)
     clients = [int(c) for c in args.clients.split(",")]
     mb = args.max_batch
     print(f"export {args.export_dir}: {manifest['timm_model']} {manifest.get('overrides') or ''}, "

@@ -27,16 +27,11 @@ import statistics
 import time
 import urllib.request
 
-import numpy as np
+from serve_load import load, one_image, process_cpu_s
 
-from serve_load import load, process_cpu_s
-
-from mercury_onnx.formats.manifest import load_manifest, variant
 from mercury_onnx.runtime.client import build_request
-from mercury_onnx.runtime.head import Head
 from mercury_onnx.runtime.ray_config import LOOPBACK_ENV
 from mercury_onnx.runtime.server import free_port, spawn
-from mercury_onnx.runtime.tail import model_name
 
 # the processes that serve, per server (for images per CPU-second)
 SERVER_GROUPS = {"standalone": ("standalone",), "ray x1": ("tail replicas", "ingress", "proxy", "other ray"),
@@ -99,12 +94,7 @@ def main(args) -> None:
 
     clients = int(args.clients.split(",")[-1])
     requests = args.requests
-    manifest = load_manifest(args.export_dir)
-    v = variant(manifest, args.keep_ratio)
-    model = model_name(v["keep_tokens"])
-    size = manifest["preprocess"]["size"]
-    images = np.random.default_rng(0).standard_normal((1, 3, *size)).astype(np.float32)
-    out = Head(args.export_dir, v["keep_ratio"], manifest=manifest)(images)
+    manifest, v, model, out = one_image(args.export_dir, args.keep_ratio)
     body, hlen = build_request({"tokens": out["tokens"], "indices": out["indices"]}, {"model_id": manifest["model_id"]})
     load_avg = os.getloadavg()
     print(f"export {args.export_dir}: {manifest['timm_model']} {manifest.get('overrides') or ''}, {model} "
