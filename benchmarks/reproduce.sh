@@ -26,11 +26,25 @@
 #                graphs (benchmarks/export_latency.py --profile) -> docs/results/export_latency.json
 #                ~3 min + ~6 min quiet
 #   runtime      token codec (benchmarks/codec.py) -> docs/results/runtime_codec.json; serve-tail vs
-#                bare onnxruntime under load (benchmarks/serve_load.py) -> docs/results/runtime_serve.json
-#                ~1 min + ~3 min quiet
+#                bare onnxruntime under load (benchmarks/serve_load.py) -> docs/results/runtime_serve.json;
+#                serve-tail --engine ray (1 and 2 replicas) vs standalone on the DeiT-S tail, paired
+#                (needs the [scale] extra) -> docs/results/runtime_ray.json
+#                RT_MIN min quiet
 #   bench        end to end on the 9 real uplink traces: DeiT-T/S/B modelled (Pi profile, RTX 4090),
 #                and the reference export with its committed accuracy -> docs/results/bench_*.json
 #                ~4 min quiet (about 25 s per bench run, plus one export)
+#   prune_point  the v3b recipe (as `calibration`) with --prune-point attn, then vanilla, Mercury and
+#                regional+duplicate of it on all 10,000 test images -> docs/results/prune_point_accuracy_attn.json
+#                (block: accuracy.json); head latency of both points, paired (benchmarks/prune_point.py)
+#                -> docs/results/prune_point_latency.json
+#                PP_MIN min calibration + PP_EVAL s eval quiet, PP_LAT min latency quiet
+#   codec        rate-accuracy on all 10,000 test images: the shipped calibration with codecs 8x4, 12x4,
+#                16x4, 24x4 at keep 1.0 / 0.5 / 0.25 (codecs fit on 2,000 train images), and JPEG, WebP,
+#                AVIF of the test images -> docs/results/codec/rate_curve.{json,png}; the v3b recipe with
+#                the 16x4 codec in the loop (calibrate --codec) on the same images -> codec/inloop.json;
+#                DeiT-B (random weights) on the imagenet-sample photos -> codec/photos_deit_b.json;
+#                the projection's share of head time, paired -> codec/head_time.json
+#                CODEC_MIN min quiet
 #   edge         the reference export's heads under the real aarch64 onnxruntime (QEMU, as root)
 #                vs x86 -> docs/results/edge.json; ~3 min plus 1-2.5 min to build the arm64 root once
 set -euo pipefail
@@ -129,6 +143,9 @@ section_runtime() {
   reference_export
   $PY benchmarks/codec.py --json "$RES/runtime_codec.json"
   $PY benchmarks/serve_load.py "$WORK/export_ref" --requests 320 --seconds 2 --json "$RES/runtime_serve.json"
+  [ -f "$WORK/export_small/manifest.json" ] || $MERCURY export deit_small_patch16_224 "$WORK/export_small" -r 0.5 --validate-images 8
+  $PY benchmarks/serve_load.py "$WORK/export_small" --engine ray --clients 32 --requests 96 --max-batch 8 --rounds 3 \
+    --json "$RES/runtime_ray.json"
   page runtime.md "Runtime: token codec, serve-tail under load" "runtime_codec.json | rows key=table" \
     "runtime_serve.json | rows key=tables.0" "runtime_serve.json | rows key=tables.1"
 }
@@ -144,6 +161,30 @@ section_bench() {
   grep -q "bench_reference.json" "$RES/bench.md" || printf '\n### The reference export (accuracy: the shipped calibration'"'"'s committed top-1)\n\n<!-- table: bench_reference.json | bench_top1 -->\n<!-- /table -->\n\n<!-- table: bench_reference.json | bench_speedup -->\n<!-- /table -->\n\n<!-- table: bench_reference.json | bench_planner -->\n<!-- /table -->\n' >> "$RES/bench.md"
 }
 
+section_prune_point() {
+  $MERCURY calibrate "$REF" "$TRAIN" -r 0.5 -r 0.25 --temperature 1 --temperature 2 --images 5000 \
+    --heldout 2000 --steps 480 --batch-size 32 --lr 3e-3 --jobs 2 --cache --prune-point attn --out "$WORK/ref_attn"
+  $MERCURY eval "$TEST" --checkpoint "$WORK/ref_attn" -r 0.5 -r 0.25 --methods regional+duplicate \
+    --json "$RES/prune_point_accuracy_attn.json" --cache
+  $PY benchmarks/prune_point.py --models deit_base_patch16_224 deit_small_patch16_224 deit_tiny_patch16_224 "$REF" \
+    --keep-ratio 0.25 0.5 --reps 300 --json "$RES/prune_point_latency.json"
+}
+
+section_codec() {
+  mkdir -p "$RES/codec"
+  $MERCURY eval "$TEST" --checkpoint reference -r 1.0 -r 0.5 -r 0.25 --methods main --codec 8x4 --codec 12x4 \
+    --codec 16x4 --codec 24x4 --rate-curve --image-codecs "" --json "$WORK/rate_mercury.json" --cache
+  $MERCURY eval "$TEST" --checkpoint reference -r 0.5 --methods vanilla --rate-curve --json "$WORK/rate_images.json" --cache
+  $PY benchmarks/codec_report.py --merge "$RES/codec/rate_curve.json" --plot "$RES/codec/rate_curve.png" \
+    "$WORK/rate_mercury.json" "$WORK/rate_images.json"
+  $MERCURY calibrate "$REF" "$TRAIN" -r 0.5 -r 0.25 --temperature 1 --temperature 2 --images 5000 \
+    --heldout 2000 --steps 480 --batch-size 32 --lr 3e-3 --jobs 2 --cache --codec 16x4 --out "$WORK/ref_codec16x4"
+  $MERCURY eval "$TEST" --checkpoint "$WORK/ref_codec16x4" -r 0.5 -r 0.25 --methods main --codec 16x4 \
+    --rate-curve --image-codecs "" --json "$RES/codec/inloop.json" --cache
+  $PY benchmarks/codec_photos.py --json "$RES/codec/photos_deit_b.json"
+  $PY benchmarks/codec_head.py --reps 300 --json "$RES/codec/head_time.json"
+}
+
 section_edge() {
   reference_export
   MERCURY_ARM64_IMAGES=64 MERCURY_ARM64_JSON="$REPO/$RES/edge.json" tools/arm64_check.sh "$WORK/export_ref" "$TEST"
@@ -152,7 +193,7 @@ section_edge() {
 
 [ $# -ge 1 ] || { sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 2; }
 for s in "$@"; do
-  declare -F "section_$s" >/dev/null || { echo "unknown section $s: calibration accuracy baselines export runtime bench edge" >&2; exit 2; }
+  declare -F "section_$s" >/dev/null || { echo "unknown section $s: calibration accuracy baselines export runtime bench prune_point codec edge" >&2; exit 2; }
 done
 for SECTION in "$@"; do
   say "section $SECTION"

@@ -159,10 +159,10 @@ def main(args) -> None:
         ray.shutdown()
         sa_proc.terminate()
         sa_proc.wait(30)
-    report(rounds, args, load_avg, clients, requests, model)
+    report(rounds, args, load_avg, clients, requests, model, manifest)
 
 
-def report(rounds: list[dict], args, load_avg, clients: int, requests: int, model: str) -> None:
+def report(rounds: list[dict], args, load_avg, clients: int, requests: int, model: str, manifest: dict) -> None:
     med = lambda xs: statistics.median(xs)   # noqa: E731
     print(f"\n| round | standalone images/s | ray x1 images/s | ray x2 images/s | x2 / x1 (>= 1.6) | x1 / standalone (>= 0.8) "
           f"| p99/p50 standalone / x1 / x2 (<= 2) |\n|---:|---:|---:|---:|---:|---:|---|")
@@ -187,7 +187,7 @@ def report(rounds: list[dict], args, load_avg, clients: int, requests: int, mode
     print(f"\nload average at the end {end[0]:.1f} {end[1]:.1f} {end[2]:.1f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"export": str(args.export_dir), "model": model, "clients": clients, "requests": requests,
+            json.dump({"timm_model": manifest["timm_model"], "model": model, "cpus": os.cpu_count(), "clients": clients, "requests": requests,
                        "max_batch": args.max_batch, "max_delay_ms": args.max_delay_ms,
                        "load_average_start": load_avg, "load_average_end": end, "rounds": rounds,
                        "median": summary}, f, indent=1)

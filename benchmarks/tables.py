@@ -123,8 +123,87 @@ def render_bench_top1(data: dict) -> str:
             + f"\ntop-1 from {src.get('file', '-')}: {src.get('images', '-')} images of {src.get('dataset', '-')}.\n")
 
 
+def render_prune_point_accuracy(data: dict, block: str = "accuracy.json") -> str:
+    """`eval --json` of an `attn` checkpoint beside the `block` one (default: the shipped
+    calibration's accuracy.json): top-1 per method and keep ratio, attn - block in brackets."""
+    other = json.loads((RESULTS / block).read_text())
+    top = lambda d: {(r["method"], r["keep_ratio"]): r["top1"] for r in d["results"]}  # noqa: E731
+    a, b = top(data), top(other)
+    keeps = sorted({k for m, k in a if k < 1}, reverse=True)
+    rows = [["vanilla", *(_pt(b[("vanilla", 1.0)]) for _ in keeps), *(_pt(a[("vanilla", 1.0)]) for _ in keeps)]]
+    for m in dict.fromkeys(m for m, k in a if m != "vanilla"):
+        rows.append([m, *(_pt(b.get((m, k))) for k in keeps),
+                     *(f"{_pt(a[(m, k)])} ({100 * (a[(m, k)] - b[(m, k)]):+.2f})" if (m, k) in b else _pt(a.get((m, k)))
+                       for k in keeps)])
+    header = ["method", *(f"block, keep {k:g}" for k in keeps), *(f"attn, keep {k:g} (attn - block)" for k in keeps)]
+    return _table(header, rows) + (f"\n{data['dataset']}, {data['images']} images (block: {other['images']}), top-1 %; "
+                                   "target: attn within 0.2 pt of block, or better.\n")
+
+
+def render_prune_point_latency(data: dict) -> str:
+    """benchmarks/prune_point.py --json: paired head latency of the two prune points."""
+    rows = []
+    for r in data["rows"]:
+        lo, hi = r["attn_vs_block_blocks"]
+        target = r["model"] in ("deit_base_patch16_224", "deit_small_patch16_224") and r["keep_ratio"] == 0.25
+        verdict = ("met" if r["attn_vs_block"] <= data["target_attn_vs_block"] else "**missed**") if target else "-"
+        rows.append([f"{r['model']} ({r['img']} px)", f"{r['N']}→{r['K']}", r["rounds"], f"{r['block_ms']:.3f}",
+                     f"{r['attn_ms']:.3f}", f"{r['attn_vs_block']:.3f} ({lo:.3f}–{hi:.3f})", verdict,
+                     f"{r['flop_ratio']:.3f}", f"{r['block_gflops']:.4f} → {r['attn_gflops']:.4f}"])
+    la, lb = data["loadavg_start"][0], data["loadavg_end"][0]
+    return (_table(["model", "N→K", "rounds", "block head ms", "attn head ms", "attn / block (range over 4 blocks)",
+                    f"≤ {data['target_attn_vs_block']:g} (DeiT-B/S, keep 0.25)", "FLOP ratio", "GFLOPs block → attn"],
+                   rows, ["---", "---", "---:", "---:", "---:", "---:", "---", "---:", "---"])
+            + f"\nonnxruntime {data['onnxruntime']}, {data['threads']} thread, batch {data['batch']}, "
+              f"{data['timer']}; load average {la:.1f} at the start, {lb:.1f} at the end.\n")
+
+
+def render_ray_rounds(data: dict) -> str:
+    """benchmarks/serve_load.py --engine ray --json: throughput per paired round, and the medians."""
+    servers = ("standalone", "ray x1", "ray x2")
+    rows = [[i + 1, *(f"{r[n]['req_s']:.2f}" for n in servers), f"{r['x2/x1']:.2f}x", f"{r['x1/standalone']:.2f}x",
+             " / ".join(f"{r[n]['p99'] / r[n]['p50']:.2f}" for n in servers),
+             " / ".join(f"{r[n]['mean_batch']:.1f}" for n in servers), " / ".join(str(r[n]["errors"]) for n in servers)]
+            for i, r in enumerate(data["rounds"])]
+    m = data["median"]
+    rows.append(["median", "", "", "", f"{m['x2/x1']:.2f}x", f"{m['x1/standalone']:.2f}x",
+                 " / ".join(f"{m[f'p99/p50 {n}']:.2f}" for n in servers), "", ""])
+    la, lb = data["load_average_start"][0], data["load_average_end"][0]
+    return (_table(["round", "standalone images/s", "ray x1 images/s", "ray x2 images/s", "x2 / x1 (≥ 1.6)",
+                    "x1 / standalone (≥ 0.8)", "p99/p50 standalone / x1 / x2 (≤ 2)", "mean batch", "errors"], rows)
+            + f"\n{data['timm_model']} tail ({data['model']}), {data['clients']} clients, {data['requests']} "
+              f"single-image requests per run, max batch {data['max_batch']}, max delay {data['max_delay_ms']:g} ms, "
+              f"1 ORT thread per server/replica; load average {la:.1f} at the start, {lb:.1f} at the end.\n")
+
+
+def render_ray_cores(data: dict) -> str:
+    """benchmarks/serve_load.py --engine ray --json: where the cores went (median over rounds)."""
+    servers = ("standalone", "ray x1", "ray x2")
+    groups = list(data["rounds"][0]["standalone"]["cores"])
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731  (odd round counts: the median)
+    rows = [[n, *(f"{med([r[n]['cores'][g] for r in data['rounds']]):.2f}" for g in groups),
+             f"{med([r[n]['images_per_cpu_s'] for r in data['rounds']]):.1f}"] for n in servers]
+    return _table(["server", *groups, "images per serving CPU-second"], rows)
+
+
+def _codec_report():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import codec_report
+    return codec_report
+
+
+def render_codec(data: dict, part: str) -> str:
+    """benchmarks/codec_report.py's tables: part = rate | criteria | photos | head | design."""
+    cr = _codec_report()
+    fn = {"rate": cr.rate_table, "criteria": cr.criteria, "photos": cr.photos_table, "head": cr.head_table,
+          "design": cr.design_table}[part]
+    return fn(data) + "\n"
+
+
 RENDERERS = {"rows": render_rows, "accuracy": render_accuracy, "bench_speedup": render_bench_speedup,
-             "bench_planner": render_bench_planner, "bench_top1": render_bench_top1}
+             "bench_planner": render_bench_planner, "bench_top1": render_bench_top1,
+             "prune_point_accuracy": render_prune_point_accuracy, "prune_point_latency": render_prune_point_latency,
+             "ray_rounds": render_ray_rounds, "ray_cores": render_ray_cores, "codec": render_codec}
 
 
 # ---------------------------------------------------------------- the files
