@@ -216,7 +216,7 @@ def render_codec_band(data: dict) -> str:
             tok = sorted(_variants(today, keep, False), key=lambda s: s["payload_bytes"])
             best = next((s for s in tok if s["band_mbps"]), tok[0])        # int8 (smallest) when all are empty
             codecs = sorted(_variants(d, keep, True), key=lambda s: _codec_key(s["token_dtype"]))
-            target, result = ("–", "") if m not in BAND_TARGETS or keep != 0.25 else \
+            target, result = ("–", "–") if m not in BAND_TARGETS or keep != 0.25 else \
                 _band_target(m, d["band"]["mercury"]["band_mbps"], grid)
             rows.append([MODELS[m], f"{keep:g}",
                          f"{_band(best['band_mbps'], grid)} ({best['token_dtype']}, {best['payload_bytes']:,.0f} B)",
