@@ -21,7 +21,9 @@ benchmarks/reproduce.sh), put the two markers in the .md, then either
   (or a list of such tables under a key: `<!-- table: codec.json | rows | key=tables.0 -->`),
   cells printed as they are (format numbers in the script that writes the JSON), or
 - add `def render_NAME(data: dict, **args) -> str` below and list it in RENDERERS.
-Then run `python benchmarks/tables.py`.
+Then run `python benchmarks/tables.py`. A JSON name with a `*`
+(`<!-- table: codec_wire/band_*.json | codec_band -->`) hands the renderer {file stem: JSON}
+of every match: one table from several raw files, none merged by hand.
 """
 from __future__ import annotations
 
@@ -124,8 +126,7 @@ def render_bench_top1(data: dict) -> str:
 
 
 # ---------------------------------------------------------------- codec_wire.md, formats.md
-# A spec whose JSON name holds a `*` (`<!-- table: codec_wire/gap_*.json | codec_gap -->`) gets
-# {file stem: JSON} of every match, so one table can read several raw benchmark files.
+# codec_wire.md's tables read codec_wire/*.json through `*` names: {file stem: JSON}.
 
 MODELS = {"ref": "reference 32×32", "deit_t": "DeiT-T 224", "deit_s": "DeiT-S 224", "deit_b": "DeiT-B 224"}
 WEIGHTS = {"ref": "trained"}                      # the 224-px models have random weights here
