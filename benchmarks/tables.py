@@ -196,12 +196,12 @@ def _variants(bench: dict, keep: float, codec: bool) -> list[dict]:
 def _band_target(m: str, b: list[float] | None, grid: list[float]) -> tuple[str, str]:
     """(target, result) for Mercury's band b against BAND_TARGETS[m]."""
     t = BAND_TARGETS[m]
+    target = "non-empty" if t is None else f"⊇ [{t[0]:g}, {t[1]:g}]"
     if b is None:
-        return ("non-empty" if t is None else f"⊇ [{t[0]:g}, {t[1]:g}]"), "**missed**: empty"
-    if t is None:
-        return "non-empty", f"met: {_band(b, grid)}"
-    short = ([f"bottom by {b[0] - t[0]:.2f}"] if b[0] > t[0] else []) + ([f"top by {t[1] - b[1]:.2f}"] if b[1] < t[1] else [])
-    return f"⊇ [{t[0]:g}, {t[1]:g}]", (f"**missed** at the {' and '.join(short)} Mbps" if short else "met") + f": {_band(b, grid)}"
+        return target, "**missed**: empty"
+    short = [] if t is None else (([f"bottom by {b[0] - t[0]:.2f}"] if b[0] > t[0] else [])
+                                  + ([f"top by {t[1] - b[1]:.2f}"] if b[1] < t[1] else []))
+    return target, (f"**missed** at the {' and '.join(short)} Mbps" if short else "met") + f": {_band(b, grid)}"
 
 
 def render_codec_band(data: dict) -> str:
@@ -240,9 +240,11 @@ def render_codec_planner(data: dict) -> str:
         codecs = sorted({s["token_dtype"] for s in d["band"]["strategies"].values()
                          if s["method"] == "mercury" and s["token_dtype"].startswith("c")}, key=_codec_key)
         good = [t for t, p in d["planner"].items() if p["never_worse"]]
-        misses = [f"{t}: {p['best_fixed']} {p['best']['mean_latency_ms']:.2f} → {p['planner']['mean_latency_ms']:.2f} ms "
-                  f"({100 * (p['planner']['mean_latency_ms'] / p['best']['mean_latency_ms'] - 1):+.1f}%)"
-                  for t, p in d["planner"].items() if not p["never_worse"]]
+        misses = []
+        for t, p in d["planner"].items():
+            best, got = p["best"]["mean_latency_ms"], p["planner"]["mean_latency_ms"]
+            if not p["never_worse"]:
+                misses.append(f"{t}: {p['best_fixed']} {best:.2f} → {got:.2f} ms ({100 * (got / best - 1):+.1f}%)")
         if m != "ref":
             runs, ok = runs + len(d["planner"]), ok + len(good)
         rows.append([f"{MODELS[m]}, {'/'.join(c[1:] for c in codecs)}", f"{len(good)} / {len(d['planner'])}",
