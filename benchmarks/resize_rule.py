@@ -1,7 +1,7 @@
 """Which resize rule the shared preprocessing uses, measured: what calibration / validation
 would see under each candidate rule, against what the device feeds its head.
 
-    .venv/bin/python benchmarks/resize_rule.py [--images 500] [--out docs/results/formats]
+    python benchmarks/resize_rule.py [--images 500] [--out docs/results/formats.json]
 
 Before issue 16 three rules coexisted: the device (runtime) resized the shorter side and
 centre-cropped, bilinear; export validation and int8 calibration resized straight to the
@@ -14,7 +14,7 @@ int8 calibration range a MinMax calibrator takes from those tokens (per tensor, 
 median / largest per-channel change). Plus the median resize time per photo on this machine.
 At 32x32 (the reference model, CIFAR-10) no rule resizes anything: it counts the CIFAR-10
 test images that are not 32x32 (so the rules cannot change the reference top-1).
-Writes OUT.md and OUT.json.
+Writes OUT (JSON); benchmarks/tables.py renders it into docs/results/formats.md.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ RULES = {   # name -> (PIL image, h, w) -> PIL image
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, default=500)
-    ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "formats"))
+    ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "formats.json"))
     args = ap.parse_args()
     import timm
     import torch
@@ -108,29 +108,11 @@ def main() -> None:
               "cifar10_test_images_checked": 2000 if not32 is not None else 0, "cifar10_test_not_32x32": not32,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}"}
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    lines = ["# The shared resize rule (issue 16)", "",
-             f"Command: `python benchmarks/resize_rule.py`  ",
-             f"Data: {len(files)} real photos of ../shared/data/imagenet-sample at {SIZE}x{SIZE}; "
-             f"{report['model']}. Measured on {report['machine']} (resize times are noisy). "
-             f"Each rule is compared with the device's rule: the shorter side + centre crop, bilinear. "
-             "Raw JSON: formats.json.", "",
-             "| rule | resize ms / photo | input mean abs diff | block tokens rel. L2 (median / max) "
-             "| int8 range change per tensor | per channel (median / max) |", "|---|---|---|---|---|---|"]
+    out.write_text(json.dumps(report, indent=1))
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['resize_ms_median']:.2f} | {r['input_mean_abs_diff']:.4f} | "
-                     f"{100 * r['tokens_rel_l2_median']:.2f}% / {100 * r['tokens_rel_l2_max']:.2f}% | "
-                     f"{100 * r['int8_range_per_tensor_change']:.2f}% | "
-                     f"{100 * r['int8_range_per_channel_change_median']:.2f}% / "
-                     f"{100 * r['int8_range_per_channel_change_max']:.2f}% |")
-    if not32 is not None:
-        lines += ["", f"At 32x32 (the reference model): {not32} of the first 2,000 CIFAR-10 test images "
-                  "are not 32x32, so no rule resizes them and the reference top-1 cannot depend on the choice."]
-    lines += ["", "Chosen: the device's rule, for every stage (formats.images.resize_crop). Calibration "
-              "and validation should see what the head is fed on the device; the rows above are what "
-              "the other rules would have put into int8 calibration ranges and validation inputs."]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        print(f"{name}: tokens rel. L2 median {100 * r['tokens_rel_l2_median']:.2f}%, "
+              f"int8 range per tensor {100 * r['int8_range_per_tensor_change']:.2f}%")
+    print(f"wrote {out}; python benchmarks/tables.py renders its table in docs/results/formats.md")
 
 
 if __name__ == "__main__":

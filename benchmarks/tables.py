@@ -21,7 +21,9 @@ benchmarks/reproduce.sh), put the two markers in the .md, then either
   (or a list of such tables under a key: `<!-- table: codec.json | rows | key=tables.0 -->`),
   cells printed as they are (format numbers in the script that writes the JSON), or
 - add `def render_NAME(data: dict, **args) -> str` below and list it in RENDERERS.
-Then run `python benchmarks/tables.py`.
+Then run `python benchmarks/tables.py`. A JSON name with a `*`
+(`<!-- table: codec_wire/band_*.json | codec_band -->`) hands the renderer {file stem: JSON}
+of every match: one table from several raw files, none merged by hand.
 """
 from __future__ import annotations
 
@@ -123,6 +125,8 @@ def render_bench_top1(data: dict) -> str:
             + f"\ntop-1 from {src.get('file', '-')}: {src.get('images', '-')} images of {src.get('dataset', '-')}.\n")
 
 
+# ---------------------------------------------------------------- prune_point.md, runtime.md, codec.md
+
 def render_prune_point_accuracy(data: dict, block: str = "accuracy.json") -> str:
     """`eval --json` of an `attn` checkpoint beside the `block` one (default: the shipped
     calibration's accuracy.json): top-1 per method and keep ratio, attn - block in brackets."""
@@ -200,10 +204,157 @@ def render_codec(data: dict, part: str) -> str:
     return fn(data) + "\n"
 
 
+# ---------------------------------------------------------------- codec_wire.md, formats.md
+# codec_wire.md's tables read codec_wire/*.json through `*` names: {file stem: JSON}.
+
+MODELS = {"ref": "reference 32×32", "deit_t": "DeiT-T 224", "deit_s": "DeiT-S 224", "deit_b": "DeiT-B 224"}
+WEIGHTS = {"ref": "trained"}                      # the 224-px models have random weights here
+SPEED_TARGET_MS = 1.0                             # issue 13, item 4: encode + decode, DeiT-B keep 0.25
+BAND_TARGETS = {"deit_t": (0.1, 8.0), "deit_s": None, "deit_b": (0.05, 0.5)}   # issue 13, item 5; None: non-empty
+
+
+def _by_model(data: dict, prefix: str) -> list[tuple[str, dict]]:
+    """(model key, JSON) of the files PREFIX_<model>, in MODELS order."""
+    return [(m, data[prefix + m]) for m in MODELS if prefix + m in data]
+
+
+def _codec_key(codec: str) -> tuple[int, int]:
+    d, b = codec.removeprefix("c").split("x")
+    return int(d), int(b)
+
+
+def _mbps(x: float, grid: list[float]) -> str:
+    if x <= grid[0]:
+        return f"≤ {grid[0]:g}"
+    if x >= grid[-1]:
+        return f"≥ {grid[-1]:g}"
+    return f"{x:.3f}" if x < 0.1 else f"{x:#.3g}"
+
+
+def _band(b: list[float] | None, grid: list[float]) -> str:
+    return "empty" if b is None else f"[{_mbps(b[0], grid)}, {_mbps(b[1], grid)}]"
+
+
+def render_codec_gap(data: dict) -> str:
+    """`benchmarks/codec_wire.py --export DIR --json gap_<model>.json`: each codec's mean bytes on
+    the wire (without / with its zstd dictionary) against the codes' order-0 entropy."""
+    rows = []
+    for m, d in _by_model(data, "gap_"):
+        for r in sorted(d["rows"], key=lambda r: (-r["keep_ratio"], _codec_key(r["codec"]))):
+            rows.append([f"{MODELS[m]} ({WEIGHTS.get(m, 'random')})", f"{r['keep_ratio']:g}", r["codec"],
+                         f"{r['variance_kept']:.3f}", f"{r['raw_bits_bytes']:,} B", f"{r['bytes_plain']:,.1f} B",
+                         f"{r['bytes_dict']:,.1f} B", f"{r['header_mask_bytes']} B", f"{r['entropy_bytes']:,.1f} B",
+                         f"{r['gap_bytes_dict']:.1f} B", r["images"]])
+    return _table(["model (weights)", "keep", "codec", "variance kept", "raw bit-packed codes", "zstd",
+                   "zstd with dictionary", "of which header + mask", "entropy of the codes", "gap", "images"],
+                  rows, ["---", "---:", "---"] + ["---:"] * 8)
+
+
+def render_codec_speed(data: dict) -> str:
+    """`benchmarks/codec_wire.py --json speed.json`: encode + decode p50 per codec, paired with the
+    int8 token payload of the same image in every round."""
+    rows = [[r["codec"], "yes" if r["dictionary"] else "no", f"{r['bytes']:,.0f}", f"{r['p50_ms']:.3f} ms",
+             f"{r['p99_ms']:.1f} ms", f"{r['ratio_vs_int8_tokens']:.2f}×",
+             "met" if r["p50_ms"] <= SPEED_TARGET_MS else "**missed**"] for r in data["rows"]]
+    t = data["int8_tokens"]
+    rows.append(["int8 tokens (today)", "–", f"{t['bytes']:,.0f}", f"{t['p50_ms']:.3f} ms", "–", "1", "–"])
+    g = data["geometry"]
+    return (_table(["codec", "dictionary", "bytes", "encode + decode p50", "p99",
+                    "p50 vs int8 tokens (same run)", f"target p50 ≤ {SPEED_TARGET_MS:g} ms"],
+                   rows, ["---", "---", "---:", "---:", "---:", "---:", "---"])
+            + f"\nK = {g['K']} of N = {g['N']}, {g['tokens']} tokens; codes from {data['source']}; "
+              f"1-min load average {data['load_1min']:.1f} at the end of the run.\n")
+
+
+def _variants(bench: dict, keep: float, codec: bool) -> list[dict]:
+    """Mercury's variants at one keep ratio in a `bench --band` JSON: its codec heads, or its tokens."""
+    return [s for s in bench["band"]["strategies"].values() if s["method"] == "mercury"
+            and s["keep_ratio"] == keep and s["token_dtype"].startswith("c") == codec]
+
+
+def _band_target(m: str, b: list[float] | None, grid: list[float]) -> tuple[str, str]:
+    """(target, result) for Mercury's band b against BAND_TARGETS[m]."""
+    t = BAND_TARGETS[m]
+    target = "non-empty" if t is None else f"⊇ [{t[0]:g}, {t[1]:g}]"
+    if b is None:
+        return target, "**missed**: empty"
+    short = [] if t is None else (([f"bottom by {b[0] - t[0]:.2f}"] if b[0] > t[0] else [])
+                                  + ([f"top by {t[1] - b[1]:.2f}"] if b[1] < t[1] else []))
+    return target, (f"**missed** at the {' and '.join(short)} Mbps" if short else "met") + f": {_band(b, grid)}"
+
+
+def render_codec_band(data: dict) -> str:
+    """`bench --band --json band_{today,codec}_<model>.json`: the band of constant uplink rates
+    where Mercury beats both mobile-only and cloud-only-jpeg; today with int8/fp16 tokens
+    (band_today_<model>, or the codec export's own token variants where there is none), and per
+    codec head. The target is checked on Mercury's band (best variant per rate) at keep 0.25."""
+    rows = []
+    for m, d in _by_model(data, "band_codec_"):
+        grid, today = d["band"]["rates_mbps"], data.get("band_today_" + m, d)
+        keeps = {s["keep_ratio"] for s in d["band"]["strategies"].values() if s["method"] == "mercury"}
+        for keep in sorted(keeps, reverse=True):
+            tok = sorted(_variants(today, keep, False), key=lambda s: s["payload_bytes"])
+            best = next((s for s in tok if s["band_mbps"]), tok[0])        # int8 (smallest) when all are empty
+            codecs = sorted(_variants(d, keep, True), key=lambda s: _codec_key(s["token_dtype"]))
+            target, result = ("–", "–") if m not in BAND_TARGETS or keep != 0.25 else \
+                _band_target(m, d["band"]["mercury"]["band_mbps"], grid)
+            rows.append([MODELS[m], f"{keep:g}",
+                         f"{_band(best['band_mbps'], grid)} ({best['token_dtype']}, {best['payload_bytes']:,.0f} B)",
+                         "; ".join(f"{s['token_dtype'][1:]}: {_band(s['band_mbps'], grid)} ({s['payload_bytes']:,.0f} B)"
+                                   for s in codecs), target, result])
+    jpeg = ", ".join(f"{MODELS[m]} {d['band']['strategies']['cloud-only-jpeg']['payload_bytes']:,.0f} B"
+                     for m, d in _by_model(data, "band_codec_"))
+    return (_table(["model", "keep", "today: tokens (mean payload)", "codec: its band (mean payload)",
+                    "target for Mercury's band", "result (Mercury's band: best variant per rate)"],
+                   rows, ["---", "---:", "---", "---", "---", "---"])
+            + f"\nBands in Mbps; RTT {next(iter(data.values()))['band']['rtt_ms']:.1f} ms; "
+              f"cloud-only-jpeg mean payload: {jpeg}.\n")
+
+
+def render_codec_planner(data: dict) -> str:
+    """`bench --json band_codec_<model>.json`: the planner, codec variants among its candidates,
+    against the best fixed strategy per trace (mean latency)."""
+    rows, runs, ok = [], 0, 0
+    for m, d in _by_model(data, "band_codec_"):
+        codecs = sorted({s["token_dtype"] for s in d["band"]["strategies"].values()
+                         if s["method"] == "mercury" and s["token_dtype"].startswith("c")}, key=_codec_key)
+        good = [t for t, p in d["planner"].items() if p["never_worse"]]
+        misses = []
+        for t, p in d["planner"].items():
+            best, got = p["best"]["mean_latency_ms"], p["planner"]["mean_latency_ms"]
+            if not p["never_worse"]:
+                misses.append(f"{t}: {p['best_fixed']} {best:.2f} → {got:.2f} ms ({100 * (got / best - 1):+.1f}%)")
+        if m != "ref":
+            runs, ok = runs + len(d["planner"]), ok + len(good)
+        rows.append([f"{MODELS[m]}, {'/'.join(c[1:] for c in codecs)}", f"{len(good)} / {len(d['planner'])}",
+                     "met" if not misses else "**missed**", "; ".join(misses) or "–"])
+    return (_table(["model, codecs", "traces never worse", "target: all", "misses (best fixed, its mean → planner mean)"],
+                   rows, ["---", "---:", "---", "---"])
+            + f"\n224-px codec exports: never worse on {ok} of {runs} trace runs.\n")
+
+
+def render_resize_rule(data: dict) -> str:
+    """`benchmarks/resize_rule.py`: each resize rule against the device's, on real photos."""
+    rows = [[name, f"{r['resize_ms_median']:.2f}", f"{r['input_mean_abs_diff']:.4f}",
+             f"{100 * r['tokens_rel_l2_median']:.2f}% / {100 * r['tokens_rel_l2_max']:.2f}%",
+             f"{100 * r['int8_range_per_tensor_change']:.2f}%",
+             f"{100 * r['int8_range_per_channel_change_median']:.2f}% / {100 * r['int8_range_per_channel_change_max']:.2f}%"]
+            for name, r in data["rules"].items()]
+    note = (f"\n{data['photos']} photos of ../{data['folder']} at {data['size']}x{data['size']}; {data['model']}; "
+            f"measured on {data['machine']} (resize times are noisy).")
+    if data.get("cifar10_test_images_checked"):
+        note += (f" At 32x32 (the reference model): {data['cifar10_test_not_32x32']} of the first "
+                 f"{data['cifar10_test_images_checked']:,} CIFAR-10 test images are not 32x32, so no rule resizes them.")
+    return _table(["rule", "resize ms / photo", "input mean abs diff", "block tokens rel. L2 (median / max)",
+                   "int8 range change per tensor", "per channel (median / max)"], rows) + note + "\n"
+
+
 RENDERERS = {"rows": render_rows, "accuracy": render_accuracy, "bench_speedup": render_bench_speedup,
              "bench_planner": render_bench_planner, "bench_top1": render_bench_top1,
              "prune_point_accuracy": render_prune_point_accuracy, "prune_point_latency": render_prune_point_latency,
-             "ray_rounds": render_ray_rounds, "ray_cores": render_ray_cores, "codec": render_codec}
+             "ray_rounds": render_ray_rounds, "ray_cores": render_ray_cores, "codec": render_codec,
+             "codec_gap": render_codec_gap, "codec_speed": render_codec_speed, "codec_band": render_codec_band,
+             "codec_planner": render_codec_planner, "resize_rule": render_resize_rule}
 
 
 # ---------------------------------------------------------------- the files
@@ -213,8 +364,17 @@ def render_block(json_name: str, spec: str) -> str:
     kwargs = dict(a.split("=", 1) for a in args)
     if name not in RENDERERS:
         raise KeyError(f"unknown renderer {name!r}; known: {', '.join(RENDERERS)}")
-    data = json.loads((RESULTS / json_name).read_text())
-    return RENDERERS[name](data, **kwargs)
+    return RENDERERS[name](load(json_name), **kwargs)
+
+
+def load(json_name: str):
+    """The JSON, or {file stem: JSON} of every file a name with `*` matches (relative to docs/results)."""
+    if "*" not in json_name:
+        return json.loads((RESULTS / json_name).read_text())
+    files = sorted(RESULTS.glob(json_name))
+    if not files:
+        raise FileNotFoundError(f"no file in docs/results matches {json_name}")
+    return {p.stem: json.loads(p.read_text()) for p in files}
 
 
 def regenerate(text: str) -> str:
@@ -241,7 +401,7 @@ def main() -> int:
                 md.write_text(new)
     verb = "stale" if a.check else "rewrote"
     for md in stale:
-        print(f"{verb}: {md.relative_to(ROOT)}")
+        print(f"{verb}: {md.resolve().relative_to(ROOT)}")
     return 1 if a.check and stale else 0
 
 
