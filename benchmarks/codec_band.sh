@@ -7,7 +7,7 @@
 # latency only); bytes are measured on the other 250 (--images-skip 250).
 set -euo pipefail
 EXP=${1:?EXPORTS_DIR}; OUT=${2:-docs/results/codec_wire}
-SHARED=$(cd "$(dirname "$0")/../.." && pwd)/shared
+cd "$(dirname "$0")/.."; SHARED=${SHARED:-../shared}   # relative: the JSON records paths as given
 PHOTOS=$SHARED/data/imagenet-sample
 T="-t lte-static -t lte-walking -t lte-driving -t 5g-static -t 5g-walking -t 5g-driving"
 T="$T -t mahimahi:ATT-LTE-driving-2016 -t mahimahi:TMobile-LTE-short -t mahimahi:Verizon-LTE-short"

@@ -117,8 +117,8 @@ def main() -> None:
         rows = export_rows(args.export, args.data, args.skip, args.images)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(dict(command=f"python benchmarks/codec_wire.py --export {args.export} "
-                                                         f"--data {args.data} --skip {args.skip} --images {args.images}",
+            args.json.write_text(json.dumps(dict(command=f"python benchmarks/codec_wire.py --export EXPORTS_DIR/{args.export.name} "
+                                                         f"--data {os.path.relpath(args.data)} --skip {args.skip} --images {args.images}",
                                                  rows=rows), indent=1))
         return
     if not PHOTOS.is_dir():

@@ -190,6 +190,65 @@ def render_ray_cores(data: dict) -> str:
     return _table(["server", *groups, "images per serving CPU-second"], rows)
 
 
+def render_prune_point_band(data: dict) -> str:
+    """`bench --band --json band_<point>_<model>.json` (benchmarks/prune_point_band.sh): Mercury's
+    band (best token variant per rate) at each prune point, keep 0.25, no codec."""
+    rows = []
+    for m in ("tiny", "small", "base"):
+        cells = []
+        for point in ("block", "attn"):
+            d = data[f"band_{point}_deit_{m}"]
+            merc = [s for s in d["band"]["strategies"].values() if s["method"] == "mercury"]
+            small = min(merc, key=lambda s: s["payload_bytes"])
+            device = next(r["breakdown_ms"]["device_compute"] for r in d["results"] if r["method"] == "mercury")
+            cells.append(f"{_band(d['band']['mercury']['band_mbps'], d['band']['rates_mbps'])} "
+                         f"({small['token_dtype']} {small['payload_bytes']:,.0f} B; head {device:.1f} ms)")
+        rows.append([f"DeiT-{m[0].upper()} 224", *cells])
+    return _table(["model", "`block`", "`attn`"], rows, ["---", "---", "---"])
+
+
+def render_prune_point_codec_band(data: dict) -> str:
+    """Mercury's band with its codec heads (best variant per rate, keep 0.25) at each prune point:
+    codec_wire/band_codec_deit_<t|s|b>.json (`block`) and prune_point_band/band_attn_codec_deit_<name>.json."""
+    rows = []
+    for m in ("tiny", "small", "base"):
+        cells = []
+        for d in (data.get(f"band_codec_deit_{m[0]}"), data.get(f"band_attn_codec_deit_{m}")):
+            if d is None:
+                cells.append("not run")
+                continue
+            codecs = sorted(_variants(d, 0.25, True), key=lambda s: _codec_key(s["token_dtype"]))
+            device = next(r["breakdown_ms"]["device_compute"] for r in d["results"]
+                          if r["method"] == "mercury" and r["token_dtype"].startswith("c"))
+            cells.append(f"{_band(d['band']['mercury']['band_mbps'], d['band']['rates_mbps'])} ("
+                         + ", ".join(f"{s['token_dtype'][1:]} {s['payload_bytes']:,.0f} B" for s in codecs)
+                         + f"; head {device:.1f} ms)")
+        rows.append([f"DeiT-{m[0].upper()} 224", *cells])
+    return _table(["model", "`block` + codec", "`attn` + codec"], rows, ["---", "---", "---"])
+
+
+def render_codec_inloop(data: dict, without: str = "codec/rate_curve.json") -> str:
+    """`eval --rate-curve --json` of a checkpoint calibrated with the codec in the loop beside the
+    same codec's rows from the checkpoint calibrated without it (same test images)."""
+    other = json.loads((RESULTS / without).read_text())
+    if (other["dataset"], other["images"]) != (data["dataset"], data["images"]):
+        raise ValueError(f"{without}: other test images than the in-loop JSON")
+    row = lambda d, k, c: next((r for r in d["results"] if r["method"] == "mercury"  # noqa: E731
+                                and r["keep_ratio"] == k and r.get("codec") == c), None)
+    rows = []
+    for r in data["results"]:
+        if r["method"] != "mercury" or not r.get("codec"):
+            continue
+        k, c = r["keep_ratio"], r["codec"]
+        w, plain_w, plain_i = row(other, k, c), row(other, k, None), row(data, k, None)
+        rows.append([f"{k:g}", c, f"{r['payload_bytes']:.0f}", _pt(w and w["top1"]), _pt(r["top1"]),
+                     "-" if w is None else f"{100 * (r['top1'] - w['top1']):+.2f}",
+                     _pt(plain_w and plain_w["top1"]), _pt(plain_i and plain_i["top1"])])
+    return (_table(["keep", "codec", "bytes on the wire", "top-1 without", "top-1 with", "with - without",
+                    "uncompressed, without", "uncompressed, with"], rows)
+            + f"\n{data['dataset']}, {data['images']} images, top-1 %.\n")
+
+
 def _codec_report():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import codec_report
@@ -352,7 +411,8 @@ def render_resize_rule(data: dict) -> str:
 RENDERERS = {"rows": render_rows, "accuracy": render_accuracy, "bench_speedup": render_bench_speedup,
              "bench_planner": render_bench_planner, "bench_top1": render_bench_top1,
              "prune_point_accuracy": render_prune_point_accuracy, "prune_point_latency": render_prune_point_latency,
-             "ray_rounds": render_ray_rounds, "ray_cores": render_ray_cores, "codec": render_codec,
+             "prune_point_band": render_prune_point_band,
+             "prune_point_codec_band": render_prune_point_codec_band, "ray_rounds": render_ray_rounds, "ray_cores": render_ray_cores, "codec": render_codec, "codec_inloop": render_codec_inloop,
              "codec_gap": render_codec_gap, "codec_speed": render_codec_speed, "codec_band": render_codec_band,
              "codec_planner": render_codec_planner, "resize_rule": render_resize_rule}
 
