@@ -36,6 +36,7 @@ CIFAR = SHARED / "data" / "cifar10"
 
 
 VANILLA = "vanilla (full.onnx, local)"
+CODEC_IMAGES = 500          # train images the demo's codec is fit on (export --codec uses 2,000)
 
 
 class DemoError(RuntimeError):
@@ -50,6 +51,7 @@ class DemoOptions:
     images: int = 100                      # test images through the server
     keep_ratios: list = field(default_factory=lambda: [0.5, 0.25])
     token_dtype: str = "int8"
+    codec: str | None = "16x4"             # also a token codec head/tail (export --codec); None: none
     calib_images: int = 500
     calib_steps: int = 10
     calibrate: bool = True
@@ -151,15 +153,18 @@ def committed_top1(source: str, keep_ratios: list) -> dict:
     return out
 
 
-def export(opts: DemoOptions, source: str, data: Path, echo) -> Path:
+def export(opts: DemoOptions, source: str, data: Path, train: Path, echo) -> Path:
+    """head/tail/full (and the codec's head/tail, fit on CODEC_IMAGES train images), cached."""
     from .export import export_model
-    out = opts.cache / f"export-{_key(Path(source), opts.keep_ratios, opts.token_dtype, *_method_defaults())}"
+    codecs = [opts.codec] if opts.codec else []
+    out = opts.cache / f"export-{_key(Path(source), opts.keep_ratios, opts.token_dtype, codecs, *_method_defaults())}"
     if (out / "manifest.json").exists():
         echo(f"[2/5] export: cached {out}")
         return out
-    echo(f"[2/5] export -> {out}")
+    echo(f"[2/5] export -> {out}" + (f" (codec {opts.codec}, fit on {CODEC_IMAGES} images of {train})" if codecs else ""))
     export_model(source, out, opts.keep_ratios, token_dtypes=[opts.token_dtype] if opts.token_dtype != "fp32" else [],
-                 validate_data=data, validate_images=32, log=lambda m: echo("      " + m))
+                 validate_data=data, validate_images=32, codecs=codecs, calib_data=train if codecs else None,
+                 codec_images=CODEC_IMAGES, log=lambda m: echo("      " + m))
     return out
 
 
@@ -175,24 +180,26 @@ def run_client(export_dir: Path, url: str, paths: list[Path], labels: list[int],
     manifest = load_manifest(export_dir)
     full = FullModel(export_dir, manifest=manifest)
     out = {}
+    wires = [(opts.token_dtype, None)] + ([("codec " + opts.codec, opts.codec)] if opts.codec else [])
     for r in opts.keep_ratios:
-        client = Client(export_dir, url, keep_ratio=r, token_dtype=opts.token_dtype, fallback="none")
-        split_pred, parts = [], []
-        for p in tqdm(paths, desc=f"      client r={r}", leave=False):
-            pred = client.predict([p])[0]
-            split_pred.append(int(np.argmax(pred.logits)))
-            parts.append(pred.breakdown)
-        client.close()
-        out[r] = {"pred": split_pred, "ms": {k: float(np.nanmedian([b[k] for b in parts])) for k in parts[0]}}
+        for wire, codec in wires:
+            client = Client(export_dir, url, keep_ratio=r, token_dtype=opts.token_dtype, fallback="none", codec=codec)
+            split_pred, parts = [], []
+            for p in tqdm(paths, desc=f"      client r={r} {wire}", leave=False):
+                pred = client.predict([p])[0]
+                split_pred.append(int(np.argmax(pred.logits)))
+                parts.append(pred.breakdown)
+            client.close()
+            out[(r, wire)] = {"pred": split_pred, "ms": {k: float(np.nanmedian([b[k] for b in parts])) for k in parts[0]}}
     t = time.perf_counter()
     vanilla = [int(np.argmax(full(preprocess([p], manifest["preprocess"]))[0])) for p in paths]
     vanilla_ms = (time.perf_counter() - t) * 1e3 / len(paths)
     labels = np.array(labels)
     rows = {VANILLA: {"top1": float((np.array(vanilla) == labels).mean()), "agree": 1.0,
                                           "ms": {"full": vanilla_ms}}}
-    for r, o in out.items():
+    for (r, wire), o in out.items():
         pred = np.array(o["pred"])
-        rows[f"mercury r={r} {opts.token_dtype} (split)"] = {
+        rows[f"mercury r={r} {wire} (split)"] = {
             "top1": float((pred == labels).mean()), "agree": float((pred == np.array(vanilla)).mean()), "ms": o["ms"]}
     return rows
 
@@ -214,13 +221,15 @@ def run_demo(opts: DemoOptions, echo=print) -> dict:
     if not data.exists():
         raise DemoError(f"no test images at {data}: pass --data DIR (ImageFolder: DIR/<class>/<image>)")
     train = opts.train_data or data.parent / "train"
+    if opts.codec and not train.exists():
+        raise DemoError(f"no train images at {train} to fit the codec on: pass --train-data DIR or --codec none")
     if opts.calibrate and not train.exists():
         raise DemoError(f"no calibration images at {train}: pass --train-data DIR or --no-calibrate")
     echo(f"mercury-onnx demo: model {source}\n  data {data}\n  cache {opts.cache}")
     opts.cache.mkdir(parents=True, exist_ok=True)
 
     ckpt = calibrate(opts, source, train, echo)
-    export_dir = export(opts, ckpt, data, echo)
+    export_dir = export(opts, ckpt, data, train, echo)
     manifest = json.loads((export_dir / "manifest.json").read_text())
     paths, labels = pick_images(data, opts.images, manifest.get("classes"))
 
@@ -241,6 +250,9 @@ def run_demo(opts: DemoOptions, echo=print) -> dict:
         evals = [{"method": "vanilla", "keep_ratio": 1.0, "top1": rows[VANILLA]["top1"]}]
         evals += [{"method": "mercury", "keep_ratio": r, "token_dtype": opts.token_dtype,
                    "top1": rows[f"mercury r={r} {opts.token_dtype} (split)"]["top1"]} for r in opts.keep_ratios]
+        if opts.codec:
+            evals += [{"method": "mercury", "keep_ratio": r, "codec": opts.codec,
+                       "top1": rows[f"mercury r={r} codec {opts.codec} (split)"]["top1"]} for r in opts.keep_ratios]
         report, curves = run_bench(setup, pi_profile(), cloud, sample_images(data, 32),
                                    BenchConfig([load_trace(opts.trace)], requests=opts.requests), evals)
     finally:
@@ -302,6 +314,7 @@ def demo(
     images: int = typer.Option(100, help="test images sent through the server"),
     keep_ratio: List[float] = typer.Option([0.5, 0.25], "--keep-ratio", "-r"),
     token_dtype: str = typer.Option("int8", help="int8 | fp16 tokens on the wire"),
+    codec: str = typer.Option("16x4", help="also send a token codec's codes (export --codec DxB); 'none': no codec"),
     calib_images: int = typer.Option(500), calib_steps: int = typer.Option(10),
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate"),
     trace: str = typer.Option("5g-driving", help="trace for the short bench"),
@@ -315,7 +328,14 @@ def demo(
         fail("--images and --requests must be >= 1")
     if token_dtype not in ("int8", "fp16"):
         fail("--token-dtype: int8 or fp16")
-    opts = DemoOptions(model=model, data=data, train_data=train_data, images=images,
+    from .models.codec import parse_codec
+    codec = None if codec.lower() in ("", "none") else codec
+    if codec:
+        try:
+            codec = "{}x{}".format(*parse_codec(codec))
+        except ValueError as e:
+            fail(f"--codec: {e}")
+    opts = DemoOptions(model=model, data=data, train_data=train_data, images=images, codec=codec,
                        keep_ratios=list(keep_ratio), token_dtype=token_dtype, calib_images=calib_images,
                        calib_steps=calib_steps, calibrate=calibrate, trace=trace, requests=requests)
     if cache is not None:

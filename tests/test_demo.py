@@ -27,11 +27,14 @@ def test_demo_tiny(tmp_path):
                                  "--requests", "100", "--cache", str(tmp_path)])
     assert r.exit_code == 0, r.output
     client = json.loads((tmp_path / "results" / "client.json").read_text())
-    assert len(client) == 3                                          # vanilla + two keep ratios
+    assert len(client) == 5                              # vanilla + two keep ratios x (int8 tokens, codec 16x4)
     for row in client.values():
         assert 0.0 <= row["top1"] <= 1.0 and 0.0 <= row["agree"] <= 1.0
     split = [v for k, v in client.items() if "split" in k]
     assert all(v["ms"]["payload_bytes"] > 0 and v["ms"]["round_trip"] > 0 for v in split)
+    for keep in (0.5, 0.25):   # the codec's real payloads: a small fraction of the int8 tokens'
+        codec, tok = client[f"mercury r={keep} codec 16x4 (split)"], client[f"mercury r={keep} int8 (split)"]
+        assert codec["ms"]["payload_bytes"] < 0.2 * tok["ms"]["payload_bytes"], (codec["ms"], tok["ms"])
     bench = json.loads((tmp_path / "results" / "bench.json").read_text())
     assert {x["trace"] for x in bench["results"]} == {"5g-driving"}
     mercury = [x for x in bench["results"] if x["method"] == "mercury"]
@@ -40,6 +43,9 @@ def test_demo_tiny(tmp_path):
     for x in mercury:
         if x["token_dtype"] == "int8":
             assert x["top1"] == client[f"mercury r={x['keep_ratio']} int8 (split)"]["top1"]
+        if x["token_dtype"] == "c16x4":
+            assert x["top1"] == client[f"mercury r={x['keep_ratio']} codec 16x4 (split)"]["top1"]
+    assert {x["token_dtype"] for x in mercury} >= {"int8", "c16x4"}
     assert (tmp_path / "results" / "latency_cdf_5g-driving.png").exists()
     # where the split pays: the constant-rate band, for this export and DeiT-B (Pi profile)
     assert "band_mbps" in bench["band"]["mercury"] and "where the split pays" in r.output

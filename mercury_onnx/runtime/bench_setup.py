@@ -134,6 +134,10 @@ def resolve_cloud(spec: str, server: str | None, setup, progress=print):
             feeds = {"tokens": np.random.default_rng(0).standard_normal((1, p + k, d)).astype(np.float32),
                      "indices": np.arange(k, dtype=np.int64)[None] * (m["num_patches"] // k)}
             ms[v["tail"]["file"]] = time_graph(setup.export_dir / v["tail"]["file"], feeds)
+            for c in v.get("codecs", []):   # codec tails: codes (1, P+K, d) uint8 at mid-range
+                codes = np.full((1, p + k, c["dims"]), 2 ** (c["bits"] - 1), np.uint8)
+                ms[c["tail"]["file"]] = time_graph(setup.export_dir / c["tail"]["file"],
+                                                   {"codes": codes, "indices": feeds["indices"]})
         full_flops = graph_flops(setup)["full"]
         cloud = CloudProfile("local", full_flops / (ms[m["full"]["file"]] * 1e-3) / 1e9,
                              "measured: onnxruntime CPU on this machine, batch 1, median; graphs not "
@@ -161,6 +165,7 @@ def resolve_cloud(spec: str, server: str | None, setup, progress=print):
                 if i >= 2:
                     times.append((time.perf_counter() - t) * 1e3)
             cloud.graph_ms[v["tail"]["file"]] = float(np.median(times))
-        cloud.source += f"; tails measured as serve-tail round trips on {server} (includes the local HTTP hop)"
+        cloud.source += (f"; tails measured as serve-tail round trips on {server} (includes the local HTTP hop)"
+                         + ("; codec tails in onnxruntime here (no HTTP hop)" if spec == "local" else ""))
         c.close()
     return cloud
