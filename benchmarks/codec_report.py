@@ -72,6 +72,13 @@ def photos_table(d: dict) -> str:
     for p in d["points"]:
         out.append(f"| {p['codec']} | {p['variance_kept']:.4f} | {p['token_error']:.4f} | {p['payload_bytes']:.0f} | "
                    f"{p['vs_jpeg_q90_bytes']:.3f} | {'yes' if p['error_le_jpeg_q90'] else 'no'} |")
+    eq, rd = d.get("equal_step_at_jpeg_error"), d.get("water_filling_at_jpeg_error")
+    if eq:   # not wire formats: a measured prototype quantiser and a modelled bound, at JPEG q90's error
+        out.append(f"| equal step on all {d['dim']} channels, per-channel entropy code lengths (prototype) | 1.0000 | "
+                   f"{eq['token_error']:.4f} | {eq['with_header_mask']:.0f} | {eq['vs_jpeg_q90_bytes']:.3f} | yes |")
+    if rd:
+        out.append(f"| Gaussian rate-distortion bound, {rd['channels_coded']} channels (modelled) | - | "
+                   f"{d['jpeg_q90_token_error']:.4f} | {rd['with_header_mask']:.0f} | {rd['vs_jpeg_q90_bytes']:.3f} | - |")
     return "\n".join(out)
 
 
