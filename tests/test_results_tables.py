@@ -19,7 +19,7 @@ GENERATED = tables.documents()          # docs/results/*.md and docs/RESULTS.md:
 # Pages whose tables were typed (from their JSON) before benchmarks/tables.py existed; each is to
 # become generated blocks (a renderer in tables.py), then leaves this list. Skipped, by name.
 # codec.md's tables come from its JSONs through benchmarks/codec_report.py, not yet through these blocks.
-NOT_YET_GENERATED = {"codec.md", "prune_point.md"}
+NOT_YET_GENERATED = {"codec.md"}
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 
