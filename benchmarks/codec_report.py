@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 
 def rate_table(d: dict) -> str:
@@ -111,7 +112,8 @@ def merge(paths: list[str]) -> dict:
             if key not in seen:
                 seen.add(key)
                 rows.append(r)
-    return {"dataset": parts[0]["dataset"], "images": parts[0]["images"], "merged_from": paths, "results": rows}
+    return {"dataset": parts[0]["dataset"], "images": parts[0]["images"],
+            "merged_from": [Path(p).name for p in paths], "results": rows}
 
 
 def main() -> None:

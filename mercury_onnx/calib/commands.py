@@ -5,6 +5,7 @@ Keep module-level imports light (no torch/timm/onnx): import inside each command
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -355,7 +356,7 @@ def evaluate(
     typer.echo(f"\n{dataset}: {len(test)} images, {minutes:.1f} min")
     typer.echo(format_table(rows))
     result = {"dataset": dataset, "images": len(test), "prune_point": base.cfg.prune_point, "results": rows,
-              "checkpoint": checkpoint,
+              "checkpoint": shown_path(checkpoint),
               "calibration": (read_checkpoint_json(checkpoint).get("calibration")
                               if is_mercury_checkpoint(checkpoint) and not recalibrate else None)}
     if json_out:
@@ -372,3 +373,11 @@ def evaluate(
         Path(plot_out).parent.mkdir(parents=True, exist_ok=True)
         plot(rows, plot_out, title=f"{base.cfg.timm_model} {base.cfg.overrides or ''} on {dataset} ({len(test)} images)")
         typer.echo(f"wrote {plot_out}")
+
+
+def shown_path(p: str) -> str:
+    """A path as results record it: relative to the working folder when inside it or in
+    ../shared, else its name only, so a JSON under docs/results names no folder of the machine
+    that made it ('reference' stays 'reference')."""
+    rel = os.path.relpath(p)
+    return rel if rel.startswith("../shared/") or not rel.startswith("..") else Path(p).name
