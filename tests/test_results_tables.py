@@ -16,17 +16,11 @@ spec.loader.exec_module(tables)
 
 MARKDOWN = sorted(RESULTS.glob("*.md"))
 GENERATED = tables.documents()          # docs/results/*.md and docs/RESULTS.md: tables only from JSON
-# Pages whose tables were typed (from their JSON) before benchmarks/tables.py existed; each is to
-# become generated blocks (a renderer in tables.py), then leaves this list. Skipped, by name.
-# codec.md's tables come from its JSONs through benchmarks/codec_report.py, not yet through these blocks.
-NOT_YET_GENERATED = {"codec.md"}
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 
 @pytest.mark.parametrize("md", GENERATED, ids=lambda p: p.name)
 def test_every_table_is_generated_from_its_json(md):
-    if md.name in NOT_YET_GENERATED:
-        pytest.skip(f"{md.name}: tables typed before benchmarks/tables.py; convert them to generated blocks")
     text = md.read_text()
     blocks = list(tables.BLOCK.finditer(text))
     inside = [(m.start("body"), m.end("body")) for m in blocks]
@@ -44,8 +38,7 @@ def test_every_table_is_generated_from_its_json(md):
 def test_every_results_file_has_a_table():
     assert MARKDOWN, "docs/results has no Markdown"
     for md in MARKDOWN:
-        if md.name not in NOT_YET_GENERATED:
-            assert tables.BLOCK.search(md.read_text()), f"{md.name} has no generated table"
+        assert tables.BLOCK.search(md.read_text()), f"{md.name} has no generated table"
 
 
 def test_the_checker_catches_a_hand_edit(tmp_path):
