@@ -29,7 +29,7 @@
 #                bare onnxruntime under load (benchmarks/serve_load.py) -> docs/results/runtime_serve.json;
 #                serve-tail --engine ray (1 and 2 replicas) vs standalone on the DeiT-S tail, paired
 #                (needs the [scale] extra) -> docs/results/runtime_ray.json
-#                RT_MIN min quiet
+#                222 s measured quiet (sixth session)
 #   bench        end to end on the 9 real uplink traces: DeiT-T/S/B modelled (Pi profile, RTX 4090),
 #                and the reference export with its committed accuracy -> docs/results/bench_*.json
 #                ~4 min quiet (about 25 s per bench run, plus one export)
@@ -37,14 +37,16 @@
 #                regional+duplicate of it on all 10,000 test images -> docs/results/prune_point_accuracy_attn.json
 #                (block: accuracy.json); head latency of both points, paired (benchmarks/prune_point.py)
 #                -> docs/results/prune_point_latency.json
-#                PP_MIN min calibration + PP_EVAL s eval quiet, PP_LAT min latency quiet
-#   codec        rate-accuracy on all 10,000 test images: the shipped calibration with codecs 8x4, 12x4,
-#                16x4, 24x4 at keep 1.0 / 0.5 / 0.25 (codecs fit on 2,000 train images), and JPEG, WebP,
-#                AVIF of the test images -> docs/results/codec/rate_curve.{json,png}; the v3b recipe with
-#                the 16x4 codec in the loop (calibrate --codec) on the same images -> codec/inloop.json;
-#                DeiT-B (random weights) on the imagenet-sample photos -> codec/photos_deit_b.json;
-#                the projection's share of head time, paired -> codec/head_time.json
-#                CODEC_MIN min quiet
+#                12.3 min calibration + 229 s eval measured quiet (sixth session), 43 s latency
+#   codec        rate-accuracy on all 10,000 test images: the shipped calibration with codecs 8x4, 10x4,
+#                12x3, 12x4, 16x3, 16x4, 16x6, 24x4 at keep 1.0 / 0.5 / 0.25 (codecs fit on 2,000 train
+#                images), and JPEG, WebP, AVIF of the test images -> docs/results/codec/rate_curve.{json,png};
+#                the v3b recipe with the 16x4 codec in the loop (calibrate --codec) on the same images
+#                -> codec/inloop.json; DeiT-B (random weights) on the imagenet-sample photos
+#                -> codec/photos_deit_b.json; the projection's share of head time, paired -> codec/head_time.json
+#                55 min measured quiet without the 10x4/12x3/16x3/16x6 eval (sixth session): 16 min the
+#                first Mercury eval, 20 min the images, 13 min the calibration, 4 min its eval, 5 min the
+#                photos, 2 min the head timing; the second Mercury eval 14 min
 #   edge         the reference export's heads under the real aarch64 onnxruntime (QEMU, as root)
 #                vs x86 -> docs/results/edge.json; ~3 min plus 1-2.5 min to build the arm64 root once
 set -euo pipefail
@@ -174,9 +176,11 @@ section_codec() {
   mkdir -p "$RES/codec"
   $MERCURY eval "$TEST" --checkpoint reference -r 1.0 -r 0.5 -r 0.25 --methods main --codec 8x4 --codec 12x4 \
     --codec 16x4 --codec 24x4 --rate-curve --image-codecs "" --json "$WORK/rate_mercury.json" --cache
+  $MERCURY eval "$TEST" --checkpoint reference -r 1.0 -r 0.5 -r 0.25 --methods main --codec 10x4 --codec 12x3 \
+    --codec 16x3 --codec 16x6 --rate-curve --image-codecs "" --json "$WORK/rate_mercury_more.json" --cache
   $MERCURY eval "$TEST" --checkpoint reference -r 0.5 --methods vanilla --rate-curve --json "$WORK/rate_images.json" --cache
   $PY benchmarks/codec_report.py --merge "$RES/codec/rate_curve.json" --plot "$RES/codec/rate_curve.png" \
-    "$WORK/rate_mercury.json" "$WORK/rate_images.json"
+    "$WORK/rate_mercury.json" "$WORK/rate_mercury_more.json" "$WORK/rate_images.json"
   $MERCURY calibrate "$REF" "$TRAIN" -r 0.5 -r 0.25 --temperature 1 --temperature 2 --images 5000 \
     --heldout 2000 --steps 480 --batch-size 32 --lr 3e-3 --jobs 2 --cache --codec 16x4 --out "$WORK/ref_codec16x4"
   $MERCURY eval "$TEST" --checkpoint "$WORK/ref_codec16x4" -r 0.5 -r 0.25 --methods main --codec 16x4 \
