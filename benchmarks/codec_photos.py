@@ -73,6 +73,24 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b).flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1)).mean())
 
 
+def position_means(tok: torch.Tensor, idx: torch.Tensor, num_patches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 CLS mean (D,) and per-position patch means (N, D) of kept tokens (M, 1+K, D) at
+    positions idx (M, K): the means the codec subtracts (models/codec.py, mean='position')."""
+    t = tok.double()
+    d = t.shape[-1]
+    s = torch.zeros(num_patches, d, dtype=torch.float64).index_add_(0, idx.flatten(), t[:, 1:].reshape(-1, d))
+    n = torch.zeros(num_patches, dtype=torch.float64).index_add_(0, idx.flatten(),
+                                                                 torch.ones(idx.numel(), dtype=torch.float64))
+    return t[:, 0].mean(0), s / n.clamp(min=1)[:, None]
+
+
+def centred(tok: torch.Tensor, idx: torch.Tensor, cls_mean: torch.Tensor, pos_mean: torch.Tensor):
+    """(tokens - their means, the means), both float64 (M, 1+K, D)."""
+    t = tok.double()
+    mean = torch.cat([cls_mean.expand(len(t), 1, -1), pos_mean[idx]], 1)
+    return t - mean, mean
+
+
 def water_filling_bytes(tok: torch.Tensor, idx: torch.Tensor, num_patches: int, rel_err: float) -> dict:
     """Modelled, not a codec: the bytes per image a transform codec would need at `rel_err` if it
     reached the Gaussian rate-distortion function of these tokens (per-position mean removed,
@@ -81,12 +99,8 @@ def water_filling_bytes(tok: torch.Tensor, idx: torch.Tensor, num_patches: int, 
     variance could reach the target where uniform DxB codecs do not; practical scalar
     quantisers sit ~0.25 bit per coded channel above it."""
     t = tok.double()
-    d = t.shape[-1]
-    cls = t[:, 0] - t[:, 0].mean(0)                                         # (M, D)
-    pos = torch.zeros(num_patches, d, dtype=torch.float64).index_add_(0, idx.flatten(), t[:, 1:].reshape(-1, d))
-    cnt = torch.zeros(num_patches, dtype=torch.float64).index_add_(0, idx.flatten(), torch.ones(idx.numel(), dtype=torch.float64))
-    patches = t[:, 1:].reshape(-1, d) - (pos / cnt.clamp(min=1)[:, None])[idx.flatten()]   # (M*K, D)
-    z = torch.cat([cls, patches])
+    z, _ = centred(tok, idx, *position_means(tok, idx, num_patches))
+    z = z.reshape(-1, z.shape[-1])                                         # (M*(1+K), D)
     lam = torch.linalg.eigvalsh(z.T @ z / len(z)).clamp(min=0).flip(0)      # (D,) per-token variances
     target = rel_err ** 2 * float((t ** 2).sum((1, 2)).mean()) / t.shape[1]   # MSE per token row
     lo, hi = 0.0, float(lam[0])
@@ -106,21 +120,11 @@ def equal_step_at(tok_fit, idx_fit, tok_t, idx_t, num_patches: int, rel_err: flo
     a static per-channel entropy coder whose tables come from the fit photos (cross-entropy,
     add-one smoothed), + header and mask. Bits go where the variance is, without a per-channel
     bit budget."""
-    def centre(t, idx, cls_mean=None, pos_mean=None):
-        t = t.double()
-        if pos_mean is None:
-            d = t.shape[-1]
-            s = torch.zeros(num_patches, d, dtype=torch.float64).index_add_(0, idx.flatten(), t[:, 1:].reshape(-1, d))
-            n = torch.zeros(num_patches, dtype=torch.float64).index_add_(0, idx.flatten(),
-                                                                         torch.ones(idx.numel(), dtype=torch.float64))
-            cls_mean, pos_mean = t[:, 0].mean(0), s / n.clamp(min=1)[:, None]
-        mean = torch.cat([cls_mean.expand(len(t), 1, -1), pos_mean[idx]], 1)    # (M, 1+K, D)
-        return t - mean, mean, cls_mean, pos_mean
-
-    zf, _, cls_mean, pos_mean = centre(tok_fit, idx_fit)
+    means = position_means(tok_fit, idx_fit, num_patches)                 # fit photos only
+    zf, _ = centred(tok_fit, idx_fit, *means)
     zf = zf.reshape(-1, zf.shape[-1])
     _, basis = torch.linalg.eigh(zf.T @ zf / len(zf))                      # (D, D), columns
-    zt, mean_t, _, _ = centre(tok_t, idx_t, cls_mean, pos_mean)
+    zt, mean_t = centred(tok_t, idx_t, *means)
     pf, pt = zf @ basis, zt @ basis                                          # principal coordinates
     x = tok_t.double()
 
