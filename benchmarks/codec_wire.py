@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mercury_onnx.app import shown_path
 from mercury_onnx.formats import codec_wire as w
 from mercury_onnx.runtime import codec
 
@@ -118,7 +119,7 @@ def main() -> None:
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(dict(command=f"python benchmarks/codec_wire.py --export EXPORTS_DIR/{args.export.name} "
-                                                         f"--data {os.path.relpath(args.data)} --skip {args.skip} --images {args.images}",
+                                                         f"--data {shown_path(args.data)} --skip {args.skip} --images {args.images}",
                                                  rows=rows), indent=1))
         return
     if not PHOTOS.is_dir():

@@ -1,4 +1,4 @@
-"""The typer app every command registers on, and the two helpers commands share.
+"""The typer app every command registers on, and the helpers commands share.
 
 A leaf: it imports nothing from the package, so command modules import it without pulling
 cli.py (which imports them) and `python -m mercury_onnx.cli` loads cli.py once.
@@ -6,6 +6,8 @@ cli.py (which imports them) and `python -m mercury_onnx.cli` loads cli.py once.
 from __future__ import annotations
 
 import importlib.util
+import os
+from pathlib import Path
 
 import typer
 
@@ -30,3 +32,11 @@ def need_export_extra(command: str) -> None:
     if missing:
         fail(f"`mercury-onnx {command}` needs {', '.join(missing)}: install the export extra, "
              "pip install 'mercury-onnx[export]' (the [edge] extra is device-side only)")
+
+
+def shown_path(p: str | Path) -> str:
+    """A path as results JSON record it: relative to the working folder when inside it or in
+    ../shared, else its name only, so a JSON under docs/results names no folder of the machine
+    that made it ('reference' stays 'reference')."""
+    rel = os.path.relpath(p)
+    return rel if rel.startswith("../shared/") or not rel.startswith("..") else Path(p).name

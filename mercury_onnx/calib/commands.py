@@ -5,14 +5,13 @@ Keep module-level imports light (no torch/timm/onnx): import inside each command
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from ..app import fail, need_export_extra
+from ..app import fail, need_export_extra, shown_path
 
 
 def _overrides(img_size, patch_size, num_classes) -> dict:
@@ -373,11 +372,3 @@ def evaluate(
         Path(plot_out).parent.mkdir(parents=True, exist_ok=True)
         plot(rows, plot_out, title=f"{base.cfg.timm_model} {base.cfg.overrides or ''} on {dataset} ({len(test)} images)")
         typer.echo(f"wrote {plot_out}")
-
-
-def shown_path(p: str) -> str:
-    """A path as results record it: relative to the working folder when inside it or in
-    ../shared, else its name only, so a JSON under docs/results names no folder of the machine
-    that made it ('reference' stays 'reference')."""
-    rel = os.path.relpath(p)
-    return rel if rel.startswith("../shared/") or not rel.startswith("..") else Path(p).name

@@ -6,13 +6,12 @@ Defined here, registered on the app by mercury_onnx/cli.py. Keep module-level im
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from ..app import fail
+from ..app import fail, shown_path
 
 
 def bench(
@@ -83,7 +82,7 @@ def bench(
                                    progress=lambda t: typer.echo(f"  trace {t} done", err=True))
     except (BenchError, TraceError, ProfileError, ManifestError, ImageError) as e:
         fail(str(e))
-    report["images"] = {"folder": os.path.relpath(img_dir), "count": len(files)}   # no machine paths in results
+    report["images"] = {"folder": shown_path(img_dir), "count": len(files)}
     if eval_json:
         from .bench import eval_source
         report["accuracy_source"] = eval_source(eval_json)
