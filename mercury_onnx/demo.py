@@ -287,8 +287,8 @@ def run_demo(opts: DemoOptions, echo=print) -> dict:
     echo(f"{'':38} {'top-1':>7} {'10k':>7} {'agree':>7}   median ms per image")
     for name, r in rows.items():
         ms = ", ".join(f"{k} {v:.2f}" if k != "payload_bytes" else f"{int(v)} B" for k, v in r["ms"].items())
-        c = None if "codec" in name else next((v for k, v in committed.items() if name.startswith(k)), None)
-        # (the codec rows' 10k top-1 is in docs/results/codec.md, not in the package)
+        # the committed figure is the uncompressed tokens' (the codec rows' 10k are in docs/results/codec.md)
+        c = committed.get(name.removesuffix(f" {opts.token_dtype} (split)"))
         r["top1_committed_10k"] = c
         echo(f"{name:38} {r['top1']:7.3f} {'' if c is None else format(c, '.4f'):>7} {r['agree']:7.3f}   {ms}")
     echo(f"({len(paths)} images; '10k' = committed top-1 on all 10,000 test images with the same "
