@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -184,10 +185,18 @@ def render_ray_cores(data: dict) -> str:
     """benchmarks/serve_load.py --engine ray --json: where the cores went (median over rounds)."""
     servers = ("standalone", "ray x1", "ray x2")
     groups = list(data["rounds"][0]["standalone"]["cores"])
-    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731  (odd round counts: the median)
+    med = statistics.median
     rows = [[n, *(f"{med([r[n]['cores'][g] for r in data['rounds']]):.2f}" for g in groups),
              f"{med([r[n]['images_per_cpu_s'] for r in data['rounds']]):.1f}"] for n in servers]
     return _table(["server", *groups, "images per serving CPU-second"], rows)
+
+
+def _band_cell(d: dict, payloads: str, codec: bool) -> str:
+    """Mercury's band in a `bench --band` JSON, its payloads, and the modelled head time of its
+    token (codec=False) or codec (codec=True) heads."""
+    head = next(r["breakdown_ms"]["device_compute"] for r in d["results"]
+                if r["method"] == "mercury" and r["token_dtype"].startswith("c") == codec)
+    return f"{_band(d['band']['mercury']['band_mbps'], d['band']['rates_mbps'])} ({payloads}; head {head:.1f} ms)"
 
 
 def render_prune_point_band(data: dict) -> str:
@@ -198,11 +207,8 @@ def render_prune_point_band(data: dict) -> str:
         cells = []
         for point in ("block", "attn"):
             d = data[f"band_{point}_deit_{m}"]
-            merc = [s for s in d["band"]["strategies"].values() if s["method"] == "mercury"]
-            small = min(merc, key=lambda s: s["payload_bytes"])
-            device = next(r["breakdown_ms"]["device_compute"] for r in d["results"] if r["method"] == "mercury")
-            cells.append(f"{_band(d['band']['mercury']['band_mbps'], d['band']['rates_mbps'])} "
-                         f"({small['token_dtype']} {small['payload_bytes']:,.0f} B; head {device:.1f} ms)")
+            small = min(_variants(d, 0.25, False), key=lambda s: s["payload_bytes"])
+            cells.append(_band_cell(d, f"{small['token_dtype']} {small['payload_bytes']:,.0f} B", codec=False))
         rows.append([f"DeiT-{m[0].upper()} 224", *cells])
     return _table(["model", "`block`", "`attn`"], rows, ["---", "---", "---"])
 
@@ -218,11 +224,8 @@ def render_prune_point_codec_band(data: dict) -> str:
                 cells.append("not run")
                 continue
             codecs = sorted(_variants(d, 0.25, True), key=lambda s: _codec_key(s["token_dtype"]))
-            device = next(r["breakdown_ms"]["device_compute"] for r in d["results"]
-                          if r["method"] == "mercury" and r["token_dtype"].startswith("c"))
-            cells.append(f"{_band(d['band']['mercury']['band_mbps'], d['band']['rates_mbps'])} ("
-                         + ", ".join(f"{s['token_dtype'][1:]} {s['payload_bytes']:,.0f} B" for s in codecs)
-                         + f"; head {device:.1f} ms)")
+            cells.append(_band_cell(d, ", ".join(f"{s['token_dtype'][1:]} {s['payload_bytes']:,.0f} B" for s in codecs),
+                                    codec=True))
         rows.append([f"DeiT-{m[0].upper()} 224", *cells])
     return _table(["model", "`block` + codec", "`attn` + codec"], rows, ["---", "---", "---"])
 
