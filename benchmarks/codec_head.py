@@ -33,12 +33,13 @@ from mercury_onnx.export.convert import export_onnx  # noqa: E402
 from mercury_onnx.export.images import load_images  # noqa: E402
 from mercury_onnx.export.validate import session  # noqa: E402
 from mercury_onnx.models.checkpoint import mercury_from_any  # noqa: E402
-from mercury_onnx.models.codec import fit_codec, parse_codec  # noqa: E402
+from mercury_onnx.models.codec import fit_named  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 CASES = [("../shared/models/deit_tiny_patch4_32_cifar10.json", 0.5, "16x4"),
          ("../shared/models/deit_tiny_patch4_32_cifar10.json", 0.25, "16x4"),
-         ("deit_base_patch16_224", 0.25, "128x4")]
+         ("deit_base_patch16_224", 0.25, "128x4"),
+         ("deit_base_patch16_224", 0.25, "e6.6")]
 
 
 def images_for(m, n: int, offset: int = 0) -> np.ndarray:
@@ -61,8 +62,7 @@ def bench(source: str, keep: float, name: str, reps: int, tmp: Path) -> dict:
     fit = torch.from_numpy(images_for(m, 250 if m.num_patches > 64 else 1000))
     with torch.no_grad():
         outs = [m.forward_head(fit[s: s + 50]) for s in range(0, len(fit), 50)]
-    codec = fit_codec(torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]), m.num_patches,
-                      *parse_codec(name))
+    codec = fit_named(torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]), m.num_patches, name)
     x = torch.from_numpy(images_for(m, 1, offset=len(fit)))
     tag = f"{Path(source).stem}_k{m.keep}_{name}"
     export_onnx(G.HeadGraph(m), (x,), tmp / f"{tag}_plain.onnx", *G.HEAD_IO)
@@ -84,12 +84,13 @@ def bench(source: str, keep: float, name: str, reps: int, tmp: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default=None, help="run only the cases whose codec is this (e.g. e6.6)")
     ap.add_argument("--reps", type=int, default=300)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp())
-    rows = [bench(s, k, c, a.reps, tmp) for s, k, c in CASES]
+    rows = [bench(s, k, c, a.reps, tmp) for s, k, c in CASES if a.only in (None, c)]
     if a.json:
         import os
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Token codec at 224 px on real photos: distortion and bytes against a q90 JPEG (issue 13, item 3).
 
     python benchmarks/codec_photos.py [--model deit_base_patch16_224] [--keep 0.25]
-        [--dims 64 128 ...] [--bits 4 6] [--json docs/results/codec/photos_deit_b.json]
+        [--dims 64 128 ...] [--bits 4 6] [--entropy 6 6.5 7] [--json docs/results/codec/photos_deit_b.json]
 
 Model: a timm ViT with RANDOM weights (no trained 224-px weights exist here), so accuracy is
 not measurable; distortion is. Photos: ../shared/data/imagenet-sample, resized (shorter side)
@@ -12,7 +12,9 @@ second half is measured. Per measured photo:
 - JPEG q90: the 224 crop re-encoded at q90, its block-1 tokens at the SAME kept positions:
   relative error ||X_jpeg - X||_F / ||X||_F, and the JPEG's bytes;
 - codec DxB: ||decode(encode(X)) - X||_F / ||X||_F, and the payload bytes of
-  formats/codec_wire.encode (header, mask, codes, trained dictionary).
+  formats/codec_wire.encode (header, mask, codes, trained dictionary);
+- entropy codec eP (fit to P% error on the fit photos): the same, with its tables
+  (formats/entropy.py) instead of the dictionary, and its wire encode + decode time.
 Means over photos. Target: at no more error than JPEG q90, payload <= 0.5x the q90 JPEG.
 """
 from __future__ import annotations
@@ -29,12 +31,13 @@ import torch
 
 from mercury_onnx.formats import codec_wire as w
 from mercury_onnx.models.checkpoint import mercury_from_any
-from mercury_onnx.models.codec import codec_bytes, fit_codec
+from mercury_onnx.models.codec import codec_bytes, fit_codec, fit_entropy_codec
 from mercury_onnx.formats.images import resize_crop
 
 PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-sample"
 DIMS = (64, 128, 256, 384, 512)
 BITS = (4, 6)
+ENTROPY = (6, 6.5, 7)
 
 
 def photos() -> list[np.ndarray]:
@@ -149,12 +152,36 @@ def equal_step_at(tok_fit, idx_fit, tok_t, idx_t, num_patches: int, rel_err: flo
     return {"step": round(lo, 6), "token_error": round(err, 5), "bytes_codes": round(nbytes, 1)}
 
 
+def measure(c, tok_fit, idx_fit, tok_t, idx_t, num_patches: int, jpeg_bytes: float, jpeg_err: float) -> dict:
+    """One codec's point: error and payload bytes on the measured photos (dictionary or tables
+    trained on the fit photos' codes), and the wire's encode + decode time per photo."""
+    codes = c.encode(tok_t, idx_t)
+    err = rel(c.decode(codes, idx_t), tok_t)
+    dic = w.train_dictionary(c.encode(tok_fit, idx_fit).numpy(), c.bits, c.entropy is not None)
+    cid = w.codec_id("0" * 16, c.dims, c.bits, hashlib.sha256(codec_bytes(c)).hexdigest(),
+                     hashlib.sha256(dic).hexdigest())
+    cn, ix = codes.numpy(), idx_t.numpy()
+    t0 = time.perf_counter()
+    sizes = []
+    for i in range(len(cn)):
+        data = w.encode(cn[i: i + 1], ix[i: i + 1], num_patches, c.bits, "0" * 16, cid, dic)
+        w.decode(data, codec_id=cid, dictionary=dic)
+        sizes.append(len(data))
+    wire_ms = (time.perf_counter() - t0) / len(cn) * 1e3
+    payload = float(np.mean(sizes))
+    return {"codec": c.name, "dims": c.dims, "bits": c.bits, "variance_kept": round(c.variance_kept, 5),
+            "token_error": round(err, 5), "payload_bytes": round(payload, 1),
+            "entropy_bytes": round(w.entropy_bytes(cn, c.bits), 1), "wire_ms": round(wire_ms, 3),
+            "vs_jpeg_q90_bytes": round(payload / jpeg_bytes, 4), "error_le_jpeg_q90": err <= jpeg_err}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="deit_base_patch16_224")
     ap.add_argument("--keep", type=float, default=0.25)
     ap.add_argument("--dims", type=int, nargs="*", default=DIMS)
     ap.add_argument("--bits", type=int, nargs="*", default=BITS)
+    ap.add_argument("--entropy", type=float, nargs="*", default=ENTROPY, help="eP codecs: P in percent")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -183,22 +210,23 @@ def main() -> None:
             continue
         for b in a.bits:
             c = fit_codec(tok_fit, idx_fit, m.num_patches, d, b)
-            codes = c.encode(tok_t, idx_t)
-            err = rel(c.decode(codes, idx_t), tok_t)
-            dic = w.train_dictionary(c.encode(tok_fit, idx_fit).numpy(), b)
-            cid = w.codec_id("0" * 16, d, b, hashlib.sha256(codec_bytes(c)).hexdigest(),
-                             hashlib.sha256(dic).hexdigest())
-            cn = codes.numpy()
-            payload = float(np.mean([len(w.encode(cn[i: i + 1], idx_t[i: i + 1].numpy(), m.num_patches, b,
-                                                  "0" * 16, cid, dic)) for i in range(len(cn))]))
-            p = {"codec": f"{d}x{b}", "dims": d, "bits": b, "variance_kept": round(c.variance_kept, 5),
-                 "token_error": round(err, 5), "payload_bytes": round(payload, 1),
-                 "entropy_bytes": round(w.entropy_bytes(cn, b), 1),
-                 "vs_jpeg_q90_bytes": round(payload / jpeg_bytes, 4), "error_le_jpeg_q90": err <= jpeg_err}
+            p = measure(c, tok_fit, idx_fit, tok_t, idx_t, m.num_patches, jpeg_bytes, jpeg_err)
+            err, payload = p["token_error"], p["payload_bytes"]
             points.append(p)
             print(f"  {p['codec']:>6}: variance kept {p['variance_kept']:.4f}  error {err:.4f}  "
                   f"{payload:8.0f} B = {p['vs_jpeg_q90_bytes']:.3f}x JPEG q90"
                   f"{'  <= JPEG error' if err <= jpeg_err else ''}", flush=True)
+    for pct in a.entropy:
+        t1 = time.time()
+        c = fit_entropy_codec(tok_fit, idx_fit, m.num_patches, pct / 100)
+        fit_s = time.time() - t1
+        p = measure(c, tok_fit, idx_fit, tok_t, idx_t, m.num_patches, jpeg_bytes, jpeg_err)
+        p.update(fit_seconds=round(fit_s, 1), delta=round(c.delta, 6))
+        points.append(p)
+        print(f"  {p['codec']:>6}: {c.dims} channels, variance kept {p['variance_kept']:.5f}  error {p['token_error']:.4f}  "
+              f"{p['payload_bytes']:8.0f} B = {p['vs_jpeg_q90_bytes']:.3f}x JPEG q90"
+              f"{'  <= JPEG error' if p['error_le_jpeg_q90'] else ''}  (entropy {p['entropy_bytes']:.0f} B; "
+              f"wire enc+dec {p['wire_ms']:.2f} ms; fit {fit_s:.0f} s)", flush=True)
     rd = water_filling_bytes(tok_fit, idx_fit, m.num_patches, jpeg_err)
     header_mask = 25 + (m.num_patches + 7) // 8
     rd["with_header_mask"] = round(rd["bytes_per_image"] + header_mask, 1)

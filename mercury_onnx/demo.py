@@ -329,11 +329,11 @@ def demo(
         fail("--images and --requests must be >= 1")
     if token_dtype not in ("int8", "fp16"):
         fail("--token-dtype: int8 or fp16")
-    from .models.codec import parse_codec
+    from .models.codec import codec_name
     codec = None if codec.lower() in ("", "none") else codec
     if codec:
         try:
-            codec = "{}x{}".format(*parse_codec(codec))
+            codec = codec_name(codec)
         except ValueError as e:
             fail(f"--codec: {e}")
     opts = DemoOptions(model=model, data=data, train_data=train_data, images=images, codec=codec,

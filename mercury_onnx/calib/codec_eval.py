@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models.codec import fit_codec, parse_codec
+from ..models.codec import fit_named
 from .calibrate import head_outputs, run_prefix
 from .data import load_image_set, preprocess_for
 from .evaluate import Method, build_variant
@@ -39,7 +39,7 @@ def codec_entries(base, ready, stored_by_k: dict, names: list[str], keep_ratios:
             if own is not None and own.name == name:
                 codec, how = own, "the checkpoint's (calibrated with it in the loop)"
             else:
-                codec, how = fit_codec(tok, idx, m.num_patches, *parse_codec(name)), f"fit on {len(cal)} train images"
+                codec, how = fit_named(tok, idx, m.num_patches, name), f"fit on {len(cal)} train images"
             codec.calib_codes = codec.encode(tok, idx).numpy()          # the dictionary's training data
             log(f"keep {r:g} K={m.keep} codec {name}: {how}, variance kept {codec.variance_kept:.4f}")
             out.append((Method("mercury", "regional", m.cfg.reconstruction), r, m, codec))

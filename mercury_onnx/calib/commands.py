@@ -138,7 +138,8 @@ def calibrate(
     if choose_temperature and not heldout:
         fail("--choose-temperature chooses on the held-out slice: set --heldout > 0")
     try:
-        codec_db = parse_codec(codec) if codec else None
+        codec_db = parse_codec(codec) if codec else None   # in the loop: DxB (an eP codec's fit needs the
+        # finished meta-parameters' tokens; it is fit at export and eval instead)
         temps = per_ratio_temperatures(temperature, len(keep_ratio))
     except ValueError as e:
         fail(str(e))
@@ -282,9 +283,9 @@ def evaluate(
     from .evaluate import format_table, method_grid, plot, prepare
 
     t0 = time.time()
-    from ..models.codec import parse_codec
+    from ..models.codec import codec_name
     try:
-        codec = list(dict.fromkeys(f"{d}x{b}" for d, b in map(parse_codec, codec)))
+        codec = list(dict.fromkeys(map(codec_name, codec)))
         if rate_curve:
             from .ratecurve import QUALITIES
             formats = {f.strip(): QUALITIES[f.strip()] for f in image_codecs.split(",") if f.strip()}

@@ -63,7 +63,7 @@ def codec_dictionary(codec: TokenCodec, calib_codes: np.ndarray) -> tuple[bytes,
     """The zstd dictionary trained on calibration codes, and the codec id the export would give."""
     from ..formats import codec_wire
 
-    dictionary = codec_wire.train_dictionary(calib_codes, codec.bits)
+    dictionary = codec_wire.train_dictionary(calib_codes, codec.bits, codec.entropy is not None)
     cid = codec_wire.codec_id(EVAL_MODEL_ID, codec.dims, codec.bits, hashlib.sha256(codec_bytes(codec)).hexdigest(),
                               hashlib.sha256(dictionary).hexdigest())
     return dictionary, cid

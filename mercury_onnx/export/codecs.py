@@ -32,7 +32,7 @@ def export_codecs(models, variants: list[dict], names: list[str], tmp: Path, x: 
     """Write the codec graphs of every variant into tmp; add v["codecs"]. Returns
     {(K, name): codec} for validation."""
     from ..formats import codec_wire
-    from ..models.codec import codec_bytes, fit_codec, parse_codec
+    from ..models.codec import codec_bytes, fit_named
 
     cfg = models[0].cfg
     h, w = models[0].backbone.patch_embed.img_size
@@ -46,13 +46,13 @@ def export_codecs(models, variants: list[dict], names: list[str], tmp: Path, x: 
         v["codecs"] = []
         tok, idx = head_outputs(m, cal_x)                                # (M, P+K, D), (M, K)
         for name in names:
-            d, b = parse_codec(name)
             if m.codec is not None and m.codec.name == name:
                 codec, origin = m.codec, "checkpoint (calibrated with this codec in the loop)"
             else:
-                codec = fit_codec(tok, idx, m.num_patches, d, b)
+                codec = fit_named(tok, idx, m.num_patches, name)
                 origin = f"fit on {len(cal_x)} images of {cal_dir}"
-            log(f"  K={k} codec {name}: {origin}, variance kept {codec.variance_kept:.4f}")
+            d, b, entropy = codec.dims, codec.bits, codec.entropy is not None
+            log(f"  K={k} codec {name}: {origin}, {d} channels, variance kept {codec.variance_kept:.4f}")
             tag = f"k{k}_c{name}"
             head_f, tail_f = f"head_{tag}.onnx", f"tail_{tag}.onnx"
             with torch.no_grad():
@@ -62,13 +62,13 @@ def export_codecs(models, variants: list[dict], names: list[str], tmp: Path, x: 
             check_static_head(g)
             export_onnx(G.CodecTail(m, codec), (codes2, idx2), tmp / tail_f, *G.CODEC_TAIL_IO, opset=opset,
                         dynamo=dynamo)
-            dictionary = codec_wire.train_dictionary(codec.encode(tok, idx).numpy(), b)   # calibration codes
-            dict_f = f"codec_k{k}_{name}.zdict"
+            dictionary = codec_wire.train_dictionary(codec.encode(tok, idx).numpy(), b, entropy)   # calibration codes
+            dict_f = f"codec_k{k}_{name}.{'tables' if entropy else 'zdict'}"
             (tmp / dict_f).write_bytes(dictionary)
             dict_entry = {"file": dict_f, "sha256": hashlib.sha256(dictionary).hexdigest()}
             basis_sha = hashlib.sha256(codec_bytes(codec)).hexdigest()
             v["codecs"].append({
-                "name": name, "dims": d, "bits": b,
+                "name": name, "dims": d, "bits": b, "kind": "entropy" if entropy else "fixed",
                 "codec_id": codec_wire.codec_id(model_id, d, b, basis_sha, dict_entry["sha256"]),
                 "head": {"file": head_f}, "tail": {"file": tail_f}, "basis_sha256": basis_sha,
                 "dictionary": dict_entry, "variance_kept": round(float(codec.variance_kept), 6),

@@ -88,9 +88,9 @@ class ExportOptions:
         bad = [t for t in self.token_dtypes if t not in TOKEN_DTYPES]
         if bad:
             raise ExportError(f"unknown token dtype {bad}; choose from {TOKEN_DTYPES}")
-        from ..models.codec import parse_codec
+        from ..models.codec import codec_name
         try:
-            self.codecs = list(dict.fromkeys(f"{d}x{b}" for d, b in map(parse_codec, self.codecs)))
+            self.codecs = list(dict.fromkeys(map(codec_name, self.codecs)))
         except ValueError as e:
             raise ExportError(str(e)) from e
         if self.dynamo and self.opset < 18:   # the dynamo exporter starts at opset 18 and cannot convert down

@@ -15,7 +15,12 @@ and `indices` int64 (B, K) ascending. On the wire, little-endian:
              models much better than codes straddling byte boundaries (measured in
              docs/results/codec_wire.md); an uncompressed body is always bit-packed
 
-flags: 1 = body is zstd, 2 = compressed with a dictionary, 4 = zstd input is one code per byte. The CRC-32 covers the header (with
+An entropy codec (eP, bits 8) sends instead (flag 8) the body of formats/entropy.py: its codes
+coded per channel with the codec's tables (Rice codes + zstd), which travel in the export as
+its dictionary file and seed the CRC like a dictionary.
+
+flags: 1 = body is zstd, 2 = compressed with a dictionary, 4 = zstd input is one code per byte,
+8 = entropy-codec body (alone). The CRC-32 covers the header (with
 the CRC field zeroed), the mask and the body as sent, seeded with the CRC-32 of the dictionary
 when one was used: a flipped bit anywhere, a cut, or a decoder holding a different (or damaged)
 dictionary is caught before anything is decompressed. Channel-major order puts each
@@ -33,9 +38,11 @@ from dataclasses import dataclass
 import numpy as np
 import zstandard as zstd
 
+from . import entropy
+
 MAGIC = b"MC"
 VERSION = 1
-FLAG_ZSTD, FLAG_DICT, FLAG_BYTES = 1, 2, 4
+FLAG_ZSTD, FLAG_DICT, FLAG_BYTES, FLAG_ENTROPY = 1, 2, 4, 8
 BYTE_LAYOUT_BITS = (3, 5, 6, 7)   # zstd models whole bytes: codes that straddle bytes compress worse
 _FIXED = struct.Struct("<2sB4s8sB")                     # magic, version|flags, codec id, model id, bits
 LEVEL = 19                                              # payloads are tiny: the top levels cost microseconds
@@ -78,12 +85,19 @@ def parse_codec(name: str) -> tuple[int, int]:
 
 
 def find_codec(variant_entry: dict, name: str) -> dict:
-    """The manifest's codec entry `name` (e.g. '16x4') of one variant; clear error if absent."""
-    d, b = parse_codec(name)
+    """The manifest's codec entry `name` (e.g. '16x4', 'e6') of one variant; clear error if absent."""
     codecs = variant_entry.get("codecs") or []
-    for c in codecs:
-        if (c["dims"], c["bits"]) == (d, b):
-            return c
+    if name.strip().lower().startswith("e"):
+        try:
+            want = f"e{float(name.strip()[1:]):g}"
+        except ValueError:
+            raise WireError(f"codec {name!r}: write an entropy codec as eP, e.g. e6") from None
+        match = [c for c in codecs if c["name"] == want]
+    else:
+        d, b = parse_codec(name)
+        match = [c for c in codecs if (c["dims"], c["bits"]) == (d, b) and c.get("kind", "fixed") == "fixed"]
+    if match:
+        return match[0]
     have = [c["name"] for c in codecs] or "none (export with --codec DxB)"
     raise WireError(f"no codec {name} for keep ratio {variant_entry.get('keep_ratio')}; this export has {have}")
 
@@ -204,12 +218,15 @@ def body_samples(codes: np.ndarray, bits: int) -> list[bytes]:
     return [_layout(c.T, bits) for c in codes]                          # (d, T) per image
 
 
-def train_dictionary(codes: np.ndarray, bits: int, size: int = 4096) -> bytes:
-    """A zstd dictionary for this codec, trained on the packed codes of calibration images.
+def train_dictionary(codes: np.ndarray, bits: int, entropy_codec: bool = False, size: int = 4096) -> bytes:
+    """A zstd dictionary for this codec, trained on the packed codes of calibration images, or
+    for an entropy codec its tables (formats/entropy.py).
 
     codes: uint8 (M, P+K, d) from the codec head on M calibration images (not test images).
     Returns the dictionary bytes (store them in the export; the manifest records their sha256).
     """
+    if entropy_codec:
+        return entropy.train_tables(np.asarray(codes, np.uint8))
     samples = body_samples(codes, bits)
     if len(samples) < 16:
         raise WireError(f"train_dictionary needs at least 16 calibration images, got {len(samples)}")
@@ -256,15 +273,21 @@ def encode(codes: np.ndarray, indices: np.ndarray, num_patches: int, bits: int, 
     k = indices.shape[1]
     cid, mid = _hex_bytes(codec_id, 4, "codec id"), _hex_bytes(model_id, 8, "model id")
     mask = indices_to_mask(indices, num_patches)
-    cm = codes.transpose(0, 2, 1)                                       # (B, d, T): channel-major
-    raw = pack_bits(cm, bits)
-    z = _compressor(dictionary).compress(_layout(cm, bits))
-    flags = 0
-    if len(z) < len(raw):
-        flags = FLAG_ZSTD | (FLAG_DICT if dictionary else 0) | (FLAG_BYTES if bits in BYTE_LAYOUT_BITS else 0)
-    body = z if flags else raw
+    if dictionary and dictionary[:4] == entropy.MAGIC:                  # an entropy codec's tables
+        try:
+            body, flags = entropy.encode_body(codes, entropy.read_tables(dictionary)), FLAG_ENTROPY
+        except entropy.EntropyError as e:
+            raise WireError(str(e)) from None
+    else:
+        cm = codes.transpose(0, 2, 1)                                   # (B, d, T): channel-major
+        raw = pack_bits(cm, bits)
+        z = _compressor(dictionary).compress(_layout(cm, bits))
+        flags = 0
+        if len(z) < len(raw):
+            flags = FLAG_ZSTD | (FLAG_DICT if dictionary else 0) | (FLAG_BYTES if bits in BYTE_LAYOUT_BITS else 0)
+        body = z if flags else raw
     head = _header(flags, cid, mid, bits, b, k, num_patches, d, t - k)
-    crc = _crc(head + b"\0\0\0\0", mask, body, dictionary if flags & FLAG_DICT else None)
+    crc = _crc(head + b"\0\0\0\0", mask, body, dictionary if flags & (FLAG_DICT | FLAG_ENTROPY) else None)
     return b"".join((head, struct.pack("<I", crc), mask, body))
 
 
@@ -291,7 +314,7 @@ def read_header(data: bytes) -> Header:
     if vf >> 4 != VERSION:
         raise WireError(f"codec payload version {vf >> 4}, this reader understands {VERSION}")
     flags = vf & 0xF
-    if flags & ~(FLAG_ZSTD | FLAG_DICT | FLAG_BYTES) or (flags & (FLAG_DICT | FLAG_BYTES) and not flags & FLAG_ZSTD):
+    if (flags & (FLAG_DICT | FLAG_BYTES) and not flags & FLAG_ZSTD) or (flags & FLAG_ENTROPY and flags != FLAG_ENTROPY):
         raise WireError(f"unknown flags {flags:#x} in header (corrupt payload?)")
     if not 1 <= bits <= 8:
         raise WireError(f"header says {bits} bits per code (corrupt payload?)")
@@ -322,6 +345,8 @@ def decode(data: bytes, *, model_id: str | None = None, codec_id: str | None = N
                         "device and server hold different codecs (re-fetch the export)")
     if h.flags & FLAG_DICT and not dictionary:
         raise WireError(f"payload was compressed with codec {h.codec_id}'s zstd dictionary; none was given")
+    if h.flags & FLAG_ENTROPY and not (dictionary and dictionary[:4] == entropy.MAGIC):
+        raise WireError(f"payload was coded with entropy codec {h.codec_id}'s tables; none were given")
     if h.flags & FLAG_ZSTD and not h.flags & FLAG_DICT and dictionary:
         raise WireError("payload was compressed without a dictionary but the codec has one (codec mismatch)")
     t = h.prefix + h.keep
@@ -334,10 +359,19 @@ def decode(data: bytes, *, model_id: str | None = None, codec_id: str | None = N
                         f"d={h.dims}, {h.bits} bits")
     mask, body = data[h.size:body_at], data[body_at:]
     (crc,) = struct.unpack_from("<I", data, h.size - 4)
-    if _crc(data[:h.size - 4] + b"\0\0\0\0", mask, body, dictionary if h.flags & FLAG_DICT else None) != crc:
-        hint = f", or decoded with a different dictionary than codec {h.codec_id}'s" if h.flags & FLAG_DICT else ""
+    seeded = h.flags & (FLAG_DICT | FLAG_ENTROPY)
+    if _crc(data[:h.size - 4] + b"\0\0\0\0", mask, body, dictionary if seeded else None) != crc:
+        hint = f", or decoded with a different dictionary than codec {h.codec_id}'s" if seeded else ""
         raise WireError(f"payload checksum mismatch: truncated or corrupted in transit{hint}")
     indices = mask_to_indices(mask, h.batch, h.num_patches, h.keep)
+    if h.flags & FLAG_ENTROPY:
+        tables = entropy.read_tables(dictionary)
+        if tables.dims != h.dims or h.bits != 8:
+            raise WireError(f"payload holds d={h.dims}, {h.bits} bits; the entropy tables are for d={tables.dims}, 8 bits")
+        try:
+            return h, entropy.decode_body(body, tables, h.batch, t), indices
+        except entropy.EntropyError as e:
+            raise WireError(str(e)) from None
     if h.flags & FLAG_ZSTD:
         n_in = count if h.flags & FLAG_BYTES else n_raw
         try:

@@ -12,7 +12,8 @@ from mercury_onnx.export import export_model
 from mercury_onnx.export.images import load_images
 from mercury_onnx.formats.manifest import load_manifest
 from mercury_onnx.models.checkpoint import load_mercury, mercury_from_any, save_mercury
-from mercury_onnx.models.codec import fit_codec, parse_codec
+from mercury_onnx.formats import codec_wire
+from mercury_onnx.models.codec import codec_name, fit_codec, fit_entropy_codec, parse_codec
 
 
 def _sess(path):
@@ -24,7 +25,7 @@ def _sess(path):
 @pytest.fixture(scope="module")
 def codec_export(ref_json, cifar_test, tmp_path_factory):
     out = tmp_path_factory.mktemp("codec") / "export"
-    export_model(ref_json, out, [0.25], codecs=["16x4"], codec_images=256,
+    export_model(ref_json, out, [0.25], codecs=["16x4", "e4"], codec_images=256,
                  validate_data=cifar_test, validate_images=16, log=None)
     return out
 
@@ -32,8 +33,8 @@ def codec_export(ref_json, cifar_test, tmp_path_factory):
 def test_onnx_codec_head_codes_within_one_step_of_torch(codec_export, ref_json, cifar_test):
     man = load_manifest(codec_export)
     v = man["variants"][0]
-    (c,) = v["codecs"]
-    assert (c["name"], c["dims"], c["bits"]) == ("16x4", 16, 4) and len(c["codec_id"]) == 8
+    c = v["codecs"][0]
+    assert (c["name"], c["dims"], c["bits"], c["kind"]) == ("16x4", 16, 4, "fixed") and len(c["codec_id"]) == 8
     assert hashlib.sha256((codec_export / c["dictionary"]["file"]).read_bytes()).hexdigest() == c["dictionary"]["sha256"]
     assert man["validation"]["passed"] and man["validation"]["max_abs_diff"]["head_k16_c16x4.onnx.codes_steps"] <= 1
     # the same codec as the export's: fit again on the same 256 calibration images
@@ -54,6 +55,39 @@ def test_onnx_codec_head_codes_within_one_step_of_torch(codec_export, ref_json, 
     assert steps.max() <= 1 and (steps == 0).mean() > 0.99
     (logits,) = _sess(codec_export / c["tail"]["file"]).run(None, {"codes": codes_t.numpy(), "indices": idx})
     np.testing.assert_allclose(logits, logits_t, atol=1e-4 * max(1, np.abs(logits_t).max()))
+
+
+def test_onnx_entropy_codec_head_and_tail_match_torch(codec_export, ref_json, cifar_test):
+    """e4: codes within one step of PyTorch's (of 8-bit codes: centroids per code in the tail),
+    the tail's logits equal on the same codes, and the wire round trip with the export's tables."""
+    man = load_manifest(codec_export)
+    c = man["variants"][0]["codecs"][1]
+    assert (c["name"], c["bits"], c["kind"]) == ("e4", 8, "entropy") and c["dictionary"]["file"].endswith(".tables")
+    assert man["validation"]["passed"] and man["validation"]["max_abs_diff"]["head_k16_ce4.onnx.codes_steps"] <= 1
+    (m,) = mercury_from_any(str(ref_json), keep_ratios=[0.25])
+    p = man["preprocess"]
+    cal, _ = load_images(cifar_test.parent / "train", 256, tuple(p["size"]), p["mean"], p["std"])
+    with torch.no_grad():
+        tok_c, idx_c = m.forward_head(torch.from_numpy(cal))
+        codec = fit_entropy_codec(tok_c, idx_c, m.num_patches, 0.04)
+        fit_err = float(((codec.roundtrip(tok_c, idx_c) - tok_c).flatten(1).norm(dim=1)
+                         / tok_c.flatten(1).norm(dim=1)).mean())
+    assert codec.dims == c["dims"] and abs(fit_err - 0.04) < 0.004                 # the error it was fit to
+    x, _ = load_images(cifar_test, 32, tuple(p["size"]), p["mean"], p["std"], man["classes"], offset=1000)
+    codes, idx = _sess(codec_export / c["head"]["file"]).run(None, {"images": x})
+    with torch.no_grad():
+        tok_t, idx_t = m.forward_head(torch.from_numpy(x))
+        codes_t = codec.encode(tok_t, idx_t)
+        logits_t = m.forward_tail(codec.decode(codes_t, idx_t), idx_t).numpy()
+    steps = np.abs(codes.astype(int) - codes_t.numpy().astype(int))
+    assert codes.dtype == np.uint8 and steps.max() <= 1 and (steps == 0).mean() > 0.99
+    (logits,) = _sess(codec_export / c["tail"]["file"]).run(None, {"codes": codes_t.numpy(), "indices": idx})
+    np.testing.assert_allclose(logits, logits_t, atol=1e-4 * max(1, np.abs(logits_t).max()))
+    tables = (codec_export / c["dictionary"]["file"]).read_bytes()
+    data = codec_wire.encode(codes, idx, m.num_patches, 8, man["model_id"], c["codec_id"], tables)
+    _, back, back_idx = codec_wire.decode(data, model_id=man["model_id"], codec_id=c["codec_id"], dictionary=tables)
+    assert np.array_equal(back, codes) and np.array_equal(back_idx, idx)
+    assert len(data) < codes.size / 2                                              # < 4 bits per 8-bit code
 
 
 def test_codec_error_falls_with_dims_and_bits(ref_json, cifar_test):
@@ -86,5 +120,9 @@ def test_bad_codec_name_is_a_clear_error(ref_json, tmp_path):
     for bad in ("16", "16x9", "0x4", "ax4"):
         with pytest.raises(ValueError, match="codec"):
             parse_codec(bad)
+    for bad in ("e0", "e100", "ex", "e-1"):
+        with pytest.raises(ValueError, match="codec"):
+            codec_name(bad)
+    assert (codec_name(" 16X4 "), codec_name("E6.0"), codec_name("e6.5")) == ("16x4", "e6", "e6.5")
     r = CliRunner().invoke(app, ["export", str(ref_json), str(tmp_path / "o"), "--codec", "16x9"])
     assert r.exit_code == 2 and "bits 1..8" in r.output and not (tmp_path / "o").exists()

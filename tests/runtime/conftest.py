@@ -19,7 +19,8 @@ def export_dir(ref_export):
 @pytest.fixture(scope="session")
 def codec_export(ref_json, cifar_test, tmp_path_factory):
     """The reference model exported as ref_export is (keep 0.5 and 0.25, int8 tokens), plus a
-    16x4 codec (PCA on real CIFAR-10 train images, zstd dictionary) per keep ratio: export --codec."""
+    16x4 codec (PCA on real CIFAR-10 train images, zstd dictionary) and an e4 entropy codec per
+    keep ratio: export --codec."""
     from mercury_onnx.export import export_model
 
     from ..conftest import CIFAR_TRAIN
@@ -27,7 +28,7 @@ def codec_export(ref_json, cifar_test, tmp_path_factory):
     if not CIFAR_TRAIN.exists():
         pytest.skip(f"CIFAR-10 train images not found at {CIFAR_TRAIN}")
     return export_model(ref_json, tmp_path_factory.mktemp("codec_export") / "export", [0.5, 0.25],
-                        token_dtypes=["int8"], codecs=["16x4"], calib_data=CIFAR_TRAIN, codec_images=512,
+                        token_dtypes=["int8"], codecs=["16x4", "e4"], calib_data=CIFAR_TRAIN, codec_images=512,
                         validate_data=cifar_test, validate_images=32, log=None)
 
 

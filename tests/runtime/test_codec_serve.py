@@ -122,6 +122,31 @@ def test_infer_cli_codec_and_unknown_codec(codec_export, served, ref):
     assert res.exit_code != 0 and "no codec 8x2" in res.output and "Traceback" not in res.output
 
 
+def test_entropy_codec_end_to_end(codec_export, served, ref):
+    """e4: the client sends the entropy-coded payload, serve-tail decodes it with the export's
+    tables and answers the local e4 head + tail's logits; sent to the 16x4 model it is refused."""
+    m = ref["manifest"]
+    head = Head(codec_export, 0.25, manifest=m, codec="e4")
+    tail = Tail(codec_export, 0.25, provider="cpu", manifest=m, codec="e4")
+    out = head(preprocess(ref["images"], m["preprocess"]))
+    local = tail(out["codes"], out["indices"])
+    client = Client(codec_export, served, keep_ratio=0.25, fallback="none", timeout=10, codec="e4")
+    preds = client.predict(ref["images"])
+    client.close()
+    np.testing.assert_allclose(np.stack([p.logits for p in preds]), local, atol=1e-4)
+    assert [p.where for p in preds] == ["split"] * 4 and head.codec["kind"] == "entropy"
+    tables = codec_wire.load_dictionary(codec_export, head.codec)
+    payload = codec_wire.encode(out["codes"][:1], out["indices"][:1], m["num_patches"], 8, m["model_id"],
+                                head.codec["codec_id"], tables)
+    r = _post(served, model_name(16, "e4"), {"payload": np.frombuffer(payload, np.uint8)}, {"model_id": m["model_id"]})
+    assert r.status_code == 200, r.text
+    r = _post(served, ref["model"], {"payload": np.frombuffer(payload, np.uint8)}, {"model_id": m["model_id"]})
+    assert r.status_code == 409 and "different" in r.json()["error"]
+    res = CliRunner().invoke(app, ["infer", str(ref["images"][0]), "--export", str(codec_export),
+                                   "--server", served, "-r", "0.25", "--codec", "e4"])
+    assert res.exit_code == 0 and "codec e4" in res.output, res.output
+
+
 def test_triton_repo_has_codec_tails(codec_export, ref, tmp_path):
     """The Triton repository serves each codec tail: UINT8 codes [1+K, d], the codec id in its
     config, and the config's tensors are the graph's (run through ORT with them)."""
