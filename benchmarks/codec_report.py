@@ -68,18 +68,21 @@ def photos_table(d: dict) -> str:
     out = [f"{d['model']} ({d['weights']}), keep {d['keep_ratio']} (K={d['keep_tokens']} of N={d['num_patches']}), "
            f"fit on {d['fit_photos']} photos, measured on {d['measured_photos']}. JPEG q90 of the 224 crop: "
            f"{d['jpeg_q90_bytes']:.0f} B, token error {d['jpeg_q90_token_error']:.4f}; int8 tokens {d['int8_token_bytes']} B.",
-           "", "| codec | variance kept | token error | bytes | x JPEG q90 bytes | error <= JPEG q90 |",
-           "|---|---:|---:|---:|---:|---|"]
+           "", "| codec | channels | variance kept | token error | bytes | x JPEG q90 bytes | error <= JPEG q90 "
+           "| codes' entropy B | wire enc+dec ms (p50 / p99) |",
+           "|---|---:|---:|---:|---:|---:|---|---:|---|"]
     for p in d["points"]:
-        out.append(f"| {p['codec']} | {p['variance_kept']:.4f} | {p['token_error']:.4f} | {p['payload_bytes']:.0f} | "
-                   f"{p['vs_jpeg_q90_bytes']:.3f} | {'yes' if p['error_le_jpeg_q90'] else 'no'} |")
+        ms = f"{p['wire_ms']:.3f} / {p['wire_ms_p99']:.3f}" if "wire_ms_p99" in p else "-"
+        out.append(f"| {p['codec']} | {p['dims']} | {p['variance_kept']:.4f} | {p['token_error']:.4f} | "
+                   f"{p['payload_bytes']:.0f} | {p['vs_jpeg_q90_bytes']:.3f} | {'yes' if p['error_le_jpeg_q90'] else 'no'} | "
+                   f"{p.get('entropy_bytes', float('nan')):.0f} | {ms} |")
     eq, rd = d.get("equal_step_at_jpeg_error"), d.get("water_filling_at_jpeg_error")
     if eq:   # not wire formats: a measured prototype quantiser and a modelled bound, at JPEG q90's error
-        out.append(f"| equal step on all {d['dim']} channels, per-channel entropy code lengths (prototype) | 1.0000 | "
-                   f"{eq['token_error']:.4f} | {eq['with_header_mask']:.0f} | {eq['vs_jpeg_q90_bytes']:.3f} | yes |")
+        out.append(f"| equal step on all channels, per-channel entropy code lengths (prototype) | {d['dim']} | 1.0000 | "
+                   f"{eq['token_error']:.4f} | {eq['with_header_mask']:.0f} | {eq['vs_jpeg_q90_bytes']:.3f} | yes | - | - |")
     if rd:
-        out.append(f"| Gaussian rate-distortion bound, {rd['channels_coded']} channels (modelled) | - | "
-                   f"{d['jpeg_q90_token_error']:.4f} | {rd['with_header_mask']:.0f} | {rd['vs_jpeg_q90_bytes']:.3f} | - |")
+        out.append(f"| Gaussian rate-distortion bound (modelled) | {rd['channels_coded']} | - | "
+                   f"{d['jpeg_q90_token_error']:.4f} | {rd['with_header_mask']:.0f} | {rd['vs_jpeg_q90_bytes']:.3f} | - | - | - |")
     return "\n".join(out)
 
 

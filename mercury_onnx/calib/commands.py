@@ -138,8 +138,10 @@ def calibrate(
     if choose_temperature and not heldout:
         fail("--choose-temperature chooses on the held-out slice: set --heldout > 0")
     try:
-        codec_db = parse_codec(codec) if codec else None   # in the loop: DxB (an eP codec's fit needs the
-        # finished meta-parameters' tokens; it is fit at export and eval instead)
+        if codec and codec.strip().lower().startswith("e"):
+            raise ValueError(f"--codec {codec}: in the loop takes a DxB codec; an eP codec is fit at export "
+                             "and eval on the calibrated model's tokens")
+        codec_db = parse_codec(codec) if codec else None
         temps = per_ratio_temperatures(temperature, len(keep_ratio))
     except ValueError as e:
         fail(str(e))
@@ -255,8 +257,8 @@ def evaluate(
                                      "same budget as the baselines (ignore the checkpoint's meta-parameters)"),
     prune_point: Optional[str] = typer.Option(None, help="block or attn, for a backbone JSON (default block); "
                                               "a Mercury checkpoint keeps its own"),
-    codec: List[str] = typer.Option([], "--codec", help="also Mercury with token codec DxB (e.g. 16x4), "
-                                    "repeatable; fit on --codec-images train images unless the checkpoint "
+    codec: List[str] = typer.Option([], "--codec", help="also Mercury with token codec DxB (e.g. 16x4) "
+                                    "or eP (e.g. e6: entropy-coded, ~6% token error), repeatable; fit on --codec-images train images unless the checkpoint "
                                     "was calibrated with it"),
     codec_images: int = typer.Option(2000, help="train images (--calib-data) the codecs are fit on"),
     rate_curve: bool = typer.Option(False, "--rate-curve", help="rate-accuracy: payload bytes on every row, "

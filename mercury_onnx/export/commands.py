@@ -27,7 +27,8 @@ def export(
     token_dtype: List[str] = typer.Option([], "--token-dtype",
                                           help="extra head with int8 (+ per-token scales) or fp16 tokens"),
     codec: List[str] = typer.Option([], "--codec", help="token codec DxB (e.g. 16x4: 16 principal dims, "
-                                    "4 bits each), repeatable: codec head/tail per keep ratio"),
+                                    "4 bits each) or eP (e.g. e6: entropy-coded, about 6% relative token "
+                                    "error), repeatable: codec head/tail per keep ratio"),
     codec_images: int = typer.Option(2000, help="calibration images (--calib-data) the codec is fit on"),
     triton_repo: Optional[str] = typer.Option(None, help="also write a Triton model repository of the tails"),
     validate_data: Optional[str] = typer.Option(None, help="validation images (default CIFAR-10 test)"),

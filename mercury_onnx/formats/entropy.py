@@ -5,18 +5,19 @@ one step for all of them give or take a factor, so the channels differ in entrop
 from ~0.3 bit per code (a quiet channel, mostly 0) to ~7 (the first principal channels). One
 zstd stream over all of them codes the mixture of their distributions; a per-channel static
 coder is what reaches the sum of their entropies. numpy has no arithmetic coder, and a Python
-loop over 38,400 codes (DeiT-B, K=49) costs tens of ms, so the coder is two vectorised parts,
-each where it is close to the entropy (measured in docs/results/codec.md):
+loop over 38,400 codes (DeiT-B, K=49) costs tens of ms, so the coder is two vectorised parts:
 
 - Rice channels (calibration says a Rice parameter k >= 1 fits them): v = zigzag(q) as a
   unary part v >> k (that many 0 bits, then a 1) in one bit stream and the k low bits in
-  another (grouped by k). Both decode with numpy alone: the unary stream by the positions of its 1 bits,
-  the low bits by their fixed widths. A Rice code sits within ~3% of these channels' entropy.
-- zstd channels (the quiet ones, k = 0, where a unary code spends >= 1 bit on every 0): their
-  unary bits, channel-major, through zstd with a dictionary trained on calibration codes. The
-  bytes of a mostly-ones bit stream are few and repetitive, which zstd's Huffman and match
-  coding model well: within ~3% of these channels' entropy, where one byte per code or two
-  per byte lose 7-12% (measured: docs/results/codec.md).
+  another (grouped by k). Both decode with numpy alone: the unary stream by the positions of
+  its 1 bits, the low bits by their fixed widths. On busy channels (several bits per code) a
+  Rice code is close to the entropy of a two-sided geometric-like distribution.
+- zstd channels (the quiet ones, k = 0, where a Rice code would spend >= 1 bit on every 0):
+  their unary bits, channel-major, through zstd with a dictionary trained on calibration
+  codes. A mostly-ones bit stream packs into few, repetitive byte values, which zstd's Huffman
+  and match coding model well; in the exploration behind this design that came closer to these
+  channels' entropy than zstd over one byte (or one nibble) per code. The bytes against the
+  codes' entropy are in docs/results/codec.md (benchmarks/codec_photos.py).
 
 The tables (per-channel k, which channels are zstd's, the dictionary) are fit on calibration
 codes (`train_tables`) and travel in the export as the codec's dictionary file:

@@ -85,7 +85,7 @@ def infer(
     timeout: float = typer.Option(5.0, help="seconds for each network step (connect, send, answer)"),
     auth_token: Optional[str] = typer.Option(None, envvar="MERCURY_AUTH_TOKEN"),
     threads: Optional[int] = typer.Option(None, help="ORT threads for the head"),
-    codec: Optional[str] = typer.Option(None, "--codec", help="DxB, e.g. 16x4: send the codec head's "
+    codec: Optional[str] = typer.Option(None, "--codec", help="DxB or eP, e.g. 16x4 or e6: send the codec head's "
                                         "compressed codes (export --codec); --token-dtype is then unused"),
 ) -> None:
     """Run the head here, the tail on the server; print top-5 and where the time went."""

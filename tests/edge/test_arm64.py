@@ -128,12 +128,12 @@ def test_check_fails_when_arm64_head_differs(arm64_root, export, cifar_test, tmp
 
 @pytest.fixture(scope="module")
 def codec_export(ref_json, cifar_test, tmp_path_factory) -> Path:
-    """The reference model exported with a 16x4 codec (export --codec), fit on real train images."""
+    """The reference model exported with a 16x4 and an e4 codec (export --codec), fit on real train images."""
     from mercury_onnx.export import export_model
 
     from ..conftest import CIFAR_TRAIN
 
-    return export_model(ref_json, tmp_path_factory.mktemp("arm64_codec") / "export", [0.25], codecs=["16x4"],
+    return export_model(ref_json, tmp_path_factory.mktemp("arm64_codec") / "export", [0.25], codecs=["16x4", "e4"],
                         calib_data=CIFAR_TRAIN, codec_images=512, validate_data=cifar_test, validate_images=16,
                         log=None)
 
@@ -144,7 +144,8 @@ def test_codec_heads_agree_on_arm64(arm64_root, codec_export, cifar_test):
     print(r.stdout)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     table = [line.split() for line in r.stdout.splitlines() if line.startswith("k")]
-    codes = [row for row in table if row[1] == "codec_16x4" and row[2] == "codes"]
-    assert codes and codes[0][-1] == "PASS" and "<=" in codes[0]
+    for name in ("codec_16x4", "codec_e4"):
+        codes = [row for row in table if row[1] == name and row[2] == "codes"]
+        assert codes and codes[0][-1] == "PASS" and "<=" in codes[0], (name, codes)
     assert {(row[0], row[1]) for row in table} == head_graphs(codec_export)
 
