@@ -42,8 +42,10 @@
 #                12x3, 12x4, 16x3, 16x4, 16x6, 24x4 at keep 1.0 / 0.5 / 0.25 (codecs fit on 2,000 train
 #                images), and JPEG, WebP, AVIF of the test images -> docs/results/codec/rate_curve.{json,png};
 #                the v3b recipe with the 16x4 codec in the loop (calibrate --codec) on the same images
-#                -> codec/inloop.json; DeiT-B (random weights) on the imagenet-sample photos
-#                -> codec/photos_deit_b.json; the projection's share of head time, paired -> codec/head_time.json
+#                -> codec/inloop.json; the entropy codecs e3/e6/e10 on the first 2,000 test images
+#                -> codec/ref_entropy_2k.json (~12 min); DeiT-B (random weights) on the imagenet-sample
+#                photos, DxB and eP codecs -> codec/photos_deit_b.json (~6 min); the projection's share
+#                of head time, paired -> codec/head_time.json
 #                55 min measured quiet without the 10x4/12x3/16x3/16x6 eval (sixth session): 16 min the
 #                first Mercury eval, 20 min the images, 13 min the calibration, 4 min its eval, 5 min the
 #                photos, 2 min the head timing; the second Mercury eval 14 min
@@ -185,6 +187,8 @@ section_codec() {
     --heldout 2000 --steps 480 --batch-size 32 --lr 3e-3 --jobs 2 --cache --codec 16x4 --out "$WORK/ref_codec16x4"
   $MERCURY eval "$TEST" --checkpoint "$WORK/ref_codec16x4" -r 0.5 -r 0.25 --methods main --codec 16x4 \
     --rate-curve --image-codecs "" --json "$RES/codec/inloop.json" --cache
+  $MERCURY eval "$TEST" --checkpoint reference -r 1.0 -r 0.5 -r 0.25 --methods main --codec e3 --codec e6 \
+    --codec e10 --rate-curve --image-codecs "" --images 2000 --json "$RES/codec/ref_entropy_2k.json" --cache
   $PY benchmarks/codec_photos.py --json "$RES/codec/photos_deit_b.json"
   $PY benchmarks/codec_head.py --reps 300 --json "$RES/codec/head_time.json"
 }

@@ -1,12 +1,12 @@
-"""Codec heads and tails of an export (`export --codec DxB`, docs/FORMAT.md).
+"""Codec heads and tails of an export (`export --codec DxB` or `--codec eP`, docs/FORMAT.md).
 
 For every keep ratio and codec: the codec (the checkpoint's own when it was calibrated with
 that codec in the loop, else fit here on real calibration images), its head graph
-`head_k{K}_c{D}x{B}.onnx` (images -> codes, indices), its tail graph
-`tail_k{K}_c{D}x{B}.onnx` (codes, indices -> logits), the zstd dictionary trained on the
-wire payloads of the calibration images (formats/codec_wire.py), and the manifest entry with
-the codec id (codec_wire.codec_id: model id, DxB, the sha256 of basis + means + ranges, and
-the dictionary's sha256).
+`head_k{K}_c{name}.onnx` (images -> codes, indices), its tail graph `tail_k{K}_c{name}.onnx`
+(codes, indices -> logits), the zstd dictionary trained on the wire payloads of the
+calibration images (formats/codec_wire.py) or, for an entropy codec eP, its per-channel tables
+(formats/entropy.py), and the manifest entry with the codec id (codec_wire.codec_id: model id,
+d x b, the sha256 of basis + means + ranges (+ centroids), and the dictionary's sha256).
 """
 from __future__ import annotations
 

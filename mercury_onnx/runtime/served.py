@@ -57,7 +57,7 @@ class ServedModel:
                     "parameters": {"model_id": self.model_id, "keep_ratio": self.keep_ratio,
                                    "keep_tokens": self.keep, "num_patches": self.num_patches,
                                    "codec": c["name"], "codec_id": c["codec_id"], "dims": c["dims"],
-                                   "bits": c["bits"], "dictionary": bool(self.dictionary),
+                                   "bits": c["bits"], "kind": c.get("kind", "fixed"), "dictionary": bool(self.dictionary),
                                    "accepts": {"payload": "UINT8 [L]: a codec payload (docs/FORMAT.md)",
                                                "codes": "UINT8 [-1, P+K, d] with 'indices'"}}}
         tok = "FP16" if self.io_dtype == np.float16 else "FP32"
