@@ -110,25 +110,29 @@ class TokenCodec(nn.Module):
         flat = q.long() + 256 * torch.arange(self.dims, device=q.device)      # (.., d) into (d*256,)
         return self.recon.reshape(-1)[flat]
 
-    def _quant(self, z, lo, step, ste: bool = False):
-        u = (z - lo) / step
+    def _round(self, u: torch.Tensor, ste: bool = False) -> torch.Tensor:
+        """Quantiser units -> code levels (float) in [0, levels]; straight-through when ste:
+        forward rounds, backward is the identity."""
         r = torch.round(u)
-        if ste:   # straight-through: forward rounds, backward is the identity
+        if ste:
             r = u + (r - u).detach()
         return torch.clamp(r, 0, self.levels)
 
-    def latent(self, tokens: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def units(self, tokens: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """((x - mean) @ basis - lo) / step of the prefix (B, P, d) and kept (B, K, d) rows, with the
+        affine parts folded into one matrix and one per-position offset table (constants, so the
+        head graph runs one MatMul, one Gather of a (N, d) table and one Sub before rounding)."""
         p = self.num_prefix
-        zp = (tokens[:, :p] - self.prefix_mean) @ self.prefix_basis            # (B, P, d)
-        zk = (tokens[:, p:] - self.pos_mean[indices]) @ self.basis               # (B, K, d)
-        return zp, zk
+        up = tokens[:, :p] @ (self.prefix_basis / self.prefix_step) \
+            - (self.prefix_mean @ self.prefix_basis + self.prefix_lo) / self.prefix_step
+        offset = (self.pos_mean @ self.basis + self.lo) / self.step                    # (N, d)
+        uk = tokens[:, p:] @ (self.basis / self.step) - offset[indices]
+        return up, uk
 
     def encode(self, tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """(B, P+K, D) float, (B, K) -> codes (B, P+K, d) uint8."""
-        zp, zk = self.latent(tokens, indices)
-        q = torch.cat([self._quant(zp, self.prefix_lo, self.prefix_step),
-                       self._quant(zk, self.lo, self.step)], 1)
-        return q.to(torch.uint8)
+        up, uk = self.units(tokens, indices)
+        return self._round(torch.cat([up, uk], 1)).to(torch.uint8)
 
     def decode(self, codes: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """codes (B, P+K, d) uint8 (or float levels), (B, K) -> tokens (B, P+K, D) float32."""
@@ -145,14 +149,14 @@ class TokenCodec(nn.Module):
 
     def roundtrip(self, tokens: torch.Tensor, indices: torch.Tensor, ste: bool = False) -> torch.Tensor:
         """decode(encode(tokens)) in float, with straight-through rounding when ste."""
-        zp, zk = self.latent(tokens, indices)
+        up, uk = self.units(tokens, indices)
         if self.entropy is None:
-            q = torch.cat([self._quant(zp, self.prefix_lo, self.prefix_step, ste),
-                           self._quant(zk, self.lo, self.step, ste)], 1)
-            return self.decode(q, indices)
-        yp = self._levels(self._quant(zp, self.prefix_lo, self.prefix_step), None, None)
-        yk = self._levels(self._quant(zk, self.lo, self.step), None, None)
+            return self.decode(self._round(torch.cat([up, uk], 1), ste), indices)
+        p = self.num_prefix
+        q = self._round(torch.cat([up, uk], 1))
+        yp, yk = self._levels(q[:, :p], None, None), self._levels(q[:, p:], None, None)
         if ste:   # forward: the centroids; backward: the identity on the principal coordinates
+            zp, zk = up * self.prefix_step + self.prefix_lo, uk * self.step + self.lo
             yp, yk = zp + (yp - zp).detach(), zk + (yk - zk).detach()
         return self._tokens(yp, yk, indices)
 
