@@ -30,7 +30,7 @@ import urllib.request
 from serve_load import load, one_image, process_cpu_s
 
 from mercury_onnx.runtime.client import build_request
-from mercury_onnx.runtime.ray_config import LOOPBACK_ENV
+from mercury_onnx.runtime.ray_config import LOOPBACK_ENV, max_ongoing
 from mercury_onnx.runtime.server import free_port, spawn
 
 # the processes that serve, per server (for images per CPU-second)
@@ -99,7 +99,8 @@ def main(args) -> None:
     load_avg = os.getloadavg()
     print(f"export {args.export_dir}: {manifest['timm_model']} {manifest.get('overrides') or ''}, {model} "
           f"(K={v['keep_tokens']}, D={manifest['dim']}), {clients} clients, {requests} requests per run, "
-          f"max batch {args.max_batch}, max delay {args.max_delay_ms:g} ms, 1 ORT thread per server/replica; "
+          f"max batch {args.max_batch}, max delay {args.max_delay_ms:g} ms, 1 ORT thread per server/replica "
+          f"(Ray: max_ongoing_requests {max_ongoing({'max_batch': args.max_batch})} per replica); "
           f"{os.cpu_count()} CPUs, load average {load_avg[0]:.1f} {load_avg[1]:.1f} {load_avg[2]:.1f}")
 
     common = ["--provider", "cpu", "--threads", "1", "--max-batch", str(args.max_batch), "--max-delay-ms",
@@ -189,6 +190,7 @@ def report(rounds: list[dict], args, load_avg, clients: int, requests: int, mode
         with open(args.json, "w") as f:
             json.dump({"timm_model": manifest["timm_model"], "model": model, "cpus": os.cpu_count(), "clients": clients, "requests": requests,
                        "max_batch": args.max_batch, "max_delay_ms": args.max_delay_ms,
+                       "max_ongoing": max_ongoing({"max_batch": args.max_batch}),
                        "load_average_start": load_avg, "load_average_end": end, "rounds": rounds,
                        "median": summary}, f, indent=1)
         print(f"wrote {args.json}")

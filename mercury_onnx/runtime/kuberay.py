@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 import os
 
+from .ray_config import max_ongoing
+
 SERVE_PORT, GCS_PORT, DASHBOARD_PORT, CLIENT_PORT = 8000, 6379, 8265, 10001
 IMAGE = "mercury-onnx:scale"   # placeholder: build it from this repo with the [scale,cloud] extras
 
@@ -53,7 +55,7 @@ def rayservice(export_dir: str, models: list[str], model_id: str, *, port: int =
         app_args["autoscale"] = f"{autoscale[0]}:{autoscale[1]}"
     deployments = []
     for m in models:
-        d = {"name": m, "max_ongoing_requests": 2 * int(args.get("max_batch") or 16),
+        d = {"name": m, "max_ongoing_requests": max_ongoing(args),
              "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus}}
         if autoscale:
             d["autoscaling_config"] = {"min_replicas": autoscale[0], "max_replicas": autoscale[1]}

@@ -11,10 +11,14 @@
   batch with the same protocol.run_batch.
 - TailReplica batches with `@serve.batch` (max_batch_size counts images, not requests;
   batch_wait_timeout_s = --max-delay-ms) and runs ORT in a worker thread, so the replica's
-  event loop keeps taking requests while a batch runs. Its max_ongoing_requests is 2 x the
-  batch, or batches could never fill. ORT's intra-op threads are set explicitly (Ray sets
-  OMP_NUM_THREADS=1 in workers, and ORT left to defaults inside Ray runs slower) and match
-  the replica's num_cpus.
+  event loop keeps taking requests while a batch runs. ORT's intra-op threads are set
+  explicitly (Ray sets OMP_NUM_THREADS=1 in workers, and ORT left to defaults inside Ray runs
+  slower) and match the replica's num_cpus.
+- The replica's queue is deep: max_ongoing_requests = --max-ongoing, default max(64, 2 x the
+  batch) (ray_config.max_ongoing). Requests beyond it wait in the ingress's Serve router,
+  which retries a full replica after a backoff (25 ms, doubling to 0.5 s) rather than when a
+  slot frees; with 2 x the batch (16) the replica ran dry between those retries (ORT busy 80%,
+  gaps of 0.1-0.35 s with one request left), with 64 it stays busy (98%): runtime.md.
 - Ray 2.60's batcher forms the next batch as soon as the previous one has started (it does not
   wait for the running one to finish), so a batch holds what arrived within
   batch_wait_timeout_s of its first request: with a 2 ms wait and a tail run of 100+ ms,
@@ -44,7 +48,7 @@ from ray import serve
 from starlette.applications import Starlette
 
 from . import protocol as P
-from .ray_config import DEFAULTS, parse_autoscale
+from .ray_config import DEFAULTS, max_ongoing, parse_autoscale
 from .server import Lane, TailServer, error
 
 APP_NAME = "mercury"
@@ -172,7 +176,7 @@ class Ingress:
 def deployment_options(args: dict, name: str) -> dict:
     """Serve options of one tail deployment: replicas or autoscaling, per-replica resources."""
     mb = int(args["max_batch"])
-    opts = {"name": name, "max_ongoing_requests": 2 * mb,
+    opts = {"name": name, "max_ongoing_requests": max_ongoing(args),
             "ray_actor_options": {"num_cpus": float(args["num_cpus"]), "num_gpus": float(args["num_gpus"])}}
     if args.get("autoscale"):
         lo, hi = args["autoscale"]
