@@ -172,6 +172,9 @@ def main() -> None:
     ap.add_argument("--engine", default="standalone", choices=["standalone", "ray"],
                     help="ray: standalone vs Ray Serve 1 and 2 replicas, paired (benchmarks/serve_load_ray.py)")
     ap.add_argument("--rounds", type=int, default=3, help="[ray] paired rounds")
+    ap.add_argument("--max-other-cores", type=float, default=0.25,
+                    help="[ray] repeat a run during which other jobs on the machine took more cores than this")
+    ap.add_argument("--retries", type=int, default=3, help="[ray] at most this many repeats of a disturbed run")
     ap.add_argument("--max-ongoing", type=int, default=None,
                     help="[ray] max_ongoing_requests per replica (default: the engine's, ray_config.max_ongoing)")
     ap.add_argument("--json", default=None, help="write the results as JSON: [ray] the rounds and ratios; "
