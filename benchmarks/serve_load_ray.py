@@ -7,7 +7,8 @@ Three servers, each measured once per round, in alternating order (A B C, C B A,
 closed-loop clients sending single-image binary KServe v2 requests (serve_load.py's load
 generator, after a warm-up):
   standalone  serve-tail in a subprocess, 1 ORT thread
-  ray x1      Ray Serve (local cluster on loopback, 2 logical CPUs), 1 replica x 1 ORT thread
+  ray x1      Ray Serve (local cluster on loopback, 2 logical CPUs, ray_config.SYSTEM_CONFIG),
+              1 replica x 1 ORT thread
   ray x2      the same deployment rescaled in place to 2 replicas x 1 ORT thread
 Per round: ray x2 / ray x1 throughput (target >= 1.6x), ray x1 / standalone (>= 0.8x), and
 p99/p50 of each (<= 2x); the medians over rounds are the result. "ORT busy": seconds of tail
@@ -35,7 +36,7 @@ import urllib.request
 from serve_load import load, one_image, process_cpu_s
 
 from mercury_onnx.runtime.client import build_request
-from mercury_onnx.runtime.ray_config import LOOPBACK_ENV, max_ongoing
+from mercury_onnx.runtime.ray_config import LOOPBACK_ENV, SYSTEM_CONFIG, max_ongoing
 from mercury_onnx.runtime.server import free_port, spawn
 
 # the processes that serve, per server (for images per CPU-second)
@@ -112,7 +113,8 @@ def main(args) -> None:
     common = ["--provider", "cpu", "--threads", "1", "--max-batch", str(args.max_batch), "--max-delay-ms",
               str(args.max_delay_ms), "--keep-ratio", str(v["keep_ratio"]), "--timeout-s", "120"]
     sa_proc, sa_url = spawn(args.export_dir, *common, ready_timeout=300)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+             _system_config=SYSTEM_CONFIG)   # the cluster serve-tail --engine ray starts
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=QUIET)
     ray_url = f"http://127.0.0.1:{port}"

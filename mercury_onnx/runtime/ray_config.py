@@ -6,6 +6,12 @@ from __future__ import annotations
 
 # read when Ray is imported: "0" makes a local cluster use 127.0.0.1 instead of the machine's address
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# Ray core settings of a cluster this project starts (ray.init(_system_config=...); on a cluster
+# of your own: `ray start --head --system-config '{"max_direct_call_object_size": 1048576}'`).
+# Actor-call arguments up to 1 MiB travel inline in the call instead of through the object
+# store (Ray's default limit is 100 KiB; a DeiT-S request's tokens are 150 KB): one put and one
+# get fewer per request and hop. Measured: docs/results/runtime.md.
+SYSTEM_CONFIG = {"max_direct_call_object_size": 1 << 20}
 # every key ray_engine.build() takes, with its default: the CLI, tests and the RayService use these
 DEFAULTS = dict(export_dir=None, keep_ratios=None, replicas=1, autoscale=None, target_ongoing=None,
                 max_ongoing=None, upscale_delay_s=30.0, downscale_delay_s=600.0, num_cpus=1.0, num_gpus=0.0, threads=None,

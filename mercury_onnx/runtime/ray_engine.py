@@ -48,7 +48,7 @@ from ray import serve
 from starlette.applications import Starlette
 
 from . import protocol as P
-from .ray_config import DEFAULTS, max_ongoing, parse_autoscale
+from .ray_config import DEFAULTS, SYSTEM_CONFIG, max_ongoing, parse_autoscale
 from .server import Lane, TailServer, error
 
 APP_NAME = "mercury"
@@ -215,7 +215,8 @@ def build(args: dict):
 
 def start_cluster(args: dict, host: str, port: int, address: str | None = None, log=print) -> None:
     """ray.init (a running cluster at `address`, else a local one with enough logical CPUs for
-    every replica: logical, not more cores) and Serve's HTTP proxy at host:port."""
+    every replica, logical, not more cores, and ray_config.SYSTEM_CONFIG) and Serve's HTTP
+    proxy at host:port."""
     import ray
 
     if address:
@@ -225,7 +226,7 @@ def start_cluster(args: dict, host: str, port: int, address: str | None = None, 
         models = P.served_models(args["export_dir"], args["keep_ratios"], args["tail_dtype"])
         need = int(np.ceil(lo_hi[1] * float(args["num_cpus"]) * len(models)))
         ray.init(num_cpus=max(os.cpu_count() or 1, need), num_gpus=None if args["num_gpus"] else 0,
-                 include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+                 include_dashboard=False, logging_level="WARNING", log_to_driver=False, _system_config=SYSTEM_CONFIG)
     serve.start(http_options={"host": host, "port": port}, logging_config=QUIET)
     http = serve.context._get_global_client().http_config   # noqa: SLF001 - no public getter
     if (http.host, http.port) != (host, port):

@@ -173,6 +173,7 @@ def test_kuberay_manifest_names_the_models_and_ports(export_dir, tmp_path):
     assert {p["name"]: p["containerPort"] for p in head["ports"]} == {
         "gcs": 6379, "dashboard": 8265, "client": 10001, "serve": 8080}
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"   # replicas go to workers
+    assert {"name": "RAY_max_direct_call_object_size", "value": "1048576"} in head["env"]   # requests inline
     (workers,) = cluster["workerGroupSpecs"]
     assert workers["maxReplicas"] == 3 * len(models) and workers["rayStartParams"]["num-cpus"] == "2"
     assert cluster["enableInTreeAutoscaling"] is True
