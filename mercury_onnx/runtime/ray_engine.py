@@ -17,14 +17,18 @@
 - The replica's queue is deep: max_ongoing_requests = --max-ongoing, default max(64, 2 x the
   batch) (ray_config.max_ongoing). Requests beyond it wait in the ingress's Serve router,
   which retries a full replica after a backoff (25 ms, doubling to 0.5 s) rather than when a
-  slot frees; with 2 x the batch (16) the replica ran dry between those retries (ORT busy 80%,
-  gaps of 0.1-0.35 s with one request left), with 64 it stays busy (98%): runtime.md.
+  slot frees, so with a shallow queue (2 x the batch) the replica ran dry between those
+  retries under load (measured: docs/results/runtime.md).
+- A local cluster started here passes actor-call arguments up to 1 MiB inline
+  (ray_config.SYSTEM_CONFIG): a request's tokens cross proxy -> ingress -> replica without
+  the object store (Ray's inline limit is 100 KiB; a DeiT-S request is 150 KB).
 - Ray 2.60's batcher forms the next batch as soon as the previous one has started (it does not
   wait for the running one to finish), so a batch holds what arrived within
-  batch_wait_timeout_s of its first request: with a 2 ms wait and a tail run of 100+ ms,
-  batches of 1-2 images under load, where serve-tail's own batcher fills them (measured:
-  docs/results/runtime.md). On a CPU that costs little (a DeiT-S tail is no faster per image
-  at batch 8 than at 1); on a GPU, raise --max-delay-ms towards the tail's batch time.
+  batch_wait_timeout_s of its first request: with a 2 ms wait and a tail run of 60+ ms,
+  batches of 1-2 images under load even with 30 requests queued, where serve-tail's own
+  batcher fills them (measured: docs/results/runtime.md). On a CPU that costs little (a DeiT-S
+  tail is about as fast per image at batch 1 as at 8); on a GPU, raise --max-delay-ms towards
+  the tail's batch time.
 - With num_gpus > 0 the replica asks Ray for the GPU, opens the tail with the CUDA provider
   and refuses to start unless the session really runs on CUDA with a GPU Ray assigned.
   (Untested here: no GPU on this machine.)
