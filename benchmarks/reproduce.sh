@@ -28,8 +28,9 @@
 #   runtime      token codec (benchmarks/codec.py) -> docs/results/runtime_codec.json; serve-tail vs
 #                bare onnxruntime under load (benchmarks/serve_load.py) -> docs/results/runtime_serve.json;
 #                serve-tail --engine ray (1 and 2 replicas) vs standalone on the DeiT-S tail, paired
-#                (needs the [scale] extra) -> docs/results/runtime_ray.json
-#                222 s measured quiet (sixth session)
+#                (needs the [scale] extra) -> docs/results/runtime_ray.json, and again with the old
+#                shallow replica queue (--max-ongoing 16) -> docs/results/runtime_ray_queue16.json
+#                222 s measured quiet (sixth session) before the queue16 run, which adds ~4 min
 #   bench        end to end on the 9 real uplink traces: DeiT-T/S/B modelled (Pi profile, RTX 4090),
 #                and the reference export with its committed accuracy -> docs/results/bench_*.json
 #                ~4 min quiet (about 25 s per bench run, plus one export)
@@ -150,6 +151,8 @@ section_runtime() {
   [ -f "$WORK/export_small/manifest.json" ] || $MERCURY export deit_small_patch16_224 "$WORK/export_small" -r 0.5 --validate-images 8
   $PY benchmarks/serve_load.py "$WORK/export_small" --engine ray --clients 32 --requests 96 --max-batch 8 --rounds 3 \
     --json "$RES/runtime_ray.json"
+  $PY benchmarks/serve_load.py "$WORK/export_small" --engine ray --clients 32 --requests 96 --max-batch 8 --rounds 3 \
+    --max-ongoing 16 --json "$RES/runtime_ray_queue16.json"
   page runtime.md "Runtime: token codec, serve-tail under load" "runtime_codec.json | rows key=table" \
     "runtime_serve.json | rows key=tables.0" "runtime_serve.json | rows key=tables.1"
 }

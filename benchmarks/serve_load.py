@@ -106,13 +106,15 @@ def load(url: str, model: str, body: bytes, hlen: int, clients: int, total: int,
     return {"requests": len(lat), "errors": len(errors), "req_s": len(lat) / wall,
             "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
             "mean_batch": (after["images"] - before["images"]) / max(runs, 1),
+            "ort_busy": (after["tail_s"] - before["tail_s"]) / wall,   # ORT seconds per second, all replicas
             "cpu_ms": cpu / (after["images"] - before["images"]) * 1000}
 
 
 def metrics(url: str, model: str) -> dict:
     text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
     get = lambda name: float(re.search(rf'^{name}{{model="{model}"}} (\S+)$', text, re.M).group(1))  # noqa: E731
-    return {"runs": get("mercury_batch_size_count"), "images": get("mercury_batch_size_sum")}
+    return {"runs": get("mercury_batch_size_count"), "images": get("mercury_batch_size_sum"),
+            "tail_s": get("mercury_tail_seconds_sum")}
 
 
 def parse_cpus(text: str) -> set[int]:
@@ -170,6 +172,11 @@ def main() -> None:
     ap.add_argument("--engine", default="standalone", choices=["standalone", "ray"],
                     help="ray: standalone vs Ray Serve 1 and 2 replicas, paired (benchmarks/serve_load_ray.py)")
     ap.add_argument("--rounds", type=int, default=3, help="[ray] paired rounds")
+    ap.add_argument("--max-other-cores", type=float, default=0.25,
+                    help="[ray] repeat a run during which other jobs on the machine took more cores than this")
+    ap.add_argument("--retries", type=int, default=3, help="[ray] at most this many repeats of a disturbed run")
+    ap.add_argument("--max-ongoing", type=int, default=None,
+                    help="[ray] max_ongoing_requests per replica (default: the engine's, ray_config.max_ongoing)")
     ap.add_argument("--json", default=None, help="write the results as JSON: [ray] the rounds and ratios; "
                     "[standalone] both tables (benchmarks/tables.py `rows`, key=tables.N)")
     args = ap.parse_args()

@@ -1,26 +1,32 @@
 """serve-tail --engine ray under load, paired in one run (`serve_load.py EXPORT --engine ray`).
 
     python benchmarks/serve_load.py EXPORT_DIR --engine ray [--keep-ratio R] [--clients 32]
-        [--requests 192] [--rounds 3] [--max-batch 16] [--max-delay-ms 2] [--json F]
+        [--requests 192] [--rounds 3] [--max-batch 16] [--max-delay-ms 2] [--max-ongoing N] [--json F]
 
 Three servers, each measured once per round, in alternating order (A B C, C B A, ...), at C
 closed-loop clients sending single-image binary KServe v2 requests (serve_load.py's load
 generator, after a warm-up):
   standalone  serve-tail in a subprocess, 1 ORT thread
-  ray x1      Ray Serve (local cluster on loopback, 2 logical CPUs), 1 replica x 1 ORT thread
+  ray x1      Ray Serve (local cluster on loopback, 2 logical CPUs, ray_config.SYSTEM_CONFIG),
+              1 replica x 1 ORT thread
   ray x2      the same deployment rescaled in place to 2 replicas x 1 ORT thread
 Per round: ray x2 / ray x1 throughput (target >= 1.6x), ray x1 / standalone (>= 0.8x), and
-p99/p50 of each (<= 2x); the medians over rounds are the result.
+p99/p50 of each (<= 2x); the medians over rounds are the result. "ORT busy": seconds of tail
+runs per wall second (/metrics' mercury_tail_seconds, summed over replicas: 1.0 = one replica's
+ORT never idle), which shows a replica that waits for work.
 No CPU pinning: two replicas need both cores. Where the cores went during each run (its
 warm-up included) is read from /proc (CPU seconds / wall seconds, so 1.0 = one core busy): tail replicas, the Ray
 ingress, the Ray HTTP proxy, the other Ray processes (controller, GCS, raylet, agents), the
 standalone server, this process (the load generator and the Ray driver), and everything else
-on the machine (other users' jobs: /proc/stat busy time minus ours). On a shared machine the
+on the machine (other users' jobs: /proc/stat busy time minus ours). A run during which those
+other jobs took more than --max-other-cores (default 0.25) is measured again after 20 s, up to
+--retries times (default 3); the discarded runs stay in the JSON (`discarded` of their round). On a shared machine the
 throughput follows the share of the cores each server gets, so the run also prints images
 per CPU-second of the serving processes (Ray: replicas + ingress + proxy + other Ray).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -30,7 +36,7 @@ import urllib.request
 from serve_load import load, one_image, process_cpu_s
 
 from mercury_onnx.runtime.client import build_request
-from mercury_onnx.runtime.ray_config import LOOPBACK_ENV
+from mercury_onnx.runtime.ray_config import LOOPBACK_ENV, SYSTEM_CONFIG, max_ongoing
 from mercury_onnx.runtime.server import free_port, spawn
 
 # the processes that serve, per server (for images per CPU-second)
@@ -97,20 +103,23 @@ def main(args) -> None:
     manifest, v, model, out = one_image(args.export_dir, args.keep_ratio)
     body, hlen = build_request({"tokens": out["tokens"], "indices": out["indices"]}, {"model_id": manifest["model_id"]})
     load_avg = os.getloadavg()
+    mo = max_ongoing({"max_batch": args.max_batch, "max_ongoing": args.max_ongoing})
     print(f"export {args.export_dir}: {manifest['timm_model']} {manifest.get('overrides') or ''}, {model} "
           f"(K={v['keep_tokens']}, D={manifest['dim']}), {clients} clients, {requests} requests per run, "
-          f"max batch {args.max_batch}, max delay {args.max_delay_ms:g} ms, 1 ORT thread per server/replica; "
+          f"max batch {args.max_batch}, max delay {args.max_delay_ms:g} ms, 1 ORT thread per server/replica "
+          f"(Ray: max_ongoing_requests {mo} per replica); "
           f"{os.cpu_count()} CPUs, load average {load_avg[0]:.1f} {load_avg[1]:.1f} {load_avg[2]:.1f}")
 
     common = ["--provider", "cpu", "--threads", "1", "--max-batch", str(args.max_batch), "--max-delay-ms",
               str(args.max_delay_ms), "--keep-ratio", str(v["keep_ratio"]), "--timeout-s", "120"]
     sa_proc, sa_url = spawn(args.export_dir, *common, ready_timeout=300)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+             _system_config=SYSTEM_CONFIG)   # the cluster serve-tail --engine ray starts
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=QUIET)
     ray_url = f"http://127.0.0.1:{port}"
     base = dict(export_dir=args.export_dir, keep_ratios=[v["keep_ratio"]], provider="cpu", threads=1, num_cpus=1,
-                max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, timeout_s=120)
+                max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, max_ongoing=mo, timeout_s=120)
     current = {"n": 0}
 
     def deploy(n: int) -> None:
@@ -141,16 +150,18 @@ def main(args) -> None:
                 url, n = servers[name]
                 if n:
                     deploy(n)
-                before, t0 = cpu_by_group(sa_proc.pid), time.perf_counter()
-                r = load(url, model, body, hlen, clients, requests, None)     # warm-up + measured run
-                r["cores"] = cores(before, cpu_by_group(sa_proc.pid), time.perf_counter() - t0)
-                r.pop("cpu_ms")
-                busy = sum(r["cores"][g] for g in SERVER_GROUPS[name])
-                r["images_per_cpu_s"] = r["req_s"] / busy if busy else float("nan")   # what share it got aside
+                for attempt in range(args.retries + 1):
+                    r = measure(name, sa_proc.pid, functools.partial(load, url, model, body, hlen, clients, requests, None))
+                    print(f"round {i + 1} {name:10s}: {r['req_s']:6.2f} images/s, p50 {r['p50']:.0f} ms, p99 {r['p99']:.0f} ms, "
+                          f"errors {r['errors']}, mean batch {r['mean_batch']:.1f}, ORT busy {r['ort_busy']:.2f}, "
+                          f"{r['images_per_cpu_s']:.1f} images per server CPU-second; cores: {r['cores']}", flush=True)
+                    if r["cores"]["everything else"] <= args.max_other_cores or attempt == args.retries:
+                        break
+                    print(f"  other jobs took {r['cores']['everything else']:.2f} cores (> {args.max_other_cores:g}): "
+                          f"measuring {name} again in 20 s", flush=True)
+                    row.setdefault("discarded", []).append({"server": name, **r})
+                    time.sleep(20)
                 row[name] = r
-                print(f"round {i + 1} {name:10s}: {r['req_s']:6.2f} images/s, p50 {r['p50']:.0f} ms, p99 {r['p99']:.0f} ms, "
-                      f"errors {r['errors']}, mean batch {r['mean_batch']:.1f}, {r['images_per_cpu_s']:.1f} images per "
-                      f"server CPU-second; cores: {r['cores']}", flush=True)
             row["x2/x1"] = row["ray x2"]["req_s"] / row["ray x1"]["req_s"]
             row["x1/standalone"] = row["ray x1"]["req_s"] / row["standalone"]["req_s"]
             rounds.append(row)
@@ -159,10 +170,22 @@ def main(args) -> None:
         ray.shutdown()
         sa_proc.terminate()
         sa_proc.wait(30)
-    report(rounds, args, load_avg, clients, requests, model, manifest)
+    report(rounds, args, load_avg, clients, requests, model, manifest, mo)
 
 
-def report(rounds: list[dict], args, load_avg, clients: int, requests: int, model: str, manifest: dict) -> None:
+def measure(name: str, sa_pid: int, run) -> dict:
+    """One load run of one server, with where the cores went during it."""
+    before, t0 = cpu_by_group(sa_pid), time.perf_counter()
+    r = run()                                                            # warm-up + measured run
+    r["cores"] = cores(before, cpu_by_group(sa_pid), time.perf_counter() - t0)
+    r.pop("cpu_ms")
+    busy = sum(r["cores"][g] for g in SERVER_GROUPS[name])
+    r["images_per_cpu_s"] = r["req_s"] / busy if busy else float("nan")   # what share it got aside
+    return r
+
+
+def report(rounds: list[dict], args, load_avg, clients: int, requests: int, model: str, manifest: dict,
+           mo: int) -> None:
     med = lambda xs: statistics.median(xs)   # noqa: E731
     print(f"\n| round | standalone images/s | ray x1 images/s | ray x2 images/s | x2 / x1 (>= 1.6) | x1 / standalone (>= 0.8) "
           f"| p99/p50 standalone / x1 / x2 (<= 2) |\n|---:|---:|---:|---:|---:|---:|---|")
@@ -175,6 +198,8 @@ def report(rounds: list[dict], args, load_avg, clients: int, requests: int, mode
                   for n in ("standalone", "ray x1", "ray x2")}}
     print(f"| median | | | | {summary['x2/x1']:.2f}x | {summary['x1/standalone']:.2f}x | "
           f"{summary['p99/p50 standalone']:.2f} / {summary['p99/p50 ray x1']:.2f} / {summary['p99/p50 ray x2']:.2f} |")
+    print("\nORT busy (seconds of tail runs per second, all replicas; median): " + ", ".join(
+        f"{n} {med([r[n]['ort_busy'] for r in rounds]):.2f}" for n in ("standalone", "ray x1", "ray x2")))
     print("\nImages per CPU-second of the serving processes (median; independent of the share of the\n"
           "machine each got): " + ", ".join(f"{n} {med([r[n]['images_per_cpu_s'] for r in rounds]):.2f}"
                                             for n in ("standalone", "ray x1", "ray x2")))
@@ -189,6 +214,7 @@ def report(rounds: list[dict], args, load_avg, clients: int, requests: int, mode
         with open(args.json, "w") as f:
             json.dump({"timm_model": manifest["timm_model"], "model": model, "cpus": os.cpu_count(), "clients": clients, "requests": requests,
                        "max_batch": args.max_batch, "max_delay_ms": args.max_delay_ms,
+                       "max_ongoing": mo, "max_other_cores": args.max_other_cores,
                        "load_average_start": load_avg, "load_average_end": end, "rounds": rounds,
                        "median": summary}, f, indent=1)
         print(f"wrote {args.json}")

@@ -168,17 +168,24 @@ def render_ray_rounds(data: dict) -> str:
     servers = ("standalone", "ray x1", "ray x2")
     rows = [[i + 1, *(f"{r[n]['req_s']:.2f}" for n in servers), f"{r['x2/x1']:.2f}x", f"{r['x1/standalone']:.2f}x",
              " / ".join(f"{r[n]['p99'] / r[n]['p50']:.2f}" for n in servers),
-             " / ".join(f"{r[n]['mean_batch']:.1f}" for n in servers), " / ".join(str(r[n]["errors"]) for n in servers)]
+             " / ".join(f"{r[n]['mean_batch']:.1f}" for n in servers),
+             " / ".join(f"{r[n]['ort_busy']:.2f}" for n in servers), " / ".join(str(r[n]["errors"]) for n in servers)]
             for i, r in enumerate(data["rounds"])]
     m = data["median"]
     rows.append(["median", "", "", "", f"{m['x2/x1']:.2f}x", f"{m['x1/standalone']:.2f}x",
-                 " / ".join(f"{m[f'p99/p50 {n}']:.2f}" for n in servers), "", ""])
+                 " / ".join(f"{m[f'p99/p50 {n}']:.2f}" for n in servers), "", "", ""])
     la, lb = data["load_average_start"][0], data["load_average_end"][0]
+    redo = sum(len(r.get("discarded", [])) for r in data["rounds"])
+    left = sum(r[n]["cores"]["everything else"] > data["max_other_cores"] for r in data["rounds"] for n in servers)
+    redo = (f"{redo} run(s) during which other jobs took > {data['max_other_cores']:g} cores measured again"
+            + (f", {left} still disturbed after the last try" if left else "") + "; ") if redo or left else ""
     return (_table(["round", "standalone images/s", "ray x1 images/s", "ray x2 images/s", "x2 / x1 (≥ 1.6)",
-                    "x1 / standalone (≥ 0.8)", "p99/p50 standalone / x1 / x2 (≤ 2)", "mean batch", "errors"], rows)
+                    "x1 / standalone (≥ 0.8)", "p99/p50 standalone / x1 / x2 (≤ 2)", "mean batch", "ORT busy",
+                    "errors"], rows)
             + f"\n{data['timm_model']} tail ({data['model']}), {data['clients']} clients, {data['requests']} "
               f"single-image requests per run, max batch {data['max_batch']}, max delay {data['max_delay_ms']:g} ms, "
-              f"1 ORT thread per server/replica; load average {la:.1f} at the start, {lb:.1f} at the end.\n")
+              f"1 ORT thread per server/replica, Ray max_ongoing_requests {data['max_ongoing']} per replica; "
+              f"{redo}load average {la:.1f} at the start, {lb:.1f} at the end.\n")
 
 
 def render_ray_cores(data: dict) -> str:

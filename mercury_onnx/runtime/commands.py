@@ -31,6 +31,8 @@ def serve_tail(
     autoscale: Optional[str] = typer.Option(None, help="ray: MIN:MAX replicas, scaled on ongoing requests"),
     target_ongoing: Optional[float] = typer.Option(None, help="ray: autoscaling target of ongoing "
                                                    "requests per replica (default: --max-batch)"),
+    max_ongoing: Optional[int] = typer.Option(None, help="ray: requests one replica holds at once, queued + "
+                                              "running (default: max(64, 2 x --max-batch))"),
     upscale_delay_s: float = typer.Option(30.0, help="ray: load must stay above target this long to add a replica"),
     downscale_delay_s: float = typer.Option(600.0, help="ray: ... below target this long to remove one"),
     address: Optional[str] = typer.Option(None, help="ray: auto | HOST:PORT of a running cluster "
@@ -55,7 +57,7 @@ def serve_tail(
                          max_delay_ms=max_delay_ms, auth_token=auth_token, max_body_mb=max_body_mb,
                          timeout_s=timeout_s, threads=threads, tail_dtype=tail_dtype,
                          keep_ratios=keep_ratio or None, replicas=replicas, autoscale=autoscale,
-                         target_ongoing=target_ongoing, upscale_delay_s=upscale_delay_s,
+                         target_ongoing=target_ongoing, max_ongoing=max_ongoing, upscale_delay_s=upscale_delay_s,
                          downscale_delay_s=downscale_delay_s, address=address, num_cpus=num_cpus,
                          num_gpus=num_gpus, kuberay_manifest=kuberay_manifest)
     try:

@@ -4,7 +4,8 @@ The RayService runs the same Serve application as `serve-tail --engine ray`: its
 serveConfigV2 names `mercury_onnx.runtime.ray_engine:build` with the same arguments, and one
 deployment per keep ratio (mercury_tail_k{K}) with the replica count or autoscaling bounds and
 per-replica CPUs/GPUs. The cluster: a head pod (no replicas on it: num-cpus 0) and a worker
-group sized for the largest replica count. Ports: 8000 serve (KServe v2 REST), 6379 GCS,
+group sized for the largest replica count, both with ray_config.SYSTEM_CONFIG as RAY_*
+environment variables. Ports: 8000 serve (KServe v2 REST), 6379 GCS,
 8265 dashboard, 10001 client.
 
 The export folder must be inside the container image at the same path, or on the volume this
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import math
 import os
+
+from .ray_config import SYSTEM_CONFIG, max_ongoing
 
 SERVE_PORT, GCS_PORT, DASHBOARD_PORT, CLIENT_PORT = 8000, 6379, 8265, 10001
 IMAGE = "mercury-onnx:scale"   # placeholder: build it from this repo with the [scale,cloud] extras
@@ -53,7 +56,7 @@ def rayservice(export_dir: str, models: list[str], model_id: str, *, port: int =
         app_args["autoscale"] = f"{autoscale[0]}:{autoscale[1]}"
     deployments = []
     for m in models:
-        d = {"name": m, "max_ongoing_requests": 2 * int(args.get("max_batch") or 16),
+        d = {"name": m, "max_ongoing_requests": max_ongoing(args),
              "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus}}
         if autoscale:
             d["autoscaling_config"] = {"min_replicas": autoscale[0], "max_replicas": autoscale[1]}
@@ -73,6 +76,7 @@ def rayservice(export_dir: str, models: list[str], model_id: str, *, port: int =
     volume = [{"name": "export", "persistentVolumeClaim": {"claimName": "mercury-export", "readOnly": True}}]
     env = [{"name": "MERCURY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {
         "name": "mercury-auth", "key": "token", "optional": True}}}]
+    env += [{"name": f"RAY_{k}", "value": str(v)} for k, v in SYSTEM_CONFIG.items()]   # Ray reads RAY_<setting>
     head = _container("ray-head", image, 1, "4Gi", 0, export_dir,
                       [("gcs", GCS_PORT), ("dashboard", DASHBOARD_PORT), ("client", CLIENT_PORT),
                        ("serve", port)])

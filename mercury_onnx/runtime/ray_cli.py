@@ -33,6 +33,8 @@ def serve_ray(export_dir: str, *, host: str, port: int, address: str | None, kub
         fail("--num-gpus > 0 with --provider cpu: a GPU replica runs the tail on CUDA")
     if args["target_ongoing"] is not None and args["target_ongoing"] <= 0:
         fail("--target-ongoing must be > 0")
+    if args["max_ongoing"] is not None and args["max_ongoing"] < args["max_batch"]:
+        fail(f"--max-ongoing {args['max_ongoing']} < --max-batch {args['max_batch']}: batches could never fill")
     try:
         models = served_models(export_dir, args["keep_ratios"], args["tail_dtype"])
     except ManifestError as e:

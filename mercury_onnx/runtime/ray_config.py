@@ -6,9 +6,15 @@ from __future__ import annotations
 
 # read when Ray is imported: "0" makes a local cluster use 127.0.0.1 instead of the machine's address
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# Ray core settings of a cluster this project starts (ray.init(_system_config=...); on a cluster
+# of your own: `ray start --head --system-config '{"max_direct_call_object_size": 1048576}'`).
+# Actor-call arguments up to 1 MiB travel inline in the call instead of through the object
+# store (Ray's default limit is 100 KiB; a DeiT-S request's tokens are 150 KB): one put and one
+# get fewer per request and hop. Measured: docs/results/runtime.md.
+SYSTEM_CONFIG = {"max_direct_call_object_size": 1 << 20}
 # every key ray_engine.build() takes, with its default: the CLI, tests and the RayService use these
 DEFAULTS = dict(export_dir=None, keep_ratios=None, replicas=1, autoscale=None, target_ongoing=None,
-                upscale_delay_s=30.0, downscale_delay_s=600.0, num_cpus=1.0, num_gpus=0.0, threads=None,
+                max_ongoing=None, upscale_delay_s=30.0, downscale_delay_s=600.0, num_cpus=1.0, num_gpus=0.0, threads=None,
                 provider="auto", tail_dtype="float32", max_batch=16, max_delay_ms=2.0, auth_token=None,
                 max_body_mb=16.0, timeout_s=10.0)
 
@@ -19,3 +25,11 @@ def parse_autoscale(text: str) -> tuple[int, int]:
     if not sep or not lo.isdigit() or not hi.isdigit() or not 1 <= int(lo) <= int(hi):
         raise ValueError(f"--autoscale {text!r}: use MIN:MAX with 1 <= MIN <= MAX, e.g. 1:4")
     return int(lo), int(hi)
+
+
+def max_ongoing(args: dict) -> int:
+    """Requests one tail replica holds at once (queued at its batcher + running): --max-ongoing,
+    else max(64, 2 x --max-batch). Deep on purpose: requests beyond it wait in the caller's
+    Serve router, which retries a full replica after a backoff (25 ms doubling to 0.5 s) instead
+    of when a slot frees, so a shallow replica queue runs dry under load (docs/results/runtime.md)."""
+    return int(args.get("max_ongoing") or max(64, 2 * int(args.get("max_batch") or DEFAULTS["max_batch"])))

@@ -11,16 +11,24 @@
   batch with the same protocol.run_batch.
 - TailReplica batches with `@serve.batch` (max_batch_size counts images, not requests;
   batch_wait_timeout_s = --max-delay-ms) and runs ORT in a worker thread, so the replica's
-  event loop keeps taking requests while a batch runs. Its max_ongoing_requests is 2 x the
-  batch, or batches could never fill. ORT's intra-op threads are set explicitly (Ray sets
-  OMP_NUM_THREADS=1 in workers, and ORT left to defaults inside Ray runs slower) and match
-  the replica's num_cpus.
+  event loop keeps taking requests while a batch runs. ORT's intra-op threads are set
+  explicitly (Ray sets OMP_NUM_THREADS=1 in workers, and ORT left to defaults inside Ray runs
+  slower) and match the replica's num_cpus.
+- The replica's queue is deep: max_ongoing_requests = --max-ongoing, default max(64, 2 x the
+  batch) (ray_config.max_ongoing). Requests beyond it wait in the ingress's Serve router,
+  which retries a full replica after a backoff (25 ms, doubling to 0.5 s) rather than when a
+  slot frees, so with a shallow queue (2 x the batch) the replica ran dry between those
+  retries under load (measured: docs/results/runtime.md).
+- A local cluster started here passes actor-call arguments up to 1 MiB inline
+  (ray_config.SYSTEM_CONFIG): a request's tokens cross proxy -> ingress -> replica without
+  the object store (Ray's inline limit is 100 KiB; a DeiT-S request is 150 KB).
 - Ray 2.60's batcher forms the next batch as soon as the previous one has started (it does not
   wait for the running one to finish), so a batch holds what arrived within
-  batch_wait_timeout_s of its first request: with a 2 ms wait and a tail run of 100+ ms,
-  batches of 1-2 images under load, where serve-tail's own batcher fills them (measured:
-  docs/results/runtime.md). On a CPU that costs little (a DeiT-S tail is no faster per image
-  at batch 8 than at 1); on a GPU, raise --max-delay-ms towards the tail's batch time.
+  batch_wait_timeout_s of its first request: with a 2 ms wait and a tail run of 60+ ms,
+  batches of 1-2 images under load even with 30 requests queued, where serve-tail's own
+  batcher fills them (measured: docs/results/runtime.md). On a CPU that costs little (a DeiT-S
+  tail is about as fast per image at batch 1 as at 8); on a GPU, raise --max-delay-ms towards
+  the tail's batch time.
 - With num_gpus > 0 the replica asks Ray for the GPU, opens the tail with the CUDA provider
   and refuses to start unless the session really runs on CUDA with a GPU Ray assigned.
   (Untested here: no GPU on this machine.)
@@ -44,7 +52,7 @@ from ray import serve
 from starlette.applications import Starlette
 
 from . import protocol as P
-from .ray_config import DEFAULTS, parse_autoscale
+from .ray_config import DEFAULTS, SYSTEM_CONFIG, max_ongoing, parse_autoscale
 from .server import Lane, TailServer, error
 
 APP_NAME = "mercury"
@@ -172,7 +180,7 @@ class Ingress:
 def deployment_options(args: dict, name: str) -> dict:
     """Serve options of one tail deployment: replicas or autoscaling, per-replica resources."""
     mb = int(args["max_batch"])
-    opts = {"name": name, "max_ongoing_requests": 2 * mb,
+    opts = {"name": name, "max_ongoing_requests": max_ongoing(args),
             "ray_actor_options": {"num_cpus": float(args["num_cpus"]), "num_gpus": float(args["num_gpus"])}}
     if args.get("autoscale"):
         lo, hi = args["autoscale"]
@@ -211,7 +219,8 @@ def build(args: dict):
 
 def start_cluster(args: dict, host: str, port: int, address: str | None = None, log=print) -> None:
     """ray.init (a running cluster at `address`, else a local one with enough logical CPUs for
-    every replica: logical, not more cores) and Serve's HTTP proxy at host:port."""
+    every replica, logical, not more cores, and ray_config.SYSTEM_CONFIG) and Serve's HTTP
+    proxy at host:port."""
     import ray
 
     if address:
@@ -221,7 +230,7 @@ def start_cluster(args: dict, host: str, port: int, address: str | None = None, 
         models = P.served_models(args["export_dir"], args["keep_ratios"], args["tail_dtype"])
         need = int(np.ceil(lo_hi[1] * float(args["num_cpus"]) * len(models)))
         ray.init(num_cpus=max(os.cpu_count() or 1, need), num_gpus=None if args["num_gpus"] else 0,
-                 include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+                 include_dashboard=False, logging_level="WARNING", log_to_driver=False, _system_config=SYSTEM_CONFIG)
     serve.start(http_options={"host": host, "port": port}, logging_config=QUIET)
     http = serve.context._get_global_client().http_config   # noqa: SLF001 - no public getter
     if (http.host, http.port) != (host, port):

@@ -41,7 +41,10 @@ def ray_cluster():
 
     from mercury_onnx.runtime.server import free_port
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    from mercury_onnx.runtime.ray_config import SYSTEM_CONFIG
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+             _system_config=SYSTEM_CONFIG)
     port = free_port()
     assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
     try:
