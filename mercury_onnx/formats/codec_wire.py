@@ -141,25 +141,6 @@ def packed_size(count: int, bits: int) -> int:
     return (count * bits + 7) // 8
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _read_varint(data: bytes, off: int) -> tuple[int, int]:
-    n = shift = 0
-    for i in range(off, min(off + 5, len(data))):
-        n |= (data[i] & 0x7F) << shift
-        shift += 7
-        if not data[i] & 0x80:
-            return n, i + 1
-    raise WireError(f"payload truncated or corrupt: header size field at byte {off} does not end")
-
-
 def indices_to_mask(indices: np.ndarray, num_patches: int) -> bytes:
     """(B, K) indices -> B rows of ceil(N/8) bytes, bit i (LSB first) = patch i kept."""
     b, k = indices.shape
@@ -242,7 +223,7 @@ def train_dictionary(codes: np.ndarray, bits: int, entropy_codec: bool = False, 
 
 def _header(flags: int, cid: bytes, mid: bytes, bits: int, b: int, k: int, n: int, d: int, p: int) -> bytes:
     return (_FIXED.pack(MAGIC, VERSION << 4 | flags, cid, mid, bits)
-            + b"".join(_varint(v) for v in (b, k, n, d, p)))
+            + b"".join(entropy.varint(v) for v in (b, k, n, d, p)))
 
 
 def _hex_bytes(value: str, n: int, what: str) -> bytes:
@@ -320,7 +301,7 @@ def read_header(data: bytes) -> Header:
         raise WireError(f"header says {bits} bits per code (corrupt payload?)")
     off, sizes = _FIXED.size, []
     for _ in range(5):
-        v, off = _read_varint(data, off)
+        v, off = entropy.read_varint(data, off, WireError, "header size field")
         sizes.append(v)
     b, k, n, d, p = sizes
     if b == 0 or d == 0 or k == 0 or k > n or n > 1 << 20 or d > 1 << 16 or p > 64 or b > 1 << 16:

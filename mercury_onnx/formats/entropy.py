@@ -162,7 +162,8 @@ def _decompress(data: bytes, zdict: bytes, max_size: int) -> bytes:
         raise EntropyError(f"zstd part does not decompress ({e})") from None
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
+    """LEB128: 7 bits per byte, low first, high bit = more (codec_wire's header uses it too)."""
     out = bytearray()
     while True:
         byte, n = n & 0x7F, n >> 7
@@ -171,14 +172,15 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _read_varint(data: bytes, off: int) -> tuple[int, int]:
+def read_varint(data: bytes, off: int, error=EntropyError, what: str = "the body's length field") -> tuple[int, int]:
+    """-> (value, offset after it); `error` when it does not end within 5 bytes or the data."""
     n = shift = 0
     for i in range(off, min(off + 5, len(data))):
         n |= (data[i] & 0x7F) << shift
         shift += 7
         if not data[i] & 0x80:
             return n, i + 1
-    raise EntropyError("body truncated: its first length field does not end")
+    raise error(f"payload truncated or corrupt: {what} at byte {off} does not end")
 
 
 _layouts: dict = {}
@@ -210,13 +212,13 @@ def encode_body(codes: np.ndarray, tables: Tables) -> bytes:
     v = zz[rpos].astype(np.int64)
     low = [((v[pos, None] >> np.arange(kv - 1, -1, -1)) & 1).reshape(-1) for kv, pos in groups]
     low = np.packbits(np.concatenate(low).astype(np.uint8)) if low else np.zeros(0, np.uint8)
-    return b"".join((_varint(len(zpart)), zpart, low.tobytes(), np.packbits(_unary(v >> k)).tobytes()))
+    return b"".join((varint(len(zpart)), zpart, low.tobytes(), np.packbits(_unary(v >> k)).tobytes()))
 
 
 def decode_body(body: bytes, tables: Tables, batch: int, tokens: int) -> np.ndarray:
     """Body bytes -> uint8 codes (B, T, d); EntropyError on anything inconsistent."""
     zpos, rpos, k, groups, n_low = _layout(tables, batch, tokens)
-    n_zpart, off = _read_varint(body, 0)
+    n_zpart, off = read_varint(body, 0)
     if off + n_zpart > len(body) or bool(n_zpart) != bool(len(zpos)):
         raise EntropyError("body's zstd part is truncated, or there when the tables code no channel with zstd")
     zz = np.empty(batch * tables.dims * tokens, np.int64)

@@ -16,6 +16,18 @@ from mercury_onnx.formats import codec_wire
 from mercury_onnx.models.codec import codec_name, fit_codec, fit_entropy_codec, parse_codec
 
 
+def _onnx_and_torch(export, c, m, codec, cifar_test, man):
+    """32 test images through the export's codec head (ORT) and the torch head + codec + tail."""
+    p = man["preprocess"]
+    x, _ = load_images(cifar_test, 32, tuple(p["size"]), p["mean"], p["std"], man["classes"], offset=1000)
+    codes, idx = _sess(export / c["head"]["file"]).run(None, {"images": x})
+    with torch.no_grad():
+        tok_t, idx_t = m.forward_head(torch.from_numpy(x))
+        codes_t = codec.encode(tok_t, idx_t)
+        logits_t = m.forward_tail(codec.decode(codes_t, idx_t), idx_t).numpy()
+    return codes, idx, codes_t, idx_t, logits_t
+
+
 def _sess(path):
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
@@ -43,12 +55,7 @@ def test_onnx_codec_head_codes_within_one_step_of_torch(codec_export, ref_json, 
     cal, _ = load_images(cifar_test.parent / "train", 256, tuple(p["size"]), p["mean"], p["std"])
     with torch.no_grad():
         codec = fit_codec(*m.forward_head(torch.from_numpy(cal)), m.num_patches, 16, 4)
-    x, labels = load_images(cifar_test, 32, tuple(p["size"]), p["mean"], p["std"], man["classes"], offset=1000)
-    codes, idx = _sess(codec_export / c["head"]["file"]).run(None, {"images": x})
-    with torch.no_grad():
-        tok_t, idx_t = m.forward_head(torch.from_numpy(x))
-        codes_t = codec.encode(tok_t, idx_t)
-        logits_t = m.forward_tail(codec.decode(codes_t, idx_t), idx_t).numpy()
+    codes, idx, codes_t, idx_t, logits_t = _onnx_and_torch(codec_export, c, m, codec, cifar_test, man)
     assert codes.dtype == np.uint8 and codes.shape == (32, 17, 16) and codes.max() <= 15
     assert np.array_equal(idx, idx_t.numpy())
     steps = np.abs(codes.astype(int) - codes_t.numpy().astype(int))
@@ -73,12 +80,7 @@ def test_onnx_entropy_codec_head_and_tail_match_torch(codec_export, ref_json, ci
         fit_err = float(((codec.roundtrip(tok_c, idx_c) - tok_c).flatten(1).norm(dim=1)
                          / tok_c.flatten(1).norm(dim=1)).mean())
     assert codec.dims == c["dims"] and abs(fit_err - 0.04) < 0.004                 # the error it was fit to
-    x, _ = load_images(cifar_test, 32, tuple(p["size"]), p["mean"], p["std"], man["classes"], offset=1000)
-    codes, idx = _sess(codec_export / c["head"]["file"]).run(None, {"images": x})
-    with torch.no_grad():
-        tok_t, idx_t = m.forward_head(torch.from_numpy(x))
-        codes_t = codec.encode(tok_t, idx_t)
-        logits_t = m.forward_tail(codec.decode(codes_t, idx_t), idx_t).numpy()
+    codes, idx, codes_t, idx_t, logits_t = _onnx_and_torch(codec_export, c, m, codec, cifar_test, man)
     steps = np.abs(codes.astype(int) - codes_t.numpy().astype(int))
     assert codes.dtype == np.uint8 and steps.max() <= 1 and (steps == 0).mean() > 0.99
     (logits,) = _sess(codec_export / c["tail"]["file"]).run(None, {"codes": codes_t.numpy(), "indices": idx})

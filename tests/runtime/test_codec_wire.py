@@ -26,13 +26,19 @@ def _patches(folder, count):
     return x.reshape(m, 8, 4, 8, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(m, N, 48)             # (M, N, 48)
 
 
-@pytest.fixture(scope="module")
-def real_codes():
+def pca_patches():
+    """Train (400) and test (64) images' patches, their mean and principal directions (rows of vt)."""
     if not CIFAR_TEST.exists() or not CIFAR_TRAIN.exists():
         pytest.skip("CIFAR-10 not found in ../shared")
     train, test = _patches(CIFAR_TRAIN, 400), _patches(CIFAR_TEST, 64)
     mean = train.reshape(-1, 48).mean(0)
     _, _, vt = np.linalg.svd(train.reshape(-1, 48) - mean, full_matrices=False)
+    return train, test, mean, vt
+
+
+@pytest.fixture(scope="module")
+def real_codes():
+    train, test, mean, vt = pca_patches()
     basis = vt[:D].T                                                                            # (48, d)
     proj = train.reshape(-1, 48) @ basis - mean @ basis
     lo, hi = np.percentile(proj, 0.5, 0), np.percentile(proj, 99.5, 0)

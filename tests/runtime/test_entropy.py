@@ -9,30 +9,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from mercury_onnx.formats import codec_wire as w
 from mercury_onnx.formats import entropy as E
 
-from ..conftest import CIFAR_TEST, CIFAR_TRAIN
+from .test_codec_wire import pca_patches
 
 MODEL, CODEC = "0123456789abcdef", "e0c0dec0"
 N, K = 64, 16
 
 
-def _patches(folder, count):
-    files = sorted(folder.rglob("*.jpg"))[:: max(1, len(list(folder.rglob("*.jpg"))) // count)][:count]
-    x = np.stack([np.asarray(Image.open(f).convert("RGB"), np.float32) / 255 for f in files])   # (M, 32, 32, 3)
-    return x.reshape(len(x), 8, 4, 8, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(len(x), N, 48)
-
-
 @pytest.fixture(scope="module")
 def codes():
-    if not CIFAR_TEST.exists() or not CIFAR_TRAIN.exists():
-        pytest.skip("CIFAR-10 not found in ../shared")
-    train, test = _patches(CIFAR_TRAIN, 400), _patches(CIFAR_TEST, 64)
-    mean = train.reshape(-1, 48).mean(0)
-    _, _, vt = np.linalg.svd(train.reshape(-1, 48) - mean, full_matrices=False)
+    train, test, mean, vt = pca_patches()
 
     def codes_of(p):
         y = (p - mean) @ vt.T                                                       # (M, N, 48)
