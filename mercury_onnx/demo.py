@@ -329,7 +329,7 @@ def demo(
         fail("--images and --requests must be >= 1")
     if token_dtype not in ("int8", "fp16"):
         fail("--token-dtype: int8 or fp16")
-    from .models.codec import codec_name
+    from .formats.codec_wire import codec_name
     codec = None if codec.lower() in ("", "none") else codec
     if codec:
         try:

@@ -8,8 +8,6 @@ and the image-codec rows.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 

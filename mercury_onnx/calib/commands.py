@@ -129,7 +129,7 @@ def calibrate(
     need_export_extra("calibrate")
     from ..models.checkpoint import save_mercury
     from .recipe import combine_parts, per_ratio_temperatures, run_parallel, summary_line
-    from ..models.codec import parse_codec
+    from ..formats.codec_wire import parse_codec
 
     if images < 1 or steps < 0 or batch_size < 1 or heldout < 0 or jobs < 1:
         fail("--images, --batch-size and --jobs must be >= 1, --steps and --heldout >= 0")
@@ -285,7 +285,7 @@ def evaluate(
     from .evaluate import format_table, method_grid, plot, prepare
 
     t0 = time.time()
-    from ..models.codec import codec_name
+    from ..formats.codec_wire import codec_name
     try:
         codec = list(dict.fromkeys(map(codec_name, codec)))
         if rate_curve:

@@ -88,7 +88,7 @@ class ExportOptions:
         bad = [t for t in self.token_dtypes if t not in TOKEN_DTYPES]
         if bad:
             raise ExportError(f"unknown token dtype {bad}; choose from {TOKEN_DTYPES}")
-        from ..models.codec import codec_name
+        from ..formats.codec_wire import codec_name
         try:
             self.codecs = list(dict.fromkeys(map(codec_name, self.codecs)))
         except ValueError as e:

@@ -31,6 +31,7 @@ numpy + zstandard only (device side, the [edge] extra; zstandard has aarch64 whe
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -74,30 +75,43 @@ def codec_id(model_id: str, dims: int, bits: int, basis_sha256: str, dictionary_
 
 
 def parse_codec(name: str) -> tuple[int, int]:
-    """'16x4' -> (16, 4): d principal dims, b bits per channel (1..8)."""
-    try:
-        d, b = (int(v) for v in name.lower().split("x"))
-    except ValueError:
-        raise WireError(f"codec {name!r}: write it as DxB, e.g. 16x4 (d dims, b bits)") from None
+    """'16x4' -> (16 dims, 4 bits). WireError (a ValueError) with the rule on anything else."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(name))
+    if not m:
+        raise WireError(f"codec {name!r}: expected DxB, e.g. 16x4 (D principal dims, B bits per channel), "
+                        "or eP, e.g. e6 (entropy-coded, about P% relative token error)")
+    d, b = int(m.group(1)), int(m.group(2))
     if d < 1 or not 1 <= b <= 8:
-        raise WireError(f"codec {name!r}: needs d >= 1 and 1 <= b <= 8")
+        raise WireError(f"codec {name!r}: dims must be >= 1 and bits 1..8")
     return d, b
+
+
+def parse_entropy(name: str) -> float | None:
+    """'e6' -> 0.06 (the relative token error an eP codec is fit to); None when `name` is not eP."""
+    m = re.fullmatch(r"\s*[eE]\s*(\d+(?:\.\d+)?)\s*", str(name))
+    if not m:
+        return None
+    pct = float(m.group(1))
+    if not 0 < pct < 100:
+        raise WireError(f"codec {name!r}: eP needs 0 < P < 100 (percent relative token error)")
+    return pct / 100
+
+
+def codec_name(name: str) -> str:
+    """The canonical name of a codec spec ('16X4' -> '16x4', 'e6.0' -> 'e6'): the manifest's."""
+    rel = parse_entropy(name)
+    if rel is not None:
+        return f"e{rel * 100:g}"
+    return "{}x{}".format(*parse_codec(name))
 
 
 def find_codec(variant_entry: dict, name: str) -> dict:
     """The manifest's codec entry `name` (e.g. '16x4', 'e6') of one variant; clear error if absent."""
     codecs = variant_entry.get("codecs") or []
-    if name.strip().lower().startswith("e"):
-        try:
-            want = f"e{float(name.strip()[1:]):g}"
-        except ValueError:
-            raise WireError(f"codec {name!r}: write an entropy codec as eP, e.g. e6") from None
-        match = [c for c in codecs if c["name"] == want]
-    else:
-        d, b = parse_codec(name)
-        match = [c for c in codecs if (c["dims"], c["bits"]) == (d, b) and c.get("kind", "fixed") == "fixed"]
-    if match:
-        return match[0]
+    want = codec_name(name)
+    for c in codecs:
+        if c["name"] == want:
+            return c
     have = [c["name"] for c in codecs] or "none (export with --codec DxB)"
     raise WireError(f"no codec {name} for keep ratio {variant_entry.get('keep_ratio')}; this export has {have}")
 
@@ -165,28 +179,6 @@ def mask_to_indices(data: bytes, batch: int, num_patches: int, keep: int) -> np.
 
 
 # ---- zstd ------------------------------------------------------------------------------------
-
-_cctx: dict = {}
-_dctx: dict = {}
-
-
-def _compressor(dictionary: bytes | None) -> zstd.ZstdCompressor:
-    c = _cctx.get(dictionary)
-    if c is None:
-        params = zstd.ZstdCompressionParameters.from_level(LEVEL, format=zstd.FORMAT_ZSTD1_MAGICLESS,
-                                                           write_checksum=0, write_content_size=0, write_dict_id=0)
-        d = zstd.ZstdCompressionDict(dictionary) if dictionary else None
-        c = _cctx[dictionary] = zstd.ZstdCompressor(dict_data=d, compression_params=params)
-    return c
-
-
-def _decompressor(dictionary: bytes | None) -> zstd.ZstdDecompressor:
-    d = _dctx.get(dictionary)
-    if d is None:
-        zd = zstd.ZstdCompressionDict(dictionary) if dictionary else None
-        d = _dctx[dictionary] = zstd.ZstdDecompressor(dict_data=zd, format=zstd.FORMAT_ZSTD1_MAGICLESS)
-    return d
-
 
 def _layout(codes: np.ndarray, bits: int) -> bytes:
     """What zstd compresses: (.., d, T) codes one per byte (3, 5, 6, 7 bits) or bit-packed."""
@@ -262,7 +254,7 @@ def encode(codes: np.ndarray, indices: np.ndarray, num_patches: int, bits: int, 
     else:
         cm = codes.transpose(0, 2, 1)                                   # (B, d, T): channel-major
         raw = pack_bits(cm, bits)
-        z = _compressor(dictionary).compress(_layout(cm, bits))
+        z = entropy.compressor(dictionary, LEVEL).compress(_layout(cm, bits))
         flags = 0
         if len(z) < len(raw):
             flags = FLAG_ZSTD | (FLAG_DICT if dictionary else 0) | (FLAG_BYTES if bits in BYTE_LAYOUT_BITS else 0)
@@ -356,7 +348,7 @@ def decode(data: bytes, *, model_id: str | None = None, codec_id: str | None = N
     if h.flags & FLAG_ZSTD:
         n_in = count if h.flags & FLAG_BYTES else n_raw
         try:
-            raw = _decompressor(dictionary if h.flags & FLAG_DICT else None).decompress(body, max_output_size=n_in)
+            raw = entropy.decompressor(dictionary if h.flags & FLAG_DICT else None).decompress(body, max_output_size=n_in)
         except zstd.ZstdError as e:
             raise WireError(f"payload body does not decompress ({e})") from None
         if len(raw) != n_in:

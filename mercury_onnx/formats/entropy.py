@@ -66,7 +66,7 @@ def zigzag(codes: np.ndarray) -> np.ndarray:
 
 def unzigzag(v: np.ndarray) -> np.ndarray:
     """Inverse of zigzag -> uint8 codes; EntropyError if one falls outside 0..255."""
-    v = v.astype(np.int32)
+    v = v.astype(np.int64)                                  # decoded values can be anything: no wrap-around
     q = (v >> 1) ^ -(v & 1)
     if q.size and (q.min() < -128 or q.max() > 127):
         raise EntropyError("body decodes to codes outside 0..255 (corrupt payload)")
@@ -93,11 +93,6 @@ def _from_unary(bits: np.ndarray, n: int, what: str) -> np.ndarray:
     if len(ones) != n or (n and len(bits) - ones[-1] > 8):
         raise EntropyError(f"body's {what} part holds {len(ones)} codes, expected {n} (truncated or corrupt)")
     return np.diff(ones, prepend=-1) - 1
-
-
-def _zstd_params() -> zstd.ZstdCompressionParameters:
-    return zstd.ZstdCompressionParameters.from_level(LEVEL, format=zstd.FORMAT_ZSTD1_MAGICLESS, write_checksum=0,
-                                                     write_content_size=0, write_dict_id=0)
 
 
 def train_tables(codes: np.ndarray, dict_size: int = 8192) -> bytes:
@@ -143,23 +138,25 @@ _cctx: dict = {}
 _dctx: dict = {}
 
 
-def _compress(data: bytes, zdict: bytes) -> bytes:
-    c = _cctx.get(zdict)
+def compressor(dictionary: bytes | None, level: int) -> zstd.ZstdCompressor:
+    """A cached zstd compressor writing bare frames (magicless, no checksum, content size or
+    dictionary id: every byte counts), with `dictionary` when given (codec_wire's too)."""
+    c = _cctx.get((dictionary, level))
     if c is None:
-        c = _cctx[zdict] = zstd.ZstdCompressor(dict_data=zstd.ZstdCompressionDict(zdict) if zdict else None,
-                                               compression_params=_zstd_params())
-    return c.compress(data)
+        params = zstd.ZstdCompressionParameters.from_level(level, format=zstd.FORMAT_ZSTD1_MAGICLESS,
+                                                           write_checksum=0, write_content_size=0, write_dict_id=0)
+        c = _cctx[(dictionary, level)] = zstd.ZstdCompressor(
+            dict_data=zstd.ZstdCompressionDict(dictionary) if dictionary else None, compression_params=params)
+    return c
 
 
-def _decompress(data: bytes, zdict: bytes, max_size: int) -> bytes:
-    d = _dctx.get(zdict)
+def decompressor(dictionary: bytes | None) -> zstd.ZstdDecompressor:
+    """The cached reader of compressor()'s frames."""
+    d = _dctx.get(dictionary)
     if d is None:
-        d = _dctx[zdict] = zstd.ZstdDecompressor(dict_data=zstd.ZstdCompressionDict(zdict) if zdict else None,
-                                                 format=zstd.FORMAT_ZSTD1_MAGICLESS)
-    try:
-        return d.decompress(data, max_output_size=max_size)
-    except zstd.ZstdError as e:
-        raise EntropyError(f"zstd part does not decompress ({e})") from None
+        d = _dctx[dictionary] = zstd.ZstdDecompressor(
+            dict_data=zstd.ZstdCompressionDict(dictionary) if dictionary else None, format=zstd.FORMAT_ZSTD1_MAGICLESS)
+    return d
 
 
 def varint(n: int) -> bytes:
@@ -208,7 +205,7 @@ def encode_body(codes: np.ndarray, tables: Tables) -> bytes:
     b, t, _ = codes.shape
     zpos, rpos, k, groups, _ = _layout(tables, b, t)
     zz = zigzag(codes).transpose(0, 2, 1).reshape(-1)                          # (B*d*T,) channel-major
-    zpart = _compress(np.packbits(_unary(zz[zpos])).tobytes(), tables.zdict) if len(zpos) else b""
+    zpart = compressor(tables.zdict, LEVEL).compress(np.packbits(_unary(zz[zpos])).tobytes()) if len(zpos) else b""
     v = zz[rpos].astype(np.int64)
     low = [((v[pos, None] >> np.arange(kv - 1, -1, -1)) & 1).reshape(-1) for kv, pos in groups]
     low = np.packbits(np.concatenate(low).astype(np.uint8)) if low else np.zeros(0, np.uint8)
@@ -223,7 +220,10 @@ def decode_body(body: bytes, tables: Tables, batch: int, tokens: int) -> np.ndar
         raise EntropyError("body's zstd part is truncated, or there when the tables code no channel with zstd")
     zz = np.empty(batch * tables.dims * tokens, np.int64)
     if len(zpos):
-        raw = _decompress(body[off:off + n_zpart], tables.zdict, 32 * len(zpos) + 8)
+        try:
+            raw = decompressor(tables.zdict).decompress(body[off:off + n_zpart], max_output_size=32 * len(zpos) + 8)
+        except zstd.ZstdError as e:
+            raise EntropyError(f"zstd part does not decompress ({e})") from None
         zz[zpos] = _from_unary(np.unpackbits(np.frombuffer(raw, np.uint8)), len(zpos), "zstd")
         off += n_zpart
     if len(rpos):
@@ -240,6 +240,4 @@ def decode_body(body: bytes, tables: Tables, batch: int, tokens: int) -> np.ndar
         zz[rpos] = (u << k) | lows
     elif off != len(body):
         raise EntropyError("body has trailing bytes")
-    if zz.max(initial=0) > 255:
-        raise EntropyError("body decodes to codes outside 0..255 (corrupt payload)")
     return np.ascontiguousarray(unzigzag(zz).reshape(batch, tables.dims, tokens).transpose(0, 2, 1))

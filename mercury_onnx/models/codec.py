@@ -31,46 +31,15 @@ per channel; the prefix rows share the patches' basis, steps and table (one row 
 """
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
+
+from ..formats.codec_wire import parse_codec, parse_entropy
 
 CLIP_QUANTILES = (0.0, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 STEP_MULTIPLIERS = 2.0 ** (torch.arange(-2, 9) / 4)     # per-channel steps the entropy fit tries, x Delta
 LAMBDA = 0.08                                           # lambda = LAMBDA * Delta^2 per bit
 BISECT_ROWS = 8192                                      # token rows the Delta bisection looks at
-
-
-def parse_codec(name: str) -> tuple[int, int]:
-    """'16x4' -> (16 dims, 4 bits). Raises ValueError with the rule on anything else."""
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(name))
-    if not m:
-        raise ValueError(f"codec {name!r}: expected DxB, e.g. 16x4 (D principal dims, B bits per channel), "
-                         "or eP, e.g. e6 (entropy-coded, about P% relative token error)")
-    d, b = int(m.group(1)), int(m.group(2))
-    if d < 1 or not 1 <= b <= 8:
-        raise ValueError(f"codec {name!r}: dims must be >= 1 and bits 1..8")
-    return d, b
-
-
-def parse_entropy(name: str) -> float | None:
-    """'e6' -> 0.06 (the relative token error the fit aims at); None when `name` is not eP."""
-    m = re.fullmatch(r"\s*[eE]\s*(\d+(?:\.\d+)?)\s*", str(name))
-    if not m:
-        return None
-    pct = float(m.group(1))
-    if not 0 < pct < 100:
-        raise ValueError(f"codec {name!r}: eP needs 0 < P < 100 (percent relative token error)")
-    return pct / 100
-
-
-def codec_name(name: str) -> str:
-    """The canonical name of a codec spec ('16X4' -> '16x4', 'e6.0' -> 'e6'); ValueError if neither."""
-    rel = parse_entropy(name)
-    if rel is not None:
-        return f"e{rel * 100:g}"
-    return "{}x{}".format(*parse_codec(name))
 
 
 class TokenCodec(nn.Module):
@@ -201,6 +170,14 @@ def _ranges(z: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
+def _position_means(patches: torch.Tensor, flat_idx: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """Mean of the kept patch rows (M K, D) at each position (flat_idx (M K,)) -> (N, D), in the
+    rows' dtype; a position never kept gets the mean of all rows."""
+    count = torch.bincount(flat_idx, minlength=num_patches).to(patches.dtype)           # (N,)
+    sums = torch.zeros(num_patches, patches.shape[1], dtype=patches.dtype).index_add_(0, flat_idx, patches)
+    return torch.where(count[:, None] > 0, sums / count.clamp_min(1)[:, None], patches.mean(0))
+
+
 def fit_codec(tokens: torch.Tensor, indices: torch.Tensor, num_patches: int, dims: int, bits: int,
               mean: str = "position") -> TokenCodec:
     """Fit a DxB codec on head outputs of calibration images: tokens (M, P+K, D), indices (M, K)."""
@@ -212,10 +189,7 @@ def fit_codec(tokens: torch.Tensor, indices: torch.Tensor, num_patches: int, dim
     patches = tokens[:, p:].reshape(-1, dim)                                    # (M K, D)
     flat_idx = indices.reshape(-1)
     if mean == "position":
-        count = torch.bincount(flat_idx, minlength=num_patches).float()         # (N,)
-        sums = torch.zeros(num_patches, dim).index_add_(0, flat_idx, patches)
-        glob = patches.mean(0)
-        codec.pos_mean.copy_(torch.where(count[:, None] > 0, sums / count.clamp_min(1)[:, None], glob))
+        codec.pos_mean.copy_(_position_means(patches, flat_idx, num_patches))
     elif mean == "global":
         codec.pos_mean.copy_(patches.mean(0).expand(num_patches, dim))
     else:
@@ -241,11 +215,7 @@ def _centred_rows(tokens: torch.Tensor, indices: torch.Tensor, num_patches: int)
     t = tokens.double()
     m, _, dim = t.shape
     p = t.shape[1] - indices.shape[1]
-    flat_idx = indices.reshape(-1)
-    patches = t[:, p:].reshape(-1, dim)
-    count = torch.bincount(flat_idx, minlength=num_patches).double()
-    sums = torch.zeros(num_patches, dim, dtype=torch.float64).index_add_(0, flat_idx, patches)
-    pos_mean = torch.where(count[:, None] > 0, sums / count.clamp_min(1)[:, None], patches.mean(0))
+    pos_mean = _position_means(t[:, p:].reshape(-1, dim), indices.reshape(-1), num_patches)
     prefix_mean = t[:, :p].mean(0)
     mean = torch.cat([prefix_mean.expand(m, p, dim), pos_mean[indices]], 1)
     return pos_mean, prefix_mean, t - mean
@@ -257,15 +227,17 @@ def _entropy_choice(y: torch.Tensor, delta: float, smin: torch.Tensor):
     reconstruction at the centroids. -> steps (D,), centroid tables (D, 256)."""
     r, dim = y.shape
     lam = LAMBDA * delta ** 2
-    best_cost = (y ** 2).sum(0)                                             # dropping the channel
+    y2 = y ** 2
+    best_cost = y2.sum(0)                                                   # dropping the channel
+    y_flat, y2_flat = y.reshape(-1), y2.reshape(-1)                          # bincount weights
     steps, tables = torch.zeros(dim, dtype=torch.float64), torch.zeros(dim, 256, dtype=torch.float64)
     offsets = 256 * torch.arange(dim)
     for mult in STEP_MULTIPLIERS.tolist():
         s = torch.clamp(smin, min=delta * mult)                             # (D,)
         flat = (torch.clamp(torch.round(y / s), -128, 127).long() + 128 + offsets).reshape(-1)
         n = torch.bincount(flat, minlength=dim * 256).view(dim, 256).double()
-        sy = torch.bincount(flat, y.reshape(-1), minlength=dim * 256).view(dim, 256)
-        sy2 = torch.bincount(flat, (y ** 2).reshape(-1), minlength=dim * 256).view(dim, 256)
+        sy = torch.bincount(flat, y_flat, minlength=dim * 256).view(dim, 256)
+        sy2 = torch.bincount(flat, y2_flat, minlength=dim * 256).view(dim, 256)
         dist = (sy2 - sy ** 2 / n.clamp_min(1)).sum(1)                      # centroid error per channel
         p = n / r
         bits = -(p * torch.log2(p.clamp_min(1e-300))).sum(1) * r

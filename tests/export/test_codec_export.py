@@ -14,7 +14,8 @@ from mercury_onnx.export.images import load_images
 from mercury_onnx.formats.manifest import load_manifest
 from mercury_onnx.models.checkpoint import load_mercury, mercury_from_any, save_mercury
 from mercury_onnx.formats import codec_wire
-from mercury_onnx.models.codec import codec_name, fit_codec, fit_entropy_codec, parse_codec
+from mercury_onnx.formats.codec_wire import codec_name, parse_codec
+from mercury_onnx.models.codec import fit_codec, fit_entropy_codec
 
 
 def _onnx_and_torch(export, c, m, codec, cifar_test, man):
