@@ -44,7 +44,7 @@
 #                images), and JPEG, WebP, AVIF of the test images -> docs/results/codec/rate_curve.{json,png};
 #                the v3b recipe with the 16x4 codec in the loop (calibrate --codec) on the same images
 #                -> codec/inloop.json; the entropy codecs e3/e6/e10 on the first 2,000 test images
-#                -> codec/ref_entropy_2k.json (~12 min); DeiT-B (random weights) on the imagenet-sample
+#                -> codec/ref_entropy_2k.json (~5 min); DeiT-B (random weights) on the imagenet-sample
 #                photos, DxB and eP codecs -> codec/photos_deit_b.json (~6 min); the projection's share
 #                of head time, paired -> codec/head_time.json
 #                55 min measured quiet without the 10x4/12x3/16x3/16x6 eval (sixth session): 16 min the
