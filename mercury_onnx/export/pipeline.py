@@ -123,6 +123,10 @@ def export_model(source: str | Path, out_dir: str | Path, keep_ratios: Sequence[
     if is_ckpt:   # a checkpoint carries its settings; only a prune point is checked against it
         kw = {"prune_point": kw["prune_point"]} if "prune_point" in kw else {}
     models = mercury_from_any(source, keep_ratios=list(keep_ratios), **kw)
+    proxy = models[0].score_proxy
+    if proxy is not None and not bool(proxy.fitted):
+        opts.say(f"note: the score proxy (prune point attn) is not fitted, so the head scores the "
+                 f"post-attention stream as it is: `mercury-onnx calibrate --prune-point attn` fits it")
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, opts.threads))
     try:
@@ -253,6 +257,8 @@ def _manifest(models, source: str, is_ckpt: bool, opts: ExportOptions, variants:
         "num_classes": num_classes,
         "prune_after_block": first.prune_at, "split_after_block": first.split,
         "prune_point": cfg.prune_point,
+        "score_proxy": ({"rank": cfg.score_proxy_rank, "fitted": bool(first.score_proxy.fitted)}
+                        if first.score_proxy is not None else None),
         "pruning": cfg.pruning, "score": cfg.score, "region_size": cfg.region_size,
         "reconstruction": cfg.reconstruction, "opset": opts.opset,
         "exporter": "dynamo" if opts.dynamo else "torchscript",

@@ -2,7 +2,8 @@
 
 Files (same stem):
 - `NAME.safetensors`: `backbone.<timm key>` tensors and `meta.<K>.<param>` tensors, one group
-  per kept-token count K;
+  per kept-token count K (prune point attn: also the pruning block's fitted score proxy,
+  `backbone.blocks.<i>.score_proxy.{a,b,c,fitted}`, shared by every K);
 - `NAME.json`: {"format": "mercury-checkpoint/1", "config": MercuryConfig (backbone part and
   method settings), "keep_tokens": [K, ...], "calibration": {...free-form report...}}.
 - When the meta-parameters were calibrated with a token codec in the loop (`calibrate
@@ -44,7 +45,9 @@ def save_mercury(path: str | Path, models: list[Mercury], calibration: dict | No
     backbone = models[0].backbone
     if any(m.backbone is not backbone for m in models):
         raise ValueError("all models in one checkpoint must share the backbone")
-    tensors = {f"backbone.{k}": v.detach().contiguous() for k, v in backbone.state_dict().items()}
+    proxy = models[0].cfg.uses_score_proxy   # a proxy another wrapper attached is not this checkpoint's
+    tensors = {f"backbone.{k}": v.detach().contiguous() for k, v in backbone.state_dict().items()
+               if proxy or ".score_proxy." not in k}
     codecs = {}
     for m in models:
         for k, v in m.recon.state_dict().items():
@@ -112,7 +115,8 @@ def load_mercury(path: str | Path, keep_tokens: list[int] | None = None, **overr
         raise ConfigError(f"{weights.name} was calibrated with prune_point={stored_point!r}; its meta-parameters "
                           f"fill tokens of that prune point, not of {overrides['prune_point']!r}. Calibrate "
                           f"a checkpoint with --prune-point {overrides['prune_point']}")
-    base = MercuryConfig.from_dict({**info["config"], **overrides})
+    # checkpoints written before the score proxy scored the post-attention stream as it is
+    base = MercuryConfig.from_dict({"score_proxy_rank": 0, **info["config"], **overrides})
     bb_sd = {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
     backbone = None
     models = []

@@ -58,7 +58,10 @@ def info(
                   if first.cfg.prune_point == "attn" else ""))
     score = {"similarity": "distinctness d_i", "product": "CLS attention x distinctness a_i*d_i",
              "attention": "CLS attention a_i"}.get(first.cfg.score, first.cfg.score)
-    typer.echo(f"pruning          {first.cfg.pruning}, score {first.cfg.score} ({score})")
+    proxy = first.score_proxy
+    typer.echo(f"pruning          {first.cfg.pruning}, score {first.cfg.score} ({score})"
+               + (f", on the post-attention stream through a rank-{proxy.rank} score proxy "
+                  f"({'fitted' if bool(proxy.fitted) else 'not fitted: calibrate fits it'})" if proxy is not None else ""))
     for m in models:
         l = g // m.cfg.region_size
         f = split_flops(m)

@@ -44,6 +44,8 @@ class MercuryConfig:
     prune_after_block: int = 1             # prune after this many blocks (1 = after the first)
     prune_point: str = "block"             # "block": after the whole block (the paper's); "attn": after
                                            # its attention, so its MLP runs on the kept tokens only
+    score_proxy_rank: int = 32             # prune_point "attn": score x + a rank-r linear stand-in for the
+                                           # MLP half (pruning.ScoreProxy, fit by calibrate); 0 = score x
     split_after_block: int | None = None   # device runs blocks [0, split); None = prune_after_block
     keep_ratio: float | None = 0.5         # fraction of the N patch tokens kept ...
     keep_tokens: int | None = None         # ... or K directly (wins over keep_ratio)
@@ -58,6 +60,11 @@ class MercuryConfig:
     @property
     def split(self) -> int:
         return self.prune_after_block if self.split_after_block is None else self.split_after_block
+
+    @property
+    def uses_score_proxy(self) -> bool:
+        """Whether the selection scores the post-attention stream through a ScoreProxy."""
+        return self.prune_point == "attn" and self.pruning == "regional" and self.score_proxy_rank > 0
 
     @property
     def reads_attention(self) -> bool:
@@ -86,6 +93,8 @@ class MercuryConfig:
             raise ConfigError(f"unknown score {self.score!r}; choose from {SCORE_VARIANTS}")
         if self.prune_point not in PRUNE_POINTS:
             raise ConfigError(f"unknown prune_point {self.prune_point!r}; choose from {PRUNE_POINTS}")
+        if not isinstance(self.score_proxy_rank, int) or self.score_proxy_rank < 0:
+            raise ConfigError(f"score_proxy_rank={self.score_proxy_rank!r} must be an integer >= 0")
         if self.reconstruction not in RECONSTRUCTIONS:
             raise ConfigError(f"unknown reconstruction {self.reconstruction!r}; choose from {RECONSTRUCTIONS}")
         if self.pruning == "topk-attn-fuse" and self.reconstruction != "none":

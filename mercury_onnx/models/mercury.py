@@ -11,7 +11,10 @@ What is modified in the timm model, and why (ToMe-style, no fork):
   default `similarity` score never reads it, so the default model is timm's, untouched.
 - With `prune_point="attn"` the pruning block's forward is taken apart into its two residual
   halves (timm's Block: x + attn(norm1(x)), then x + mlp(norm2(x))): selection runs on the
-  stream after the attention half, and the MLP half runs on the kept tokens only.
+  stream after the attention half, and the MLP half runs on the kept tokens only. The score
+  reads that stream through a `ScoreProxy` (pruning.py), a rank-r linear stand-in for the MLP
+  half, attached to the pruning block as `score_proxy` (so it is shared by every wrapper on
+  the backbone and saved with its tensors; calibrate fits it).
 - Nothing else. Prefix tokens (timm's `num_prefix_tokens`: the CLS, a distilled DeiT's
   distillation token, registers) are always sent and never pruned. The split follows timm's forward_features chain
   (patch_embed -> _pos_embed -> patch_drop -> norm_pre -> blocks -> norm -> forward_head);
@@ -103,6 +106,13 @@ class Mercury(nn.Module):
         for i in self.prune_blocks:
             _check_attention(m.blocks[i])
         self.reads_attention = cfg.reads_attention
+        if cfg.uses_score_proxy:
+            blk = m.blocks[self.prune_at - 1]
+            if getattr(blk, "score_proxy", None) is None:
+                blk.score_proxy = P.ScoreProxy(self.dim, cfg.score_proxy_rank)
+            elif blk.score_proxy.rank != cfg.score_proxy_rank:
+                raise ConfigError(f"this backbone's score proxy has rank {blk.score_proxy.rank}, not "
+                                  f"score_proxy_rank={cfg.score_proxy_rank}")
         if self.reads_attention:
             self.record_attention()
         self.schedule = (P.janus_schedule(self.num_patches, self.keep, len(self.prune_blocks))
@@ -160,8 +170,17 @@ class Mercury(nn.Module):
         """Mercury's selection as token rows (B, P+K, 1): 0..P-1 (the prefix tokens), then
         P + kept patch indices."""
         p = self.num_prefix_tokens
-        cost = P.selection_cost(x, cls_attn, self.cfg.score, prefix=p)   # (B, P+N, 1)
+        cost = P.selection_cost(self.score_stream(x), cls_attn, self.cfg.score, prefix=p)   # (B, P+N, 1)
         return P.regional_rows(cost, k, self.grid, self.cfg.region_size, prefix=p)
+
+    @property
+    def score_proxy(self) -> P.ScoreProxy | None:
+        return self.backbone.blocks[self.prune_at - 1].score_proxy if self.cfg.uses_score_proxy else None
+
+    def score_stream(self, x: torch.Tensor) -> torch.Tensor:
+        """What the selection scores: x, or with the score proxy x + norm2(x) A B + c."""
+        proxy = self.score_proxy
+        return x if proxy is None else proxy(x, self.backbone.blocks[self.prune_at - 1].norm2)
 
     def forward_prefix(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Blocks [0, prune_after_block) (prune_point "attn": the last one's attention half

@@ -113,6 +113,58 @@ def selection_cost(x: torch.Tensor, cls_attn: torch.Tensor | None, variant: str 
     return F.pad(-semantic_score(x, cls_attn, variant, skip=prefix), (prefix, 0)).unsqueeze(-1)
 
 
+class ScoreProxy(torch.nn.Module):
+    """What the prune point "attn" scores instead of the post-attention stream x: x plus a
+    rank-r linear stand-in for the MLP half it has not run yet,
+
+        x + norm2(x) A B + c        A (D, r), B (r, D), c (D,): one LayerNorm, two thin MatMuls,
+
+    so the selection sees roughly the tokens that `block` would score (x + mlp(norm2(x))) for
+    4 (P+N) D r FLOPs instead of the MLP's 16 (P+N) D^2. All zeros (as built) it is the plain
+    stream, x; `fit_score_proxy` fits it by reduced-rank ridge regression on calibration
+    tokens. It lives on the pruning block (`block.score_proxy`), so every Mercury wrapper on
+    one backbone shares it and it is saved with the backbone's tensors."""
+
+    def __init__(self, dim: int, rank: int):
+        super().__init__()
+        self.register_buffer("a", torch.zeros(dim, rank))
+        self.register_buffer("b", torch.zeros(rank, dim))
+        self.register_buffer("c", torch.zeros(dim))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[1]
+
+    def forward(self, x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+        return x + (norm(x) @ self.a) @ self.b + self.c                          # (B, T, D)
+
+
+@torch.no_grad()
+def fit_score_proxy(proxy: ScoreProxy, x: torch.Tensor, norm: torch.nn.Module, mlp: torch.nn.Module,
+                    max_rows: int = 65536, ridge: float = 1e-4, seed: int = 0) -> dict:
+    """Fit proxy to the MLP half on post-attention tokens x (M, T, D) of calibration images:
+    h = norm(x), y = mlp(h); W = ridge regression of y on h (centred), then its best rank-r
+    version for the fitted values (reduced-rank regression: W V_r V_r^T, V_r the top right
+    singular vectors of h W). Up to max_rows token rows (seeded). Returns the fraction of
+    y's variance the rank-r map explains."""
+    rows = x.reshape(-1, x.shape[-1])
+    if len(rows) > max_rows:
+        rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:max_rows]]
+    h = norm(rows.float()).double()
+    y = mlp(h.float()).double()
+    mh, my = h.mean(0), y.mean(0)
+    h, y = h - mh, y - my                                                        # (M, D)
+    g = h.T @ h
+    w = torch.linalg.solve(g + ridge * g.diagonal().mean() * torch.eye(len(g), dtype=g.dtype), h.T @ y)
+    v = torch.linalg.svd(h @ w, full_matrices=False).Vh[: proxy.rank].T        # (D, r)
+    a, b = w @ v, v.T
+    proxy.a.copy_(a), proxy.b.copy_(b), proxy.c.copy_(my - mh @ a @ b)
+    proxy.fitted.fill_(True)
+    explained = 1 - ((h @ a @ b - y) ** 2).sum() / (y ** 2).sum()
+    return {"rank": proxy.rank, "rows": len(rows), "explained": round(float(explained), 4)}
+
+
 # ---------------------------------------------------------------- selection
 
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -31,6 +31,7 @@ class ModelSetup:
     export_dir: Path | None = None
     manifest: dict | None = None
     prune_point: str = "block"
+    score_proxy_rank: int = 0         # prune point attn: the head's score proxy (its FLOPs count)
 
     @property
     def keep_ratios(self) -> list[float]:
@@ -61,7 +62,8 @@ def setup_from_export(export_dir: str | Path, verify: bool = True) -> ModelSetup
                       split=int(m.get("split_after_block", m.get("prune_after_block", 1))),
                       keep_tokens=[int(v["keep_tokens"]) for v in m["variants"]],
                       model_id=m.get("model_id"), export_dir=Path(export_dir), manifest=m,
-                      prune_point=m.get("prune_point", "block"))
+                      prune_point=m.get("prune_point", "block"),
+                      score_proxy_rank=int((m.get("score_proxy") or {}).get("rank", 0)))
 
 
 def setup_from_name(name: str, keep_ratios: list[float], img_size: int | None = None,
@@ -77,7 +79,8 @@ def setup_from_name(name: str, keep_ratios: list[float], img_size: int | None = 
     side = int(round(g.num_patches ** 0.5)) * g.patch_size
     ks = [max(1, int(round(r * g.num_patches))) for r in keep_ratios]
     return ModelSetup(label=f"{name} (no export: modelled{', prune point attn' if prune_point == 'attn' else ''})", geom=g, input_size=(side, side),
-                      prune_after=1, split=1, keep_tokens=ks, prune_point=prune_point)
+                      prune_after=1, split=1, keep_tokens=ks, prune_point=prune_point,
+                      score_proxy_rank=VF.SCORE_PROXY_RANK if prune_point == "attn" else 0)
 
 
 def graph_flops(s: ModelSetup) -> dict:
@@ -86,7 +89,8 @@ def graph_flops(s: ModelSetup) -> dict:
     g = s.geom
     out: dict = {"full": VF.vanilla_flops(g)}
     for k in s.keep_tokens:
-        out[("head", k)] = VF.head_flops(g, s.split, prune_point=s.prune_point, keep=k)
+        out[("head", k)] = VF.head_flops(g, s.split, prune_point=s.prune_point, keep=k,
+                                         score_proxy_rank=s.score_proxy_rank)
         out[("tail", k)] = VF.tail_flops(g, s.split)
         jsplit = min(g.depth, s.prune_after + JANUS_BLOCKS - 1)
         out[("janus_head", k)] = VF.head_flops(g, jsplit, VF.janus_schedule(g.num_patches, k, JANUS_BLOCKS))

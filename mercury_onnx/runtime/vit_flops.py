@@ -8,7 +8,8 @@ norms, GELU and the pruning score are not counted. On T tokens of width D, one b
     = (8 + 4r)·T·D² + 4·T²·D            (r = MLP ratio, 4 for ViT/DeiT)
 
 With prune point "attn" the pruning block's attention half runs on P+N tokens and its MLP
-half on the P+K kept ones.
+half on the P+K kept ones; the score proxy of rank s (models/pruning.ScoreProxy) adds its two
+thin matmuls on P+N tokens, 4·(P+N)·D·s.
 
 Patch embedding is 2·N·(C·p²)·D, the classifier 2·D·classes. The test suite checks these
 against the torch counter on DeiT-T/S/B.
@@ -17,6 +18,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+# the score proxy's rank an attn export has by default (MercuryConfig.score_proxy_rank; torch-free copy)
+SCORE_PROXY_RANK = 32
 
 # timm ViT/DeiT widths, depths (heads do not change the FLOPs)
 _WIDTHS = {"tiny": (192, 12), "small": (384, 12), "base": (768, 12), "large": (1024, 24), "huge": (1280, 32)}
@@ -88,10 +92,11 @@ def vanilla_flops(g: VitGeometry) -> int:
 
 
 def head_flops(g: VitGeometry, split: int = 1, token_schedule: list[int] | None = None,
-               prune_point: str = "block", keep: int | None = None) -> int:
+               prune_point: str = "block", keep: int | None = None, score_proxy_rank: int = 0) -> int:
     """Device part: embedding, then `split` blocks. Without a schedule every device block runs
     on P+N tokens (Mercury prunes after the last device block); with prune_point "attn" the
-    last device block's MLP half runs on the P+keep kept tokens only. With a schedule
+    last device block's MLP half runs on the P+keep kept tokens only (and its score proxy, of
+    rank score_proxy_rank, on all P+N). With a schedule
     (Janus-like progressive pruning), block 0 runs on P+N tokens and block i>0 on P+schedule[i-1]."""
     p = g.num_prefix_tokens
     tokens = [p + g.num_patches] * split
@@ -102,7 +107,8 @@ def head_flops(g: VitGeometry, split: int = 1, token_schedule: list[int] | None 
             raise ValueError("prune_point 'attn' needs keep (the kept patch tokens)")
         last = tokens.pop()
         return (embed_flops(g) + sum(block_flops(t, g.dim, g.mlp_ratio) for t in tokens)
-                + attn_flops(last, g.dim) + mlp_flops(p + keep, g.dim, g.mlp_ratio))
+                + attn_flops(last, g.dim) + mlp_flops(p + keep, g.dim, g.mlp_ratio)
+                + 4 * last * g.dim * score_proxy_rank)
     return embed_flops(g) + sum(block_flops(t, g.dim, g.mlp_ratio) for t in tokens)
 
 

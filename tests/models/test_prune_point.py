@@ -3,6 +3,8 @@ stream, block 1's MLP on the kept tokens only. Checked against timm's own (unpat
 on real CIFAR-10 images, in torch and in ORT; FLOPs by count; checkpoints keep their point."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import timm
@@ -22,13 +24,21 @@ from .test_pruning_reference import reference_rows, reference_scores
 
 @pytest.fixture(scope="module")
 def ref(ref_json, cifar_test):
-    """Reference backbone, attn-point wrappers at keep 0.5 / 0.25, an unpatched timm copy and
-    64 real test images."""
+    """Reference backbone, attn-point wrappers at keep 0.5 / 0.25 (score proxy fit on 512 real
+    train images, as calibrate does), an unpatched timm copy and 64 real test images."""
+    from mercury_onnx.calib.calibrate import fit_proxy, run_prefix
+    from mercury_onnx.calib.data import load_image_set, preprocess_for
+
     cfg = MercuryConfig.from_checkpoint_json(ref_json, keep_ratio=0.5, prune_point="attn")
     backbone = create_backbone(cfg)
-    models = [build_mercury(MercuryConfig(**{**cfg.to_dict(), "keep_ratio": r}), backbone) for r in (0.5, 0.25)]
     vanilla = timm.create_model(cfg.timm_model, **cfg.overrides).eval()
     vanilla.load_state_dict(backbone.state_dict())
+    models = [build_mercury(MercuryConfig(**{**cfg.to_dict(), "keep_ratio": r}), backbone) for r in (0.5, 0.25)]
+    train, _ = load_image_set(cifar_test.parent / "train", preprocess_for(models[0]), cfg.classes, count=512,
+                              progress=False)
+    rep = fit_proxy(models[0], run_prefix(models[0], train, progress=False))
+    assert rep["rank"] == 32 and rep["explained"] > 0.8, rep
+    assert fit_proxy(models[1], run_prefix(models[1], train.subset(range(8)), progress=False)) is None  # shared
     images, _ = load_images(cifar_test, 64, (32, 32), cfg.mean, cfg.std)
     return models, vanilla, torch.from_numpy(images)
 
@@ -43,8 +53,11 @@ def test_attn_head_is_timm_block_with_the_mlp_on_kept_tokens(ref):
             prefix, cls_attn = m.forward_prefix(images)
             assert torch.allclose(prefix, post_attn, atol=1e-5)
             tokens, idx = m.forward_head(images)
-            # the selection is the float64 reference's, on the post-attention stream
-            assert torch.equal(idx, reference_rows(reference_scores(prefix, cls_attn), m.keep, m.grid,
+            # the selection is the float64 reference's, on the post-attention stream through the proxy
+            scored = m.score_stream(prefix)
+            assert torch.allclose(scored, prefix + blk.norm2(prefix) @ m.score_proxy.a @ m.score_proxy.b
+                                  + m.score_proxy.c, atol=1e-5)
+            assert torch.equal(idx, reference_rows(reference_scores(scored, cls_attn), m.keep, m.grid,
                                                    m.cfg.region_size))
             kept = torch.stack([prefix[b, [0] + (idx[b] + 1).tolist()] for b in range(len(idx))])
             assert torch.allclose(tokens, kept + blk.mlp(blk.norm2(kept)), atol=1e-5)
@@ -52,6 +65,38 @@ def test_attn_head_is_timm_block_with_the_mlp_on_kept_tokens(ref):
             full = blk(x)
             assert torch.allclose(tokens, torch.stack([full[b, [0] + (idx[b] + 1).tolist()]
                                                        for b in range(len(idx))]), atol=1e-5)
+
+
+def test_score_proxy_selects_closer_to_the_whole_block(ref):
+    """On real test images the proxy's selection overlaps block's (after the MLP) more than a
+    selection on the post-attention stream as it is; unfitted (zeros) it is that stream."""
+    models, vanilla, images = ref
+    blk = vanilla.blocks[0]
+    with torch.no_grad():
+        for m in models:
+            prefix, _ = m.forward_prefix(images)
+
+            def rows(x):
+                return m.regional_rows(x, None, m.keep)[:, 1:, 0] - 1   # scores score_stream(x)
+
+            proxy = m.score_proxy
+            whole = reference_rows(reference_scores(prefix + blk.mlp(blk.norm2(prefix)), None), m.keep, m.grid,
+                                   m.cfg.region_size)
+            saved = [t.clone() for t in (proxy.a, proxy.b, proxy.c)]
+            try:
+                for t in (proxy.a, proxy.b, proxy.c):
+                    t.zero_()
+                assert torch.equal(m.score_stream(prefix), prefix)
+                raw = rows(prefix)
+            finally:
+                for t, v in zip((proxy.a, proxy.b, proxy.c), saved):
+                    t.copy_(v)
+            fitted = rows(prefix)
+
+            def overlap(idx):
+                return np.mean([len(set(a.tolist()) & set(b.tolist())) / m.keep for a, b in zip(idx, whole)])
+
+            assert overlap(fitted) > overlap(raw) + 0.05, (m.keep, overlap(fitted), overlap(raw))
 
 
 def test_keep_one_is_the_vanilla_model(ref):
@@ -90,11 +135,14 @@ def test_attn_head_flops_by_count(name, keep):
         set_fused_attn(True)
     g = VF.VitGeometry.from_timm_name(name)
     n, k = g.num_patches, block.keep
-    # same embedding, attention and selection; the MLP runs on 1+K rows instead of 1+N
-    assert f["head"] - attn == VF.mlp_flops(1 + n, g.dim) - VF.mlp_flops(1 + k, g.dim)
-    assert VF.head_flops(g, 1, prune_point="attn", keep=k) == pytest.approx(attn, rel=0.02)
-    assert VF.head_flops(g, 1, prune_point="attn", keep=k) / VF.head_flops(g, 1) == pytest.approx(
-        attn / f["head"], rel=0.01)
+    # same embedding, attention and selection; the MLP runs on 1+K rows instead of 1+N, and the
+    # score proxy's two thin matmuls (rank 32) on all 1+N rows
+    r = VF.SCORE_PROXY_RANK
+    assert r == MercuryConfig.score_proxy_rank
+    assert f["head"] - attn == VF.mlp_flops(1 + n, g.dim) - VF.mlp_flops(1 + k, g.dim) - 4 * (1 + n) * g.dim * r
+    assert VF.head_flops(g, 1, prune_point="attn", keep=k, score_proxy_rank=r) == pytest.approx(attn, rel=0.02)
+    assert VF.head_flops(g, 1, prune_point="attn", keep=k, score_proxy_rank=r) / VF.head_flops(g, 1) == \
+        pytest.approx(attn / f["head"], rel=0.01)
 
 
 def test_bench_setup_uses_the_prune_points_head_flops():
@@ -102,7 +150,7 @@ def test_bench_setup_uses_the_prune_points_head_flops():
 
     flops = {p: graph_flops(setup_from_name("deit_base_patch16_224", [0.25], prune_point=p))[("head", 49)]
              for p in ("block", "attn")}
-    assert flops["attn"] / flops["block"] == pytest.approx(0.558, abs=0.002)   # 1.75 / 3.14 GFLOP
+    assert flops["attn"] / flops["block"] == pytest.approx(0.564, abs=0.002)   # 1.77 / 3.14 GFLOP
 
 
 def test_checkpoint_refuses_the_other_prune_point(ref, tmp_path):
@@ -121,8 +169,22 @@ def test_checkpoint_refuses_the_other_prune_point(ref, tmp_path):
     assert not (tmp_path / "out").exists()
     loaded = load_mercury(tmp_path / "att.json")
     assert [m.cfg.prune_point for m in loaded] == ["attn", "attn"]
+    assert loaded[0].score_proxy is loaded[1].score_proxy and bool(loaded[0].score_proxy.fitted)
+    assert torch.equal(loaded[0].score_proxy.a, models[0].score_proxy.a)
     with torch.no_grad():
         assert torch.allclose(loaded[1](images[:4]), models[1](images[:4]), atol=1e-5)
+    # a block checkpoint of this backbone carries no proxy; an attn checkpoint written before the
+    # proxy existed (no score_proxy_rank in its JSON) loads without one and scores the stream as is
+    from safetensors.torch import load_file
+    assert not any(".score_proxy." in k for k in load_file(str(tmp_path / "blk.safetensors")))
+    assert load_mercury(tmp_path / "blk.json")[0].score_proxy is None
+    save_mercury(tmp_path / "old", [build_mercury(MercuryConfig(**{**models[0].cfg.to_dict(), "score_proxy_rank": 0}),
+                                                  create_backbone(models[0].cfg))])
+    meta = json.loads((tmp_path / "old.json").read_text())
+    del meta["config"]["score_proxy_rank"]
+    (tmp_path / "old.json").write_text(json.dumps(meta))
+    old = load_mercury(tmp_path / "old.json")[0]
+    assert old.cfg.score_proxy_rank == 0 and old.score_proxy is None
     with pytest.raises(ConfigError, match="unknown prune_point 'mlp'"):
         build_mercury(MercuryConfig(**{**models[0].cfg.to_dict(), "prune_point": "mlp"}), models[0].backbone)
 
@@ -149,7 +211,7 @@ def test_info_prints_the_head_flops_of_both_prune_points():
     r = CliRunner().invoke(app, ["info", "--model", "deit_tiny_patch16_224", "-r", "0.25"])
     assert r.exit_code == 0, r.output
     assert "head FLOPs     0.2621 G (prune point block)" in r.output
-    assert "0.1753 G with prune point attn (0.669x)" in r.output
+    assert "0.1802 G with prune point attn (0.688x)" in r.output   # 0.1753 G + the score proxy's 0.0048
     r = CliRunner().invoke(app, ["info", "--model", "deit_tiny_patch16_224", "--prune-point", "mlp"])
     assert r.exit_code != 0 and "--prune-point 'mlp'" in r.output
 
@@ -158,8 +220,6 @@ def test_export_attn_with_int8_and_tok8_heads(ref_json, cifar_test, tmp_path):
     """The exporter's whole path for prune point attn: int8 (QDQ) quantisation of a head whose
     MLP runs after the GatherND, the int8-token head, validation against torch on real images,
     and the manifest's prune_point."""
-    import json
-
     from mercury_onnx.export import export_model
 
     out = export_model(ref_json, tmp_path / "exp", [0.25], int8_head=True, token_dtypes=["int8"],
