@@ -125,8 +125,8 @@ def export_model(source: str | Path, out_dir: str | Path, keep_ratios: Sequence[
     models = mercury_from_any(source, keep_ratios=list(keep_ratios), **kw)
     proxy = models[0].score_proxy
     if proxy is not None and not bool(proxy.fitted):
-        opts.say(f"note: the score proxy (prune point attn) is not fitted, so the head scores the "
-                 f"post-attention stream as it is: `mercury-onnx calibrate --prune-point attn` fits it")
+        opts.say("note: the score proxy (prune point attn) is not fitted, so the head scores the "
+                 "post-attention stream as it is: `mercury-onnx calibrate --prune-point attn` fits it")
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, opts.threads))
     try:

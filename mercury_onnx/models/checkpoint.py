@@ -21,8 +21,6 @@ import copy
 import json
 from pathlib import Path
 
-import torch
-
 from . import reference
 from .config import ConfigError, MercuryConfig
 from .mercury import Mercury, build_mercury, load_meta, models_sharing_backbone

@@ -6,7 +6,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mercury_onnx.calib.data import Preprocess, load_image_set
+from mercury_onnx.calib.data import load_image_set
 from mercury_onnx.calib.train import TrainSettings, augment, train
 from mercury_onnx.cli import app
 from mercury_onnx.models import MercuryConfig

@@ -15,7 +15,7 @@ from mercury_onnx.export.images import load_images
 from mercury_onnx.export.validate import session
 from mercury_onnx.models import ConfigError, MercuryConfig, build_mercury
 from mercury_onnx.models.checkpoint import load_mercury, save_mercury
-from mercury_onnx.models.flops import count_flops, head_flops_at, split_flops
+from mercury_onnx.models.flops import head_flops_at, split_flops
 from mercury_onnx.models.loading import create_backbone
 from mercury_onnx.runtime import vit_flops as VF
 
