@@ -10,7 +10,8 @@ exporter writes it) and run round-robin in a new random order each round (export
 head's median, and attn / block as the median of the same-round ratios with its range over 4
 blocks of rounds (`paired`), beside the analytic FLOP ratio (runtime/vit_flops.py).
 Target (issue 14): attn head <= 0.65x the block head on DeiT-B and DeiT-S at keep 0.25.
-Random weights for the 224 models (latency does not depend on them); the reference model is
+Random weights for the 224 models (latency does not depend on them; the attn head's score
+proxy too, rank 32, random values); the reference model is
 ../shared/models/deit_tiny_patch4_32_cifar10.json.
 """
 from __future__ import annotations
@@ -49,6 +50,10 @@ def bench(source: str, keep_ratio: float, reps: int, tmp: Path) -> dict:
     cfg = copy.deepcopy(block.cfg)
     cfg.prune_point = "attn"
     attn = build_mercury(cfg, block.backbone)
+    if attn.score_proxy is not None:   # unfitted it is zeros; time it with real-looking values
+        g = torch.Generator().manual_seed(1)
+        for t in (attn.score_proxy.a, attn.score_proxy.b):
+            t.copy_(torch.randn(t.shape, generator=g) * 0.05)
     h, w = block.backbone.patch_embed.img_size
     x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
     runs = {}

@@ -233,6 +233,9 @@ def _calibrate_here(source, data_dir, keep_ratio, images, heldout, steps, batch_
             del tok, idx
             typer.echo(f"K={m.keep}: codec {m.codec.name} in the loop (variance kept {m.codec.variance_kept:.4f})")
     per_k = calibrate_all(models, train_pre, s, held_pre, temps, choose_temperature, log=typer.echo)
+    if proxy is not None:   # one fit for every K: in each K's report
+        for rep in per_k.values():
+            rep["score_proxy"] = proxy
     if codec_db:
         for m in models:
             per_k[str(m.keep)]["codec"] = {"name": m.codec.name, "variance_kept": m.codec.variance_kept}
