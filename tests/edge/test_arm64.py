@@ -149,3 +149,37 @@ def test_codec_heads_agree_on_arm64(arm64_root, codec_export, cifar_test):
         assert codes and codes[0][-1] == "PASS" and "<=" in codes[0], (name, codes)
     assert {(row[0], row[1]) for row in table} == head_graphs(codec_export)
 
+
+
+@pytest.fixture(scope="module")
+def attn_export(ref_json, cifar_test, tmp_path_factory) -> Path:
+    """Issue 14: the reference model at prune point attn, its score proxy fit on 256 real train
+    images (as calibrate fits it), exported with fp32, int8 (QDQ) and int8-token heads."""
+    from mercury_onnx.calib.calibrate import fit_proxy, run_prefix
+    from mercury_onnx.calib.data import load_image_set, preprocess_for
+    from mercury_onnx.export import export_model
+    from mercury_onnx.models.checkpoint import mercury_from_any, save_mercury
+
+    from ..conftest import CIFAR_TRAIN
+
+    tmp = tmp_path_factory.mktemp("arm64_attn")
+    models = mercury_from_any(str(ref_json), keep_ratios=[0.25], prune_point="attn")
+    train, _ = load_image_set(CIFAR_TRAIN, preprocess_for(models[0]), models[0].cfg.classes, count=256,
+                              progress=False)
+    assert fit_proxy(models[0], run_prefix(models[0], train, progress=False)) is not None
+    save_mercury(tmp / "attn", models)
+    return export_model(tmp / "attn.json", tmp / "export", [0.25], int8_head=True, token_dtypes=["int8"],
+                        calib_images=32, int8_select_images=32, validate_data=cifar_test, validate_images=16,
+                        log=None)
+
+
+def test_attn_heads_agree_on_arm64(arm64_root, attn_export, cifar_test):
+    """Issue 14: the fp32, int8 and int8-token heads of prune point attn (score proxy fitted)
+    select equal indices on aarch64 and x86_64."""
+    assert json.loads((attn_export / "manifest.json").read_text())["score_proxy"] == {"rank": 32, "fitted": True}
+    r = sh("bash", CHECK, attn_export, cifar_test, MERCURY_ARM64_IMAGES=IMAGES)
+    print(r.stdout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    table = [line.split() for line in r.stdout.splitlines() if line.startswith("k")]
+    assert {row[1] for row in table} == {"head", "head_int8", "head_tok8"}
+    assert all(row[-2] == "equal" and row[-1] == "PASS" for row in table if row[2] == "indices")
