@@ -6,9 +6,10 @@ import os
 
 import pytest
 
-from mercury_onnx.runtime.ray_config import LOOPBACK_ENV
+from mercury_onnx.runtime.ray_config import LOOPBACK_ENV, PROXY_ENV
 
 os.environ.setdefault(LOOPBACK_ENV, "0")   # before anything imports Ray: the test cluster stays on loopback
+os.environ.update(PROXY_ENV)               # and its HTTP proxy answers a dead replica's requests as serve-tail does
 
 
 @pytest.fixture(scope="session")
