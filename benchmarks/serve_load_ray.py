@@ -8,7 +8,7 @@ closed-loop clients sending single-image binary KServe v2 requests (serve_load.p
 generator, after a warm-up):
   standalone  serve-tail in a subprocess, 1 ORT thread
   ray x1      Ray Serve (local cluster on loopback, 2 logical CPUs, ray_config.SYSTEM_CONFIG and
-              PROXY_ENV), 1 replica x 1 ORT thread: the layout of serve-tail --engine ray
+              SERVE_ENV), 1 replica x 1 ORT thread: the layout of serve-tail --engine ray
               (ray_engine.deploy: the model's application at /v2/models/{model}, whose tail
               replicas take the proxy's requests, and the front `mercury` at /)
   ray x2      the same deployment rescaled in place to 2 replicas x 1 ORT thread
@@ -39,7 +39,7 @@ import urllib.request
 from serve_load import load, one_image, process_cpu_s
 
 from mercury_onnx.runtime.client import build_request
-from mercury_onnx.runtime.ray_config import LOOPBACK_ENV, PROXY_ENV, SYSTEM_CONFIG, max_ongoing
+from mercury_onnx.runtime.ray_config import LOOPBACK_ENV, SERVE_ENV, SYSTEM_CONFIG, max_ongoing
 from mercury_onnx.runtime.server import free_port, spawn
 
 # Ray's /metrics sums what the tail replicas report every ray_engine.PUSH_S (1 s): wait this
@@ -119,7 +119,7 @@ def main(args) -> None:
     common = ["--provider", "cpu", "--threads", "1", "--max-batch", str(args.max_batch), "--max-delay-ms",
               str(args.max_delay_ms), "--keep-ratio", str(v["keep_ratio"]), "--timeout-s", "120"]
     sa_proc, sa_url = spawn(args.export_dir, *common, ready_timeout=300)
-    os.environ.update(PROXY_ENV)
+    os.environ.update(SERVE_ENV)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
              _system_config=SYSTEM_CONFIG)   # the cluster serve-tail --engine ray starts
     port = free_port()

@@ -7,7 +7,7 @@ whose one deployment has the replica count or autoscaling bounds and per-replica
 and the front application `mercury` at / (`ray_engine:build`, deployment `ingress`), all with
 the same arguments. The cluster: a head pod (no replicas on it: num-cpus 0) and a worker group
 sized for the largest replica count, both with ray_config.SYSTEM_CONFIG as RAY_* environment
-variables and ray_config.PROXY_ENV. Ports: 8000 serve (KServe v2 REST), 6379 GCS,
+variables and ray_config.SERVE_ENV. Ports: 8000 serve (KServe v2 REST), 6379 GCS,
 8265 dashboard, 10001 client.
 
 The export folder must be inside the container image at the same path, or on the volume this
@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 
-from .ray_config import APP_NAME, INGRESS, PROXY_ENV, SYSTEM_CONFIG, applications, max_ongoing
+from .ray_config import APP_NAME, INGRESS, SERVE_ENV, SYSTEM_CONFIG, applications, max_ongoing
 
 SERVE_PORT, GCS_PORT, DASHBOARD_PORT, CLIENT_PORT = 8000, 6379, 8265, 10001
 IMAGE = "mercury-onnx:scale"   # placeholder: build it from this repo with the [scale,cloud] extras
@@ -74,7 +74,7 @@ def rayservice(export_dir: str, models: list[str], model_id: str, *, port: int =
     env = [{"name": "MERCURY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {
         "name": "mercury-auth", "key": "token", "optional": True}}}]
     env += [{"name": f"RAY_{k}", "value": str(v)} for k, v in SYSTEM_CONFIG.items()]   # Ray reads RAY_<setting>
-    env += [{"name": k, "value": v} for k, v in PROXY_ENV.items()]
+    env += [{"name": k, "value": v} for k, v in SERVE_ENV.items()]
     head = _container("ray-head", image, 1, "4Gi", 0, export_dir,
                       [("gcs", GCS_PORT), ("dashboard", DASHBOARD_PORT), ("client", CLIENT_PORT),
                        ("serve", port)])

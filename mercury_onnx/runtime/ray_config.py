@@ -18,10 +18,16 @@ LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # store (Ray's default limit is 100 KiB; a DeiT-S request's tokens are 150 KB): one put and one
 # get fewer per request and hop. Measured: docs/results/runtime.md.
 SYSTEM_CONFIG = {"max_direct_call_object_size": 1 << 20}
-# the environment of Ray's processes (set before the cluster starts; on a cluster of your own:
-# on every node before `ray start`): Serve's HTTP proxy loads ray_engine.proxy_middlewares,
-# which answers requests whose tail replica died with a 503 and a reason, counted in /metrics
-PROXY_ENV = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "mercury_onnx.runtime.ray_engine:proxy_middlewares"}
+# Ray Serve settings in the environment of Ray's processes (set before the cluster starts; on a
+# cluster of your own: on every node before `ray start`):
+# - the HTTP proxy loads ray_engine.proxy_middlewares, which answers requests whose tail
+#   replica died with a 503 and a reason, counted in /metrics;
+# - replicas run our handlers on Serve's own event loop, not a second loop in another thread
+#   (one thread hop fewer per request; nothing of ours blocks the loop: ORT runs in a worker);
+# - Serve's controller loop every 0.5 s instead of 0.1 s (it took ~0.035 cores idle).
+# Measured together (exploratory runs): docs/results/runtime.md.
+SERVE_ENV = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "mercury_onnx.runtime.ray_engine:proxy_middlewares",
+             "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}
 APP_NAME, INGRESS = "mercury", "ingress"   # the front application and its one deployment
 BUILD_FRONT, BUILD_TAIL = "mercury_onnx.runtime.ray_engine:build", "mercury_onnx.runtime.ray_engine:build_tail"
 # every key ray_engine.build() takes, with its default: the CLI, tests and the RayService use these

@@ -26,7 +26,7 @@
   refuses to start unless the session really runs on CUDA (untested here: no GPU).
 - Ray restarts dead replicas; later requests go to the live ones. Requests in flight on a dead
   replica fail in Ray's proxy, which alone would answer an empty 500: ReplicaFailures, our
-  middleware in the proxy (Serve's proxy callback, ray_config.PROXY_ENV, set by clusters this
+  middleware in the proxy (Serve's proxy callback, ray_config.SERVE_ENV, set by clusters this
   project starts), answers serve-tail's 503 with the reason (the device client's --fallback
   local covers it) and counts it in /metrics.
 
@@ -50,7 +50,7 @@ from starlette.responses import Response
 
 from . import protocol as P
 from .metrics import Metrics
-from .ray_config import (APP_NAME, BUILD_TAIL, DEFAULTS, INGRESS, PROXY_ENV, SYSTEM_CONFIG, applications,
+from .ray_config import (APP_NAME, BUILD_TAIL, DEFAULTS, INGRESS, SERVE_ENV, SYSTEM_CONFIG, applications,
                          max_ongoing, parse_autoscale)
 from .server import Lane, TailServer, error
 
@@ -215,7 +215,7 @@ class ReplicaFailures:
 
 
 def proxy_middlewares() -> list:
-    """Serve's proxy callback (ray_config.PROXY_ENV names it): the middlewares of Ray's HTTP proxy."""
+    """Serve's proxy callback (ray_config.SERVE_ENV names it): the middlewares of Ray's HTTP proxy."""
     from starlette.middleware import Middleware
 
     return [Middleware(ReplicaFailures)]
@@ -355,7 +355,7 @@ def deploy(args: dict) -> list[str]:
 
 def start_cluster(args: dict, host: str, port: int, address: str | None = None, log=print) -> None:
     """ray.init (a running cluster at `address`, else a local one with enough logical CPUs for
-    every replica, logical, not more cores, ray_config.SYSTEM_CONFIG and PROXY_ENV) and Serve's
+    every replica, logical, not more cores, ray_config.SYSTEM_CONFIG and SERVE_ENV) and Serve's
     HTTP proxy at host:port."""
     import ray
 
@@ -365,7 +365,7 @@ def start_cluster(args: dict, host: str, port: int, address: str | None = None, 
         lo_hi = args["autoscale"] or (args["replicas"], args["replicas"])
         models = P.served_models(args["export_dir"], args["keep_ratios"], args["tail_dtype"])
         need = int(np.ceil(lo_hi[1] * float(args["num_cpus"]) * len(models)))
-        os.environ.update(PROXY_ENV)   # Ray's processes inherit it
+        os.environ.update(SERVE_ENV)   # Ray's processes inherit it
         ray.init(num_cpus=max(os.cpu_count() or 1, need), num_gpus=None if args["num_gpus"] else 0,
                  include_dashboard=False, logging_level="WARNING", log_to_driver=False, _system_config=SYSTEM_CONFIG)
     serve.start(http_options={"host": host, "port": port}, logging_config=QUIET)

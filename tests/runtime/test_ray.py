@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from mercury_onnx.formats.manifest import load_manifest
-from mercury_onnx.runtime.ray_config import APP_NAME, INGRESS, PROXY_ENV, tail_route
+from mercury_onnx.runtime.ray_config import APP_NAME, INGRESS, SERVE_ENV, tail_route
 from mercury_onnx.runtime.tail import model_name
 
 from .conftest import spawn_ray
@@ -182,7 +182,7 @@ def test_kuberay_manifest_names_the_models_and_ports(export_dir, tmp_path):
         "gcs": 6379, "dashboard": 8265, "client": 10001, "serve": 8080}
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"   # replicas go to workers
     assert {"name": "RAY_max_direct_call_object_size", "value": "1048576"} in head["env"]   # requests inline
-    for k, v in PROXY_ENV.items():                                          # the proxy's 503 for a dead replica
+    for k, v in SERVE_ENV.items():                                          # e.g. the proxy's 503 for a dead replica
         assert {"name": k, "value": v} in head["env"]
     (workers,) = cluster["workerGroupSpecs"]
     assert workers["maxReplicas"] == 3 * len(models) and workers["rayStartParams"]["num-cpus"] == "2"
