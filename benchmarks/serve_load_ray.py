@@ -199,8 +199,8 @@ def measure(name: str, sa_pid: int, run) -> dict:
 def report(rounds: list[dict], args, load_avg, clients: int, requests: int, model: str, manifest: dict,
            mo: int) -> None:
     med = lambda xs: statistics.median(xs)   # noqa: E731
-    print(f"\n| round | standalone images/s | ray x1 images/s | ray x2 images/s | x2 / x1 (>= 1.6) | x1 / standalone (>= 0.8) "
-          f"| p99/p50 standalone / x1 / x2 (<= 2) |\n|---:|---:|---:|---:|---:|---:|---|")
+    print("\n| round | standalone images/s | ray x1 images/s | ray x2 images/s | x2 / x1 (>= 1.6) | x1 / standalone (>= 0.8) "
+          "| p99/p50 standalone / x1 / x2 (<= 2) |\n|---:|---:|---:|---:|---:|---:|---|")
     for i, r in enumerate(rounds):
         pp = " / ".join(f"{r[n]['p99'] / r[n]['p50']:.2f}" for n in ("standalone", "ray x1", "ray x2"))
         print(f"| {i + 1} | {r['standalone']['req_s']:.2f} | {r['ray x1']['req_s']:.2f} | {r['ray x2']['req_s']:.2f} "
