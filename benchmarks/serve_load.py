@@ -84,7 +84,11 @@ async def _client(host, port, request: bytes, count: int, lat: list, errors: lis
         writer.close()
 
 
-def load(url: str, model: str, body: bytes, hlen: int, clients: int, total: int, pid: int | None) -> dict:
+def load(url: str, model: str, body: bytes, hlen: int, clients: int, total: int, pid: int | None,
+         settle_s: float = 0.0, window=None) -> dict:
+    """C clients, `total` single-image requests after a warm-up. `settle_s`: wait before each
+    /metrics read (a server whose /metrics lags, as Ray's does); `window("start"|"end")` is
+    called right around the measured requests."""
     host, port = url.removeprefix("http://").split(":")
     request = (f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {host}\r\n"
                f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {hlen}\r\n"
@@ -98,9 +102,14 @@ def load(url: str, model: str, body: bytes, hlen: int, clients: int, total: int,
         return lat, errors, time.perf_counter() - start
 
     asyncio.run(run(max(2, per // 10)))                                 # warm-up
+    time.sleep(settle_s)
     before, cpu = metrics(url, model), process_cpu_s(pid) if pid else 0.0
+    window and window("start")
     lat, errors, wall = asyncio.run(run(per))
-    cpu, after = (process_cpu_s(pid) - cpu) if pid else float("nan"), metrics(url, model)
+    window and window("end")
+    cpu = (process_cpu_s(pid) - cpu) if pid else float("nan")
+    time.sleep(settle_s)
+    after = metrics(url, model)
     lat = np.array(lat) * 1000
     runs = after["runs"] - before["runs"]
     return {"requests": len(lat), "errors": len(errors), "req_s": len(lat) / wall,

@@ -7,16 +7,19 @@ Three servers, each measured once per round, in alternating order (A B C, C B A,
 closed-loop clients sending single-image binary KServe v2 requests (serve_load.py's load
 generator, after a warm-up):
   standalone  serve-tail in a subprocess, 1 ORT thread
-  ray x1      Ray Serve (local cluster on loopback, 2 logical CPUs, ray_config.SYSTEM_CONFIG),
-              1 replica x 1 ORT thread
+  ray x1      Ray Serve (local cluster on loopback, 2 logical CPUs, ray_config.SYSTEM_CONFIG and
+              SERVE_ENV), 1 replica x 1 ORT thread: the layout of serve-tail --engine ray
+              (ray_engine.deploy: the model's application at /v2/models/{model}, whose tail
+              replicas take the proxy's requests, and the front `mercury` at /)
   ray x2      the same deployment rescaled in place to 2 replicas x 1 ORT thread
 Per round: ray x2 / ray x1 throughput (target >= 1.6x), ray x1 / standalone (>= 0.8x), and
 p99/p50 of each (<= 2x); the medians over rounds are the result. "ORT busy": seconds of tail
 runs per wall second (/metrics' mercury_tail_seconds, summed over replicas: 1.0 = one replica's
 ORT never idle), which shows a replica that waits for work.
-No CPU pinning: two replicas need both cores. Where the cores went during each run (its
-warm-up included) is read from /proc (CPU seconds / wall seconds, so 1.0 = one core busy): tail replicas, the Ray
-ingress, the Ray HTTP proxy, the other Ray processes (controller, GCS, raylet, agents), the
+No CPU pinning: two replicas need both cores. Where the cores went during each run's measured
+requests (not its warm-up) is read from /proc (CPU seconds / wall seconds, so 1.0 = one core
+busy): tail replicas, the Ray front (`ingress`: health, /metrics), the Ray HTTP proxy, the
+other Ray processes (controller, GCS, raylet, agents), the
 standalone server, this process (the load generator and the Ray driver), and everything else
 on the machine (other users' jobs: /proc/stat busy time minus ours). A run during which those
 other jobs took more than --max-other-cores (default 0.25) is measured again after 20 s, up to
@@ -36,13 +39,16 @@ import urllib.request
 from serve_load import load, one_image, process_cpu_s
 
 from mercury_onnx.runtime.client import build_request
-from mercury_onnx.runtime.ray_config import LOOPBACK_ENV, SYSTEM_CONFIG, max_ongoing
+from mercury_onnx.runtime.ray_config import LOOPBACK_ENV, SERVE_ENV, SYSTEM_CONFIG, max_ongoing
 from mercury_onnx.runtime.server import free_port, spawn
 
+# Ray's /metrics sums what the tail replicas report every ray_engine.PUSH_S (1 s): wait this
+# long before reading it (outside the measured window)
+SETTLE_S = 2.5
 # the processes that serve, per server (for images per CPU-second)
 SERVER_GROUPS = {"standalone": ("standalone",), "ray x1": ("tail replicas", "ingress", "proxy", "other ray"),
                  "ray x2": ("tail replicas", "ingress", "proxy", "other ray")}
-GROUPS = (("ray::ServeReplica:mercury:mercury_tail", "tail replicas"), ("ray::ServeReplica:mercury:ingress", "ingress"),
+GROUPS = (("ray::ServeReplica:mercury_tail", "tail replicas"), ("ray::ServeReplica:mercury:ingress", "ingress"),
           ("ray::ProxyActor", "proxy"))
 
 
@@ -96,7 +102,7 @@ def main(args) -> None:
     import ray
     from ray import serve
 
-    from mercury_onnx.runtime.ray_engine import APP_NAME, QUIET, build
+    from mercury_onnx.runtime.ray_engine import QUIET, deploy as deploy_apps
 
     clients = int(args.clients.split(",")[-1])
     requests = args.requests
@@ -113,6 +119,7 @@ def main(args) -> None:
     common = ["--provider", "cpu", "--threads", "1", "--max-batch", str(args.max_batch), "--max-delay-ms",
               str(args.max_delay_ms), "--keep-ratio", str(v["keep_ratio"]), "--timeout-s", "120"]
     sa_proc, sa_url = spawn(args.export_dir, *common, ready_timeout=300)
+    os.environ.update(SERVE_ENV)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
              _system_config=SYSTEM_CONFIG)   # the cluster serve-tail --engine ray starts
     port = free_port()
@@ -126,8 +133,8 @@ def main(args) -> None:
         if current["n"] == n:
             return
         t0 = time.monotonic()
-        serve.run(build({**base, "replicas": n}), name=APP_NAME, route_prefix="/", logging_config=QUIET)
-        while serve.status().applications[APP_NAME].deployments[model].replica_states != {"RUNNING": n}:
+        deploy_apps({**base, "replicas": n})
+        while serve.status().applications[model].deployments[model].replica_states != {"RUNNING": n}:
             if time.monotonic() - t0 > 300:
                 raise SystemExit(f"Ray did not reach {n} running replicas in 300 s")
             time.sleep(0.5)
@@ -174,10 +181,15 @@ def main(args) -> None:
 
 
 def measure(name: str, sa_pid: int, run) -> dict:
-    """One load run of one server, with where the cores went during it."""
-    before, t0 = cpu_by_group(sa_pid), time.perf_counter()
-    r = run()                                                            # warm-up + measured run
-    r["cores"] = cores(before, cpu_by_group(sa_pid), time.perf_counter() - t0)
+    """One load run of one server, with where the cores went during its measured requests."""
+    marks = {}
+
+    def window(what: str) -> None:
+        marks[what] = (cpu_by_group(sa_pid), time.perf_counter())
+
+    r = run(settle_s=SETTLE_S, window=window)                           # warm-up + measured run
+    (before, t0), (after, t1) = marks["start"], marks["end"]
+    r["cores"] = cores(before, after, t1 - t0)
     r.pop("cpu_ms")
     busy = sum(r["cores"][g] for g in SERVER_GROUPS[name])
     r["images_per_cpu_s"] = r["req_s"] / busy if busy else float("nan")   # what share it got aside
@@ -187,8 +199,8 @@ def measure(name: str, sa_pid: int, run) -> dict:
 def report(rounds: list[dict], args, load_avg, clients: int, requests: int, model: str, manifest: dict,
            mo: int) -> None:
     med = lambda xs: statistics.median(xs)   # noqa: E731
-    print(f"\n| round | standalone images/s | ray x1 images/s | ray x2 images/s | x2 / x1 (>= 1.6) | x1 / standalone (>= 0.8) "
-          f"| p99/p50 standalone / x1 / x2 (<= 2) |\n|---:|---:|---:|---:|---:|---:|---|")
+    print("\n| round | standalone images/s | ray x1 images/s | ray x2 images/s | x2 / x1 (>= 1.6) | x1 / standalone (>= 0.8) "
+          "| p99/p50 standalone / x1 / x2 (<= 2) |\n|---:|---:|---:|---:|---:|---:|---|")
     for i, r in enumerate(rounds):
         pp = " / ".join(f"{r[n]['p99'] / r[n]['p50']:.2f}" for n in ("standalone", "ray x1", "ray x2"))
         print(f"| {i + 1} | {r['standalone']['req_s']:.2f} | {r['ray x1']['req_s']:.2f} | {r['ray x2']['req_s']:.2f} "

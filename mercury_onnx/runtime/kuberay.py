@@ -1,11 +1,13 @@
 """A KubeRay RayService manifest for serve-tail --engine ray (`--kuberay-manifest FILE`).
 
-The RayService runs the same Serve application as `serve-tail --engine ray`: its
-serveConfigV2 names `mercury_onnx.runtime.ray_engine:build` with the same arguments, and one
-deployment per keep ratio (mercury_tail_k{K}) with the replica count or autoscaling bounds and
-per-replica CPUs/GPUs. The cluster: a head pod (no replicas on it: num-cpus 0) and a worker
-group sized for the largest replica count, both with ray_config.SYSTEM_CONFIG as RAY_*
-environment variables. Ports: 8000 serve (KServe v2 REST), 6379 GCS,
+The RayService runs the same Serve applications as `serve-tail --engine ray`
+(ray_config.applications): its serveConfigV2 names, for each served model (mercury_tail_k{K}),
+an application at /v2/models/{model} built by `mercury_onnx.runtime.ray_engine:build_tail`,
+whose one deployment has the replica count or autoscaling bounds and per-replica CPUs/GPUs,
+and the front application `mercury` at / (`ray_engine:build`, deployment `ingress`), all with
+the same arguments. The cluster: a head pod (no replicas on it: num-cpus 0) and a worker group
+sized for the largest replica count, both with ray_config.SYSTEM_CONFIG as RAY_* environment
+variables and ray_config.SERVE_ENV. Ports: 8000 serve (KServe v2 REST), 6379 GCS,
 8265 dashboard, 10001 client.
 
 The export folder must be inside the container image at the same path, or on the volume this
@@ -19,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 
-from .ray_config import SYSTEM_CONFIG, max_ongoing
+from .ray_config import APP_NAME, INGRESS, SERVE_ENV, SYSTEM_CONFIG, applications, max_ongoing
 
 SERVE_PORT, GCS_PORT, DASHBOARD_PORT, CLIENT_PORT = 8000, 6379, 8265, 10001
 IMAGE = "mercury-onnx:scale"   # placeholder: build it from this repo with the [scale,cloud] extras
@@ -54,22 +56,17 @@ def rayservice(export_dir: str, models: list[str], model_id: str, *, port: int =
     app_args["export_dir"] = export_dir
     if autoscale:
         app_args["autoscale"] = f"{autoscale[0]}:{autoscale[1]}"
-    deployments = []
-    for m in models:
-        d = {"name": m, "max_ongoing_requests": max_ongoing(args),
-             "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus}}
-        if autoscale:
-            d["autoscaling_config"] = {"min_replicas": autoscale[0], "max_replicas": autoscale[1]}
-        else:
-            d["num_replicas"] = replicas
-        deployments.append(d)
-    deployments.append({"name": "ingress", "num_replicas": 1})
+    tail = {"max_ongoing_requests": max_ongoing(args), "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus}}
+    if autoscale:
+        tail["autoscaling_config"] = {"min_replicas": autoscale[0], "max_replicas": autoscale[1]}
+    else:
+        tail["num_replicas"] = replicas
     import yaml
 
-    serve_config = {"http_options": {"host": "0.0.0.0", "port": port},
-                    "applications": [{"name": "mercury", "route_prefix": "/",
-                                      "import_path": "mercury_onnx.runtime.ray_engine:build",
-                                      "args": app_args, "deployments": deployments}]}
+    serve_config = {"http_options": {"host": "0.0.0.0", "port": port}, "applications": [
+        {"name": app, "route_prefix": route, "import_path": path, "args": {**app_args, **extra},
+         "deployments": [{"name": INGRESS, "num_replicas": 1} if app == APP_NAME else {"name": app, **tail}]}
+        for app, route, path, extra in applications(models)]}
     # one worker pod per replica slot of every model: replicas x models
     workers = hi * len(models)
     worker_cpu = max(1.0, math.ceil(num_cpus))
@@ -77,6 +74,7 @@ def rayservice(export_dir: str, models: list[str], model_id: str, *, port: int =
     env = [{"name": "MERCURY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {
         "name": "mercury-auth", "key": "token", "optional": True}}}]
     env += [{"name": f"RAY_{k}", "value": str(v)} for k, v in SYSTEM_CONFIG.items()]   # Ray reads RAY_<setting>
+    env += [{"name": k, "value": v} for k, v in SERVE_ENV.items()]
     head = _container("ray-head", image, 1, "4Gi", 0, export_dir,
                       [("gcs", GCS_PORT), ("dashboard", DASHBOARD_PORT), ("client", CLIENT_PORT),
                        ("serve", port)])

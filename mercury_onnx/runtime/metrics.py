@@ -5,10 +5,12 @@
     metrics.error("mercury_tail_k16", "bad_request")       # refusals by reason (protocol.REASONS)
     metrics.batch_run("mercury_tail_k16", 8, 0.030)        # every tail run: images, seconds
     text = metrics.render({"mercury_tail_k16": 3})          # with the in-flight gauge
+    total.add(metrics.state())                              # counts kept in another process, summed
 
 Series: mercury_requests_in_flight, mercury_requests_total{model,status},
 mercury_errors_total{model,reason}, and the histograms mercury_request_latency_seconds,
-mercury_batch_size, mercury_tail_seconds (per model). Framework-free: any engine can serve it.
+mercury_batch_size, mercury_tail_seconds (per model). Framework-free: any engine can serve it;
+state()/add() carry the counts of several processes (Ray's tail replicas) into one /metrics.
 """
 from __future__ import annotations
 
@@ -23,6 +25,10 @@ class Histogram:
         for i, b in enumerate(self.buckets):
             if v <= b:
                 self.counts[i] += 1
+
+    def add(self, counts: list[int], total: float, count: int) -> None:
+        self.counts = [a + b for a, b in zip(self.counts, counts)]
+        self.sum, self.count = self.sum + total, self.count + count
 
     def render(self, name: str, labels: str) -> list[str]:
         sep = "," if labels else ""
@@ -53,6 +59,24 @@ class Metrics:
     def batch_run(self, model: str, size: int, seconds: float) -> None:
         self.batch.setdefault(model, Histogram(self.batch_buckets)).observe(size)
         self.tail.setdefault(model, Histogram(self.LATENCY_BUCKETS)).observe(seconds)
+
+    def state(self) -> dict:
+        """Every count, as plain data (picklable, comparable): what add() takes."""
+        hist = lambda hs: {m: (list(h.counts), h.sum, h.count) for m, h in hs.items()}   # noqa: E731
+        return {"requests": dict(self.requests), "errors": dict(self.errors), "latency": hist(self.latency),
+                "batch": hist(self.batch), "tail": hist(self.tail)}
+
+    def add(self, state: dict) -> None:
+        """Sum another Metrics' state() (same max_batch) into this one."""
+        for key, n in state["requests"].items():
+            self.requests[key] = self.requests.get(key, 0) + n
+        for key, n in state["errors"].items():
+            self.errors[key] = self.errors.get(key, 0) + n
+        for name, buckets in (("latency", self.LATENCY_BUCKETS), ("batch", self.batch_buckets),
+                              ("tail", self.LATENCY_BUCKETS)):
+            mine = getattr(self, name)
+            for m, h in state[name].items():
+                mine.setdefault(m, Histogram(buckets)).add(*h)
 
     def render(self, in_flight: dict[str, int] | None = None) -> str:
         out = ["# HELP mercury_requests_in_flight Inference requests being handled now.",

@@ -1,46 +1,43 @@
 """serve-tail --engine ray: the same KServe v2 endpoint, with the tails on Ray Serve replicas.
 
-    HTTP -> Ray Serve proxy -> Ingress (1 replica: the serve-tail protocol app) -> TailReplica
-                                                        one deployment per keep ratio, N replicas
+    HTTP -> Ray Serve proxy -> /v2/models/{model}/... -> TailReplica (that model's application:
+                                                         N replicas, each serving its model's routes)
+                            -> everything else (/)    -> Ingress (application `mercury`, 1 replica:
+                                                         health, /v2, /metrics, unknown models)
 
-- The ingress is serve-tail's own app (server.TailServer's routes over runtime/protocol.py and
-  runtime/metrics.py: auth, size limits, parsing, model_id and codec checks, response
-  encoding, /v2/health/*, /metrics); only `submit` (with `start`/`stop`), the step that brings
-  a request to onnxruntime, differs: a Ray handle call to the tail deployment instead of the
-  in-process batcher. The replica runs the
-  batch with the same protocol.run_batch.
-- TailReplica batches with `@serve.batch` (max_batch_size counts images, not requests;
-  batch_wait_timeout_s = --max-delay-ms) and runs ORT in a worker thread, so the replica's
-  event loop keeps taking requests while a batch runs. ORT's intra-op threads are set
-  explicitly (Ray sets OMP_NUM_THREADS=1 in workers, and ORT left to defaults inside Ray runs
-  slower) and match the replica's num_cpus.
-- The replica's queue is deep: max_ongoing_requests = --max-ongoing, default max(64, 2 x the
-  batch) (ray_config.max_ongoing). Requests beyond it wait in the ingress's Serve router,
-  which retries a full replica after a backoff (25 ms, doubling to 0.5 s) rather than when a
-  slot frees, so with a shallow queue (2 x the batch) the replica ran dry between those
-  retries under load (measured: docs/results/runtime.md).
-- A local cluster started here passes actor-call arguments up to 1 MiB inline
-  (ray_config.SYSTEM_CONFIG): a request's tokens cross proxy -> ingress -> replica without
-  the object store (Ray's inline limit is 100 KiB; a DeiT-S request is 150 KB).
-- Ray 2.60's batcher forms the next batch as soon as the previous one has started (it does not
-  wait for the running one to finish), so a batch holds what arrived within
-  batch_wait_timeout_s of its first request: with a 2 ms wait and a tail run of 60+ ms,
-  batches of 1-2 images under load even with 30 requests queued, where serve-tail's own
-  batcher fills them (measured: docs/results/runtime.md). On a CPU that costs little (a DeiT-S
-  tail is about as fast per image at batch 1 as at 8); on a GPU, raise --max-delay-ms towards
-  the tail's batch time.
-- With num_gpus > 0 the replica asks Ray for the GPU, opens the tail with the CUDA provider
-  and refuses to start unless the session really runs on CUDA with a GPU Ray assigned.
-  (Untested here: no GPU on this machine.)
-- Replicas that die are restarted by Ray; requests in flight on a dead replica get a 503 (the
-  device client's --fallback local covers them); later requests go to the live replicas.
+- One application per served model (ray_config.applications), whose ingress is the tail
+  deployment itself: the proxy hands a request straight to a tail replica, one Ray hop (an
+  ingress in front of every request cost a second hop and ~0.2 cores at 22 images/s:
+  docs/results/runtime.md). Replicas and front serve serve-tail's own routes (server.TailServer
+  over runtime/protocol.py: auth, size limits, parsing, model_id and codec checks, encoding);
+  only `submit` differs: in a replica, its own `@serve.batch` method; in the front (a model's
+  request the proxy sent there, e.g. while that application deploys), a handle call.
+- /metrics: each replica sends its counts to the front every PUSH_S seconds while they change;
+  the front sums them with its own (so /metrics lags the replicas by up to PUSH_S).
+- `@serve.batch`: max_batch_size counts images; batch_wait_timeout_s = --max-delay-ms; ORT runs
+  in a worker thread, so the event loop keeps taking requests while a batch runs. Ray 2.60's
+  batcher forms the next batch as soon as the previous one starts, from what arrived within
+  the wait: batches of 1-2 under load on this CPU (cheap here; on a GPU raise --max-delay-ms).
+  ORT's intra-op threads are set explicitly (Ray sets OMP_NUM_THREADS=1; ORT left to defaults
+  inside Ray runs slower) and match num_cpus.
+- A deep replica queue (max_ongoing_requests = --max-ongoing: ray_config.max_ongoing says why)
+  and, in clusters started here, requests inline in actor calls (ray_config.SYSTEM_CONFIG).
+- num_gpus > 0: the replica asks Ray for the GPU, opens the tail with the CUDA provider and
+  refuses to start unless the session really runs on CUDA (untested here: no GPU).
+- Ray restarts dead replicas; later requests go to the live ones. Requests in flight on a dead
+  replica fail in Ray's proxy, which alone would answer an empty 500: ReplicaFailures, our
+  middleware in the proxy (Serve's proxy callback, ray_config.SERVE_ENV, set by clusters this
+  project starts), answers serve-tail's 503 with the reason (the device client's --fallback
+  local covers it) and counts it in /metrics.
 
-`build(args)` is a Ray Serve application builder: `serve run`, the CLI and the KubeRay
-RayService (runtime/kuberay.py) all deploy the same application from the same arguments.
+`build(args)` (the front) and `build_tail(args)` (one model's application) are Ray Serve
+application builders: `deploy`, the CLI and the KubeRay RayService (runtime/kuberay.py)
+deploy the same applications from the same arguments.
 """
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import signal
 import threading
@@ -49,15 +46,22 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from ray import serve
-from starlette.applications import Starlette
+from starlette.responses import Response
 
 from . import protocol as P
-from .ray_config import DEFAULTS, SYSTEM_CONFIG, max_ongoing, parse_autoscale
+from .metrics import Metrics
+from .ray_config import (APP_NAME, BUILD_TAIL, DEFAULTS, INGRESS, SERVE_ENV, SYSTEM_CONFIG, applications,
+                         max_ongoing, parse_autoscale)
 from .server import Lane, TailServer, error
 
-APP_NAME = "mercury"
-INGRESS = "ingress"
 QUIET = {"log_level": "WARNING", "enable_access_log": False}   # a log line per request costs CPU
+PUSH_S = 1.0         # a replica sends its counts to the front this often while they change,
+HEARTBEAT_S = 5.0    # and at least this often; the front counts the in-flight requests of
+STALE_S = 15.0       # replicas heard from within STALE_S only (a dead replica's stay out)
+# each deployment gets only the arguments it reads (a new replica count rescales in place)
+SERVER_KEYS = ("max_batch", "max_delay_ms", "auth_token", "max_body_mb", "timeout_s")
+REPLICA_KEYS = ("provider", "num_gpus", "num_cpus", "threads", "tail_dtype", *SERVER_KEYS)
+FRONT_KEYS = ("export_dir", "keep_ratios", "tail_dtype", *SERVER_KEYS)
 
 
 def replica_threads(args: dict) -> int:
@@ -65,9 +69,163 @@ def replica_threads(args: dict) -> int:
     return int(args.get("threads") or max(1, int(args.get("num_cpus") or 1)))
 
 
+class RayTailServer(TailServer):
+    """serve-tail's handlers (protocol, auth, limits, metrics) with Ray as the engine: in a tail
+    replica (`replica` set), a request's batch reaches onnxruntime through the replica's
+    @serve.batch method; in the front, through a handle call to the model's tail deployment."""
+
+    def __init__(self, models: dict[str, P.ServedModel], a: dict, replica: "TailReplica | None" = None):
+        lanes = {name: Lane(m, tail=None) for name, m in models.items()}   # the session is the replica's
+        super().__init__(lanes, next(iter(models.values())).model_id, max_batch=int(a["max_batch"]),
+                         max_delay_ms=a["max_delay_ms"], auth_token=a["auth_token"],
+                         max_body=int(a["max_body_mb"] * 1024 * 1024), timeout_s=float(a["timeout_s"]))
+        self.replica, self.handles, self.tails_up, self.pusher = replica, {}, False, None
+        self.replica_counts: dict[str, tuple] = {}   # front: replica -> (when, model, Metrics.state(), in flight)
+
+    def handle(self, name: str):
+        if name not in self.handles:   # the model's own application, deployed beside this one
+            self.handles[name] = serve.get_deployment_handle(name, app_name=name)
+        return self.handles[name]
+
+    async def ready(self, request):
+        """The front: ready once every tail deployment has answered once (it may start before them)."""
+        if not self.tails_up and not self.replica:
+            calls = []
+            try:
+                calls = [self.handle(name).info.remote() for name in self.models]
+                await asyncio.wait_for(asyncio.gather(*(_await(c) for c in calls)), 5)
+                self.tails_up = True
+            except Exception:   # noqa: BLE001 - still starting (or failing to): not ready
+                for c in calls:
+                    c.cancel()
+                return error("not ready: tail replicas are starting", 503)
+        return await super().ready(request)
+
+    async def start(self) -> None:
+        """Nothing to warm up or run here: the replicas warm up in __init__ (see ready())."""
+
+    async def stop(self) -> None:
+        """Stop sending counts (Serve drains the replicas)."""
+        if self.pusher:
+            self.pusher.cancel()
+
+    async def infer(self, request):
+        if self.replica and self.pusher is None:   # on the event loop that serves the requests
+            (lane,) = self.lanes.values()
+            self.pusher = start_pushing(self.replica.replica,
+                                        lambda: (lane.model.name, self.metrics.state(), lane.open_requests))
+        return await super().infer(request)
+
+    async def submit(self, lane: Lane, req: P.InferRequest) -> tuple:
+        """-> (logits, tail_s, batch images, queue_s); 504 after timeout_s, 503 when the replica died."""
+        import ray.exceptions
+
+        name = lane.model.name
+        call = self.replica.run((req, time.time())) if self.replica else self.handle(name).infer.remote(req, time.time())
+        try:
+            logits, tail_s, images, queue_s, info = await asyncio.wait_for(_await(call), self.timeout_s)
+        except asyncio.TimeoutError:
+            if not self.replica:
+                call.cancel()
+            raise P.RequestError(f"inference took longer than the server's {self.timeout_s:g} s timeout", 504) from None
+        except ray.exceptions.RayError as e:   # the replica died or is gone: retryable, say so
+            err = P.RequestError(f"tail replica of {name} failed during the request ({type(e).__name__}: "
+                                 f"{str(e).strip().splitlines()[0][:200]}); retry, Ray replaces failed replicas", 503)
+            err.reason = "replica_failed"
+            raise err from None
+        if info["batch_first"]:
+            self.metrics.batch_run(name, images, tail_s)
+        return logits, tail_s, images, queue_s
+
+    async def prometheus(self, request):
+        """The front: its own counts plus every replica's last ones; a replica only."""
+        if self.replica:
+            return await super().prometheus(request)
+        total, now = Metrics(self.max_batch), time.monotonic()
+        total.add(self.metrics.state())
+        in_flight = {name: lane.open_requests for name, lane in self.lanes.items()}
+        for when, model, state, n in list(self.replica_counts.values()):
+            total.add(state)
+            if model and now - when < STALE_S:
+                in_flight[model] = in_flight.get(model, 0) + n
+        return Response(total.render(in_flight), media_type="text/plain; version=0.0.4")
+
+
+async def _await(response):
+    return await response
+
+
+def start_pushing(source: str, counts) -> asyncio.Task:
+    """push_counts as a task outside the request that starts it (in an empty context: a handle
+    call made in the context of an HTTP request inside Ray's proxy would be sent as one)."""
+    return asyncio.create_task(push_counts(source, counts), context=contextvars.Context())
+
+
+async def push_counts(source: str, counts) -> None:
+    """Send counts() = (model, Metrics.state(), requests in flight) to the front's /metrics
+    every PUSH_S seconds while they change, and every HEARTBEAT_S seconds (a failed send is
+    repeated next time: the front may be starting or gone)."""
+    front = serve.get_deployment_handle(INGRESS, app_name=APP_NAME)
+    last, sent = None, 0.0
+    while True:
+        await asyncio.sleep(PUSH_S)
+        now = counts()
+        if now != last or time.monotonic() - sent > HEARTBEAT_S:
+            try:
+                await asyncio.wait_for(_await(front.counts.remote(source, *now)), 10)
+                last, sent = now, time.monotonic()
+            except Exception:   # noqa: BLE001 - next time
+                pass
+
+
+class ReplicaFailures:
+    """ASGI middleware for Ray's HTTP proxy (proxy_middlewares): a model request whose tail
+    replica died before answering gets serve-tail's 503 with a reason (the proxy alone answers
+    an empty 500), counted in /metrics as mercury_errors_total{reason="replica_failed"}. A
+    client that hung up is not answered nor counted."""
+
+    def __init__(self, app):
+        self.app, self.metrics, self.pusher = app, Metrics(1), None
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith("/v2/models/"):
+            return await self.app(scope, receive, send)
+        t0, seen = time.perf_counter(), set()
+
+        async def receive_():
+            message = await receive()
+            seen.add(message["type"])
+            return message
+
+        async def send_(message):
+            seen.add(message["type"])
+            await send(message)
+
+        await self.app(scope, receive_, send_)
+        if "http.response.start" in seen or "http.disconnect" in seen:
+            return
+        model = path.split("/")[3]
+        await error(f"tail replica of {model} failed during the request (Ray's proxy got no answer); "
+                    "retry, Ray replaces failed replicas", 503)(scope, receive, send)
+        self.metrics.error(model, "replica_failed")
+        self.metrics.request(model, 503, time.perf_counter() - t0)
+        if self.pusher is None:
+            self.pusher = start_pushing(f"proxy {os.getpid()}", lambda: ("", self.metrics.state(), 0))
+
+
+def proxy_middlewares() -> list:
+    """Serve's proxy callback (ray_config.SERVE_ENV names it): the middlewares of Ray's HTTP proxy."""
+    from starlette.middleware import Middleware
+
+    return [Middleware(ReplicaFailures)]
+
+
 @serve.deployment(logging_config=QUIET, health_check_period_s=5, health_check_timeout_s=30)
+@serve.ingress()
 class TailReplica:
-    """One tail (one keep ratio) on ORT; Serve batches the requests that reach this replica."""
+    """One tail (one keep ratio) on ORT, serving its model's routes; Serve batches the requests
+    that reach this replica."""
 
     def __init__(self, model: P.ServedModel, args: dict):
         import ray
@@ -84,6 +242,16 @@ class TailReplica:
         self.tail(np.zeros((1, *model.tokens_shape), model.io_dtype), np.arange(model.keep)[None])   # warm-up
         self.run.set_max_batch_size(args["max_batch"])
         self.run.set_batch_wait_timeout_s(args["max_delay_ms"] / 1000)
+        self.server = RayTailServer({model.name: model}, args, replica=self)
+
+    def __serve_build_asgi_app__(self):
+        app = self.server.app()
+
+        async def from_root(scope, receive, send):   # Serve sets root_path to the route prefix;
+            scope["root_path"] = ""                 # serve-tail's routes are whole paths
+            await app(scope, receive, send)
+
+        return from_root
 
     @serve.batch(batch_size_fn=lambda items: sum(req.size for req, _ in items))
     async def run(self, items: list[tuple[P.InferRequest, float]]) -> list[tuple]:
@@ -93,12 +261,13 @@ class TailReplica:
         logits = await asyncio.get_running_loop().run_in_executor(self.pool, P.run_batch, self.tail, reqs)
         dt, images = time.time() - t0, sum(r.size for r in reqs)
         self.runs += 1
-        # the first request of a batch reports the batch to the ingress's /metrics; queue_s is
-        # wall-clock across processes (and machines: clamped at 0 against clock skew)
+        # the first request of a batch reports the batch to /metrics; queue_s is wall-clock across
+        # processes (and machines, for the front's handle calls: clamped at 0 against clock skew)
         return [(out, dt, images, max(0.0, t0 - t_sent), {"replica": self.replica, "batch_first": i == 0})
                 for i, (out, (_, t_sent)) in enumerate(zip(logits, items))]
 
-    async def __call__(self, req: P.InferRequest, t_sent: float):
+    async def infer(self, req: P.InferRequest, t_sent: float):
+        """A checked request from the front (a handle call), batched with the HTTP ones."""
         return await self.run((req, t_sent))
 
     def info(self) -> dict:
@@ -108,73 +277,21 @@ class TailReplica:
                 "providers": s.get_providers(), "intra_op_threads": s.get_session_options().intra_op_num_threads}
 
 
-class RayTailServer(TailServer):
-    """serve-tail's handlers (protocol, auth, limits, metrics) with one difference: a request's
-    batch reaches onnxruntime through the tail deployment's Ray handle, not a local batcher."""
-
-    def __init__(self, handles: dict, models: dict[str, P.ServedModel], **kw):
-        lanes = {name: Lane(m, tail=None) for name, m in models.items()}   # no session in the ingress
-        super().__init__(lanes, next(iter(models.values())).model_id, **kw)
-        self.handles, self.tails_up = handles, False
-
-    async def ready(self, request):
-        """Ready once every tail deployment has answered once (the ingress starts before them)."""
-        if not self.tails_up:
-            calls = [h.info.remote() for h in self.handles.values()]
-            try:
-                await asyncio.wait_for(asyncio.gather(*(_await(c) for c in calls)), 5)
-                self.tails_up = True
-            except Exception:   # noqa: BLE001 - still starting (or failing to): not ready
-                for c in calls:
-                    c.cancel()
-                return error("not ready: tail replicas are starting", 503)
-        return await super().ready(request)
-
-    async def start(self) -> None:
-        """Nothing to warm up or run here: the replicas warm up in __init__ (see ready())."""
-
-    async def stop(self) -> None:
-        """Nothing to stop: Serve drains the replicas."""
-
-    async def submit(self, lane: Lane, req: P.InferRequest) -> tuple:
-        """-> (logits, tail_s, batch images, queue_s); 504 after timeout_s, 503 when the replica died."""
-        import ray.exceptions
-
-        name = lane.model.name
-        response = self.handles[name].remote(req, time.time())
-        try:
-            logits, tail_s, images, queue_s, info = await asyncio.wait_for(_await(response), self.timeout_s)
-        except asyncio.TimeoutError:
-            response.cancel()
-            raise P.RequestError(f"inference took longer than the server's {self.timeout_s:g} s timeout", 504) from None
-        except ray.exceptions.RayError as e:   # the replica died or is gone: retryable, say so
-            err = P.RequestError(f"tail replica of {name} failed during the request ({type(e).__name__}: "
-                                 f"{str(e).strip().splitlines()[0][:200]}); retry, Ray replaces failed replicas", 503)
-            err.reason = "replica_failed"
-            raise err from None
-        if info["batch_first"]:
-            self.metrics.batch_run(name, images, tail_s)
-        return logits, tail_s, images, queue_s
-
-
-async def _await(response):
-    return await response
-
-
 @serve.deployment(logging_config=QUIET, max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
 @serve.ingress()
 class Ingress:
-    """The serve-tail protocol app, with RayTailServer's handle calls as its engine."""
+    """The front: serve-tail's routes for what the proxy does not send to a model's application
+    (health, /v2, /metrics with every replica's counts, unknown models)."""
 
-    def __init__(self, handles: dict, args: dict):
-        self.handles, self.args = handles, args
+    def __init__(self, args: dict):
+        self.server = RayTailServer(P.served_models(args["export_dir"], args["keep_ratios"], args["tail_dtype"]), args)
 
-    def __serve_build_asgi_app__(self) -> Starlette:
-        a = self.args
-        models = P.served_models(a["export_dir"], a["keep_ratios"], a["tail_dtype"])
-        return RayTailServer(self.handles, models, max_batch=int(a["max_batch"]), max_delay_ms=a["max_delay_ms"],
-                             auth_token=a["auth_token"], max_body=int(a["max_body_mb"] * 1024 * 1024),
-                             timeout_s=float(a["timeout_s"])).app()
+    def __serve_build_asgi_app__(self):
+        return self.server.app()
+
+    async def counts(self, source: str, model: str, state: dict, in_flight: int) -> None:
+        """A replica's (or a proxy's) counts so far; on the app's event loop, where /metrics reads them."""
+        self.server.replica_counts[source] = (time.monotonic(), model, state, in_flight)
 
 
 def deployment_options(args: dict, name: str) -> dict:
@@ -194,33 +311,52 @@ def deployment_options(args: dict, name: str) -> dict:
     return opts
 
 
-def build(args: dict):
-    """Ray Serve application builder: one TailReplica deployment per keep ratio + the ingress."""
+def complete(args: dict) -> dict:
+    """build()'s arguments with defaults filled in and checked (ValueError for unknown keys)."""
     args = {**DEFAULTS, **{k: v for k, v in args.items() if v is not None}}
     unknown = set(args) - set(DEFAULTS)
     if unknown:
-        raise ValueError(f"unknown argument(s) {sorted(unknown)} for the mercury Serve application")
+        raise ValueError(f"unknown argument(s) {sorted(unknown)} for the mercury Serve applications")
     if isinstance(args["autoscale"], str):
         args["autoscale"] = parse_autoscale(args["autoscale"])
     if not args["auth_token"]:   # a RayService passes the token through the environment, not its YAML
         args["auth_token"] = os.environ.get("MERCURY_AUTH_TOKEN") or None
     args["export_dir"] = os.path.abspath(args["export_dir"])
+    return args
+
+
+def build(args: dict):
+    """Ray Serve application builder: the front (application `mercury`, route /)."""
+    args = complete(args)
+    P.served_models(args["export_dir"], args["keep_ratios"], args["tail_dtype"])   # ManifestError now, not in Ray
+    return Ingress.options(name=INGRESS).bind({k: args[k] for k in FRONT_KEYS})
+
+
+def build_tail(args: dict):
+    """Ray Serve application builder: the tail replicas of the model args['model'] (its own
+    application, route /v2/models/{model})."""
+    args = complete(args)
     models = P.served_models(args["export_dir"], args["keep_ratios"], args["tail_dtype"])
-    # each deployment gets only the arguments it reads: a new replica count then rescales in
-    # place instead of restarting every replica
-    replica_args = {k: args[k] for k in ("provider", "num_gpus", "num_cpus", "threads", "tail_dtype",
-                                         "max_batch", "max_delay_ms")}
-    ingress_args = {k: args[k] for k in ("export_dir", "keep_ratios", "tail_dtype", "max_batch",
-                                         "max_delay_ms", "auth_token", "max_body_mb", "timeout_s")}
-    handles = {name: TailReplica.options(**deployment_options(args, name)).bind(m, replica_args)
-               for name, m in models.items()}
-    return Ingress.options(name=INGRESS).bind(handles, ingress_args)
+    if (name := args["model"]) not in models:
+        raise ValueError(f"model {name!r} is not served from {args['export_dir']}: {sorted(models)}")
+    return TailReplica.options(**deployment_options(args, name)).bind(models[name], {k: args[k] for k in REPLICA_KEYS})
+
+
+def deploy(args: dict) -> list[str]:
+    """Deploy (or update in place) every application of ray_config.applications, and wait until
+    they run. Returns their names."""
+    args = complete(args)
+    apps = applications(list(P.served_models(args["export_dir"], args["keep_ratios"], args["tail_dtype"])))
+    serve.run_many([serve.RunTarget((build_tail if path == BUILD_TAIL else build)({**args, **extra}), name=name,
+                                    route_prefix=route, logging_config=QUIET)
+                    for name, route, path, extra in apps])
+    return [name for name, *_ in apps]
 
 
 def start_cluster(args: dict, host: str, port: int, address: str | None = None, log=print) -> None:
     """ray.init (a running cluster at `address`, else a local one with enough logical CPUs for
-    every replica, logical, not more cores, and ray_config.SYSTEM_CONFIG) and Serve's HTTP
-    proxy at host:port."""
+    every replica, logical, not more cores, ray_config.SYSTEM_CONFIG and SERVE_ENV) and Serve's
+    HTTP proxy at host:port."""
     import ray
 
     if address:
@@ -229,6 +365,7 @@ def start_cluster(args: dict, host: str, port: int, address: str | None = None, 
         lo_hi = args["autoscale"] or (args["replicas"], args["replicas"])
         models = P.served_models(args["export_dir"], args["keep_ratios"], args["tail_dtype"])
         need = int(np.ceil(lo_hi[1] * float(args["num_cpus"]) * len(models)))
+        os.environ.update(SERVE_ENV)   # Ray's processes inherit it
         ray.init(num_cpus=max(os.cpu_count() or 1, need), num_gpus=None if args["num_gpus"] else 0,
                  include_dashboard=False, logging_level="WARNING", log_to_driver=False, _system_config=SYSTEM_CONFIG)
     serve.start(http_options={"host": host, "port": port}, logging_config=QUIET)
@@ -240,7 +377,7 @@ def start_cluster(args: dict, host: str, port: int, address: str | None = None, 
 
 def serve_forever(args: dict, host: str, port: int, address: str | None, log=print) -> None:
     """Connect to (or start) a Ray cluster, deploy, and block until SIGINT/SIGTERM; then
-    delete the application (and stop the local cluster if this process started it)."""
+    delete the applications (and stop the local cluster if this process started it)."""
     import ray
 
     args = {**DEFAULTS, **args}
@@ -248,13 +385,15 @@ def serve_forever(args: dict, host: str, port: int, address: str | None, log=pri
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     start_cluster(args, host, port, address, log)
+    names = []
     try:
-        serve.run(build(args), name=APP_NAME, route_prefix="/", logging_config=QUIET)
-        log(f"ray cluster {ray.get_runtime_context().gcs_address}: application {APP_NAME!r} running")
+        names = deploy(args)
+        log(f"ray cluster {ray.get_runtime_context().gcs_address}: applications {', '.join(names)} running")
         stop.wait()
     finally:
         try:
-            serve.delete(APP_NAME)
+            for name in names:
+                serve.delete(name)
             if not address:
                 serve.shutdown()
         finally:

@@ -6,9 +6,10 @@ import os
 
 import pytest
 
-from mercury_onnx.runtime.ray_config import LOOPBACK_ENV
+from mercury_onnx.runtime.ray_config import LOOPBACK_ENV, SERVE_ENV
 
 os.environ.setdefault(LOOPBACK_ENV, "0")   # before anything imports Ray: the test cluster stays on loopback
+os.environ.update(SERVE_ENV)               # and runs with serve-tail --engine ray's Serve settings
 
 
 @pytest.fixture(scope="session")

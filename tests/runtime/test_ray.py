@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from mercury_onnx.formats.manifest import load_manifest
+from mercury_onnx.runtime.ray_config import APP_NAME, INGRESS, SERVE_ENV, tail_route
 from mercury_onnx.runtime.tail import model_name
 
 from .conftest import spawn_ray
@@ -36,13 +37,13 @@ def ray_served(export_dir, ray_cluster):
     proc.wait(60)
 
 
-def serve_replicas(model: str) -> dict[str, int]:
-    """`serve status` for one deployment: replica state -> count (the test process is a driver
-    of the same cluster)."""
+def serve_replicas(deployment: str, app: str | None = None) -> dict[str, int]:
+    """`serve status` for one deployment (in the application of the same name: a model's):
+    replica state -> count (the test process is a driver of the same cluster)."""
     from ray import serve
 
-    app = serve.status().applications.get("mercury")
-    dep = app.deployments.get(model) if app else None
+    status = serve.status().applications.get(app or deployment)
+    dep = status.deployments.get(deployment) if status else None
     return dict(dep.replica_states) if dep else {}
 
 
@@ -51,7 +52,7 @@ def replica_infos(model: str, want: int, tries: int = 200) -> dict[str, dict]:
     by calling info() through a handle until the router has reached each."""
     from ray import serve
 
-    handle = serve.get_deployment_handle(model, app_name="mercury")
+    handle = serve.get_deployment_handle(model, app_name=model)
     seen = {}
     for _ in range(tries):
         info = handle.info.remote().result(timeout_s=60)
@@ -81,7 +82,7 @@ def test_status_shows_the_replicas(export_dir, ray_served):
         for i in infos.values():
             assert i["model"] == model and i["intra_op_threads"] == 1
             assert i["providers"] == ["CPUExecutionProvider"]
-    assert serve_replicas("ingress") == {"RUNNING": 1}
+    assert serve_replicas(INGRESS, APP_NAME) == {"RUNNING": 1}
 
 
 @pytest.mark.ray
@@ -132,10 +133,11 @@ def test_killed_replica_is_replaced_and_only_its_requests_fail(export_dir, ray_s
     assert after and all(r[2] == "split" for r in after)                    # the endpoint keeps answering
     assert all(r[1] - r[0] < 30 for r in results)
 
-    metrics = httpx.get(ray_served + "/metrics", timeout=10).text
     grab = lambda text: float((re.search(rf'^mercury_errors_total{{model="{model}",reason="replica_failed"}} (\S+)$',  # noqa: E731
                                          text, re.M) or [0, 0])[1])
-    assert grab(metrics) - grab(before) == len(failed)     # the server counted the same failures
+    # the server counted the same failures (the proxy reports its counts to /metrics within a second)
+    wait_for(lambda: grab(httpx.get(ray_served + "/metrics", timeout=10).text) - grab(before) == len(failed), 10,
+             f"/metrics counting the {len(failed)} failed requests")
 
     infos = wait_for(lambda: serve_replicas(model) == {"RUNNING": 2} and replica_infos(model, 2), 120,
                      "Ray replaces the killed replica")
@@ -156,47 +158,58 @@ def test_kuberay_manifest_names_the_models_and_ports(export_dir, tmp_path):
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayService"
     serve_cfg = yaml.safe_load(doc["spec"]["serveConfigV2"])
     assert serve_cfg["http_options"]["port"] == 8080
-    (app,) = serve_cfg["applications"]
-    assert app["import_path"] == "mercury_onnx.runtime.ray_engine:build"
+    apps = {a["name"]: a for a in serve_cfg["applications"]}
     models = sorted(model_name(v["keep_tokens"]) for v in manifest["variants"])
-    tails = {d["name"]: d for d in app["deployments"] if d["name"] != "ingress"}
-    assert sorted(tails) == models and sorted(doc["metadata"]["annotations"]["mercury-onnx/models"].split(",")) == models
+    assert sorted(apps) == sorted([*models, APP_NAME]) and sorted(doc["metadata"]["annotations"]["mercury-onnx/models"].split(",")) == models
     assert doc["metadata"]["annotations"]["mercury-onnx/model-id"] == manifest["model_id"]
-    for d in tails.values():
-        assert d["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3}
+    front = apps[APP_NAME]
+    assert front["route_prefix"] == "/" and front["import_path"] == "mercury_onnx.runtime.ray_engine:build"
+    assert front["deployments"] == [{"name": INGRESS, "num_replicas": 1}]
+    for m in models:                          # each model's requests go straight to its tail replicas
+        app = apps[m]
+        assert app["route_prefix"] == tail_route(m) == f"/v2/models/{m}" and app["args"]["model"] == m
+        assert app["import_path"] == "mercury_onnx.runtime.ray_engine:build_tail"
+        (d,) = app["deployments"]
+        assert d["name"] == m and d["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3}
         assert d["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0.0}
         assert d["max_ongoing_requests"] == 96                              # --max-ongoing
-    assert app["args"]["export_dir"] == str(export_dir.resolve()) and app["args"]["autoscale"] == "1:3"
-    assert app["args"]["max_ongoing"] == 96
+    for app in apps.values():
+        assert app["args"]["export_dir"] == str(export_dir.resolve()) and app["args"]["autoscale"] == "1:3"
+        assert app["args"]["max_ongoing"] == 96
     cluster = doc["spec"]["rayClusterConfig"]
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert {p["name"]: p["containerPort"] for p in head["ports"]} == {
         "gcs": 6379, "dashboard": 8265, "client": 10001, "serve": 8080}
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"   # replicas go to workers
     assert {"name": "RAY_max_direct_call_object_size", "value": "1048576"} in head["env"]   # requests inline
+    for k, v in SERVE_ENV.items():                                          # e.g. the proxy's 503 for a dead replica
+        assert {"name": k, "value": v} in head["env"]
     (workers,) = cluster["workerGroupSpecs"]
     assert workers["maxReplicas"] == 3 * len(models) and workers["rayStartParams"]["num-cpus"] == "2"
     assert cluster["enableInTreeAutoscaling"] is True
 
 
 @pytest.mark.ray
-def test_kuberay_args_build_the_application(export_dir):
-    """The manifest's import_path and args really build the Serve application (no cluster needed
-    to build it): what KubeRay would deploy is what the CLI deploys."""
+def test_kuberay_args_build_the_applications(export_dir):
+    """The manifest's import paths and args really build the Serve applications (no cluster
+    needed to build them): what KubeRay would deploy is what the CLI deploys."""
+    import importlib
+
     yaml = pytest.importorskip("yaml")
     from mercury_onnx.runtime.kuberay import rayservice_yaml
-    from mercury_onnx.runtime.ray_engine import build
 
     manifest = load_manifest(export_dir)
     names = [model_name(v["keep_tokens"]) for v in manifest["variants"]]
     doc = yaml.safe_load(rayservice_yaml(str(export_dir), names, manifest["model_id"], replicas=2, max_batch=8))
-    (app,) = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]
-    ingress = build(app["args"])._bound_deployment                         # noqa: SLF001 - no public view
-    tails = ingress.init_args[0]                                            # {name: bound tail deployment}
-    assert ingress.name == "ingress" and sorted(tails) == sorted(names)
-    for name, bound in tails.items():
-        d = bound._bound_deployment                                         # noqa: SLF001
+    built = {}
+    for app in yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]:
+        module, _, fn = app["import_path"].partition(":")
+        built[app["name"]] = getattr(importlib.import_module(module), fn)(app["args"])._bound_deployment  # noqa: SLF001
+    assert sorted(built) == sorted([*names, APP_NAME]) and built[APP_NAME].name == INGRESS
+    for name in names:
+        d = built[name]
         assert d.name == name and d.num_replicas == 2 and d.max_ongoing_requests == 64   # max(64, 2 x 8)
+        assert d.init_args[0].name == name                                  # the ServedModel it serves
 
 
 @pytest.mark.parametrize("args, msg", [(["--autoscale", "3:1"], "MIN:MAX"), (["--autoscale", "2"], "MIN:MAX"),

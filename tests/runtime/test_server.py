@@ -157,11 +157,22 @@ def _metric(text, name, **labels):
     return float(m.group(1)) if m else 0.0
 
 
+def _settled_metrics(url):
+    """/metrics once it stops changing (--engine ray: the replicas report their counts every second)."""
+    text = httpx.get(url + "/metrics", timeout=5).text
+    for _ in range(10):
+        time.sleep(1.5)
+        text, last = httpx.get(url + "/metrics", timeout=5).text, text
+        if text == last:
+            break
+    return text
+
+
 def test_32_concurrent_clients_are_batched(served, ref):
     body, hlen = _request(ref)
     headers = {**AUTH, "Inference-Header-Content-Length": str(hlen)}
     url = f"{served}/v2/models/{ref['model']}/infer"
-    before = httpx.get(served + "/metrics", timeout=5).text
+    before = _settled_metrics(served)
 
     async def one_client(stop, client):
         codes = []
@@ -181,8 +192,7 @@ def test_32_concurrent_clients_are_batched(served, ref):
 
     codes = [c for cs in asyncio.run(run()) for c in cs]
     assert len(codes) >= 32 and set(codes) == {200}
-    text = httpx.get(served + "/metrics", timeout=5).text
-    m = ref["model"]
+    text, m = _settled_metrics(served), ref["model"]
     runs = _metric(text, "mercury_batch_size_count", model=m) - _metric(before, "mercury_batch_size_count", model=m)
     images = _metric(text, "mercury_batch_size_sum", model=m) - _metric(before, "mercury_batch_size_sum", model=m)
     singles = (_metric(text, "mercury_batch_size_bucket", model=m, le="1")
