@@ -36,11 +36,13 @@
 #                ~4 min quiet (about 25 s per bench run, plus one export)
 #   prune_point  the v3b recipe (as `calibration`) with --prune-point attn, then vanilla, Mercury and
 #                regional+duplicate of it on all 10,000 test images -> docs/results/prune_point_accuracy_attn.json
-#                (block: accuracy.json); head latency of both points, paired (benchmarks/prune_point.py)
+#                (block: accuracy.json); both points again with calibration seed 1
+#                -> prune_point_accuracy_{block,attn}_seed1.json; head latency of both points, paired (benchmarks/prune_point.py)
 #                -> docs/results/prune_point_latency.json
-#                12.3 min calibration + 229 s eval measured quiet (sixth session), 43 s latency
+#                12.3 min calibration + 229 s eval measured quiet (sixth session), 43 s latency; the seed-1
+#                pair adds two calibrations and evals (side by side beside each other: 38 min each, eval 5.5 min, eighth session)
 #   codec        rate-accuracy on all 10,000 test images: the shipped calibration with codecs 8x4, 10x4,
-#                12x3, 12x4, 16x3, 16x4, 16x6, 24x4 at keep 1.0 / 0.5 / 0.25 (codecs fit on 2,000 train
+#                12x3, 12x4, 13x4, 16x3, 16x4, 16x6, 20x5, 24x4, e5 at keep 1.0 / 0.5 (/ 0.25) (codecs fit on 2,000 train
 #                images), and JPEG, WebP, AVIF of the test images -> docs/results/codec/rate_curve.{json,png};
 #                the v3b recipe with the 16x4 codec in the loop (calibrate --codec) on the same images
 #                -> codec/inloop.json; the entropy codecs e3/e6/e10 on the first 2,000 test images
@@ -49,7 +51,8 @@
 #                of head time, paired -> codec/head_time.json
 #                55 min measured quiet without the 10x4/12x3/16x3/16x6 eval (sixth session): 16 min the
 #                first Mercury eval, 20 min the images, 13 min the calibration, 4 min its eval, 5 min the
-#                photos, 2 min the head timing; the second Mercury eval 14 min
+#                photos, 2 min the head timing; the second Mercury eval 14 min, the third (13x4/20x5/e5,
+#                eighth session) 11 min beside other work
 #   edge         the reference export's heads under the real aarch64 onnxruntime (QEMU, as root)
 #                vs x86 -> docs/results/edge.json; ~3 min plus 1-2.5 min to build the arm64 root once
 set -euo pipefail
@@ -173,6 +176,12 @@ section_prune_point() {
     --heldout 2000 --steps 480 --batch-size 32 --lr 3e-3 --jobs 2 --cache --prune-point attn --out "$WORK/ref_attn"
   $MERCURY eval "$TEST" --checkpoint "$WORK/ref_attn" -r 0.5 -r 0.25 --methods regional+duplicate \
     --json "$RES/prune_point_accuracy_attn.json" --cache
+  for point in block attn; do   # a second calibration seed at both points (other images, other order)
+    $MERCURY calibrate "$REF" "$TRAIN" -r 0.5 -r 0.25 --temperature 1 --temperature 2 --images 5000 --heldout 2000 \
+      --steps 480 --batch-size 32 --lr 3e-3 --jobs 2 --cache --prune-point $point --seed 1 --out "$WORK/ref_${point}_s1"
+    $MERCURY eval "$TEST" --checkpoint "$WORK/ref_${point}_s1" -r 0.5 -r 0.25 --methods main \
+      --json "$RES/prune_point_accuracy_${point}_seed1.json" --cache
+  done
   $PY benchmarks/prune_point.py --models deit_base_patch16_224 deit_small_patch16_224 deit_tiny_patch16_224 "$REF" \
     --keep-ratio 0.25 0.5 --reps 300 --json "$RES/prune_point_latency.json"
 }

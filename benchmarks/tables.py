@@ -145,6 +145,29 @@ def render_prune_point_accuracy(data: dict, block: str = "accuracy.json") -> str
                                    "target: attn within 0.2 pt of block, or better.\n")
 
 
+def render_prune_point_seeds(data: dict, block: str, attn0: str = "prune_point_accuracy_attn.json",
+                             block0: str = "accuracy.json") -> str:
+    """Mercury's top-1 at both prune points for two calibration seeds: `data` (attn) and `block`
+    are seed 1's `eval --json`, attn0 / block0 seed 0's; attn - block per seed and their mean."""
+    def top(name_or_data):
+        d = name_or_data if isinstance(name_or_data, dict) else json.loads((RESULTS / name_or_data).read_text())
+        return {r["keep_ratio"]: r["top1"] for r in d["results"] if r["method"] == "mercury"}
+
+    seeds = [(0, top(block0), top(attn0)), (1, top(block), top(data))]
+    keeps = sorted(seeds[1][2], reverse=True)
+    rows, diffs = [], {k: [] for k in keeps}
+    for seed, b, a in seeds:
+        row = [str(seed)]
+        for k in keeps:
+            diffs[k].append(100 * (a[k] - b[k]))
+            row += [_pt(b[k]), _pt(a[k]), f"{diffs[k][-1]:+.2f}"]
+        rows.append(row)
+    rows.append(["mean", *(c for k in keeps for c in ("", "", f"**{sum(diffs[k]) / len(diffs[k]):+.2f}**"))])
+    header = ["seed", *(c for k in keeps for c in (f"block, keep {k:g}", f"attn, keep {k:g}", "attn - block"))]
+    return _table(header, rows) + (f"\n{data['dataset']}, {data['images']} images, Mercury top-1 %; target: attn "
+                                   "within 0.2 pt of block, or better.\n")
+
+
 def render_prune_point_latency(data: dict) -> str:
     """benchmarks/prune_point.py --json: paired head latency of the two prune points."""
     rows = []
@@ -421,6 +444,7 @@ def render_resize_rule(data: dict) -> str:
 RENDERERS = {"rows": render_rows, "accuracy": render_accuracy, "bench_speedup": render_bench_speedup,
              "bench_planner": render_bench_planner, "bench_top1": render_bench_top1,
              "prune_point_accuracy": render_prune_point_accuracy, "prune_point_latency": render_prune_point_latency,
+             "prune_point_seeds": render_prune_point_seeds,
              "prune_point_band": render_prune_point_band,
              "prune_point_codec_band": render_prune_point_codec_band, "ray_rounds": render_ray_rounds, "ray_cores": render_ray_cores, "codec": render_codec, "codec_inloop": render_codec_inloop,
              "codec_gap": render_codec_gap, "codec_speed": render_codec_speed, "codec_band": render_codec_band,
