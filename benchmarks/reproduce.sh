@@ -40,7 +40,7 @@
 #                -> prune_point_accuracy_{block,attn}_seed1.json; head latency of both points, paired (benchmarks/prune_point.py)
 #                -> docs/results/prune_point_latency.json
 #                12.3 min calibration + 229 s eval measured quiet (sixth session), 43 s latency; the seed-1
-#                pair adds two calibrations and evals (side by side beside each other: 38 min each, eval 5.5 min, eighth session)
+#                pair adds two calibrations and evals (run side by side: 38 min each, evals 5.5 min, eighth session)
 #   codec        rate-accuracy on all 10,000 test images: the shipped calibration with codecs 8x4, 10x4,
 #                12x3, 12x4, 13x4, 16x3, 16x4, 16x6, 20x5, 24x4, e5 at keep 1.0 / 0.5 (/ 0.25) (codecs fit on 2,000 train
 #                images), and JPEG, WebP, AVIF of the test images -> docs/results/codec/rate_curve.{json,png};
