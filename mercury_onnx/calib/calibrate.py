@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..models import pruning as P
 from ..models.mercury import Mercury
 from ..models.reconstruction import Generator, MaskToken, MetaCtx, MetaLocal, MetaPos
 from .data import ImageSet
@@ -223,17 +222,6 @@ def train_meta(model: Mercury, tokens: torch.Tensor, idx: torch.Tensor, teacher:
     return losses
 
 
-def fit_proxy(model: Mercury, train: Prefixed, seed: int = 0) -> dict | None:
-    """Fit the model's score proxy (prune point attn) on the calibration images' post-attention
-    tokens, once per backbone: the selection, and so every head output, depends on it.
-    None when there is none or it is already fitted (loaded, or fit for another keep ratio)."""
-    proxy = model.score_proxy
-    if proxy is None or bool(proxy.fitted):
-        return None
-    blk = model.backbone.blocks[model.prune_at - 1]
-    return P.fit_score_proxy(proxy, train.x, blk.norm2, blk.mlp, seed=seed)
-
-
 def score(model: Mercury, pre: Prefixed, s: CalibSettings) -> dict:
     """Held-out top-1 and distillation loss of the model as it is now."""
     tokens, idx = head_outputs(model, pre)
@@ -250,7 +238,7 @@ def calibrate(model: Mercury, train: Prefixed, s: CalibSettings, heldout: Prefix
                     "reconstruction": model.cfg.reconstruction, "images": len(train)}
     if not model.recon.learned:
         return report
-    proxy = fit_proxy(model, train, s.seed)
+    proxy = model.fit_score_proxy(train.x, s.seed)   # prune point attn: before any head output
     if proxy is not None:
         report["score_proxy"] = proxy
     tokens, idx = head_outputs(model, train)

@@ -195,7 +195,7 @@ def _calibrate_here(source, data_dir, keep_ratio, images, heldout, steps, batch_
     from ..formats.images import ImageError
     from ..models import ConfigError
     from ..models.codec import fit_codec
-    from .calibrate import CalibSettings, fit_proxy, head_outputs, run_prefix
+    from .calibrate import CalibSettings, head_outputs, run_prefix
     from .data import load_image_set, preprocess_for
     from .recipe import calibrate_all
 
@@ -221,7 +221,7 @@ def _calibrate_here(source, data_dir, keep_ratio, images, heldout, steps, batch_
                       closed_form_init=not no_init)
     train_pre = run_prefix(base, train_set)
     held_pre = run_prefix(base, held) if held else None
-    proxy = fit_proxy(base, train_pre, seed)   # prune point attn: before any head output is computed
+    proxy = base.fit_score_proxy(train_pre.x, seed)   # prune point attn: before any head output is computed
     if proxy is not None:
         typer.echo(f"score proxy: rank {proxy['rank']}, explains {proxy['explained']:.3f} of the MLP half "
                    f"on {proxy['rows']} token rows")

@@ -107,7 +107,7 @@ class Mercury(nn.Module):
             _check_attention(m.blocks[i])
         self.reads_attention = cfg.reads_attention
         if cfg.uses_score_proxy:
-            blk = m.blocks[self.prune_at - 1]
+            blk = self.prune_block
             if getattr(blk, "score_proxy", None) is None:
                 blk.score_proxy = P.ScoreProxy(self.dim, cfg.score_proxy_rank)
             elif blk.score_proxy.rank != cfg.score_proxy_rank:
@@ -174,13 +174,28 @@ class Mercury(nn.Module):
         return P.regional_rows(cost, k, self.grid, self.cfg.region_size, prefix=p)
 
     @property
+    def prune_block(self) -> nn.Module:
+        """The block the selection happens in (after it, or inside it with prune_point "attn")."""
+        return self.backbone.blocks[self.prune_at - 1]
+
+    @property
     def score_proxy(self) -> P.ScoreProxy | None:
-        return self.backbone.blocks[self.prune_at - 1].score_proxy if self.cfg.uses_score_proxy else None
+        return self.prune_block.score_proxy if self.cfg.uses_score_proxy else None
 
     def score_stream(self, x: torch.Tensor) -> torch.Tensor:
         """What the selection scores: x, or with the score proxy x + norm2(x) A B + c."""
         proxy = self.score_proxy
-        return x if proxy is None else proxy(x, self.backbone.blocks[self.prune_at - 1].norm2)
+        return x if proxy is None else proxy(x, self.prune_block.norm2)
+
+    def fit_score_proxy(self, x: torch.Tensor, seed: int = 0) -> dict | None:
+        """Fit the score proxy on post-attention tokens x (M, P+N, D) of calibration images
+        (forward_prefix's output), once per backbone: the selection, and so every head output,
+        depends on it. None when there is none or it is already fitted (loaded, or fit for
+        another keep ratio); else the fit's report (pruning.fit_score_proxy)."""
+        proxy = self.score_proxy
+        if proxy is None or bool(proxy.fitted):
+            return None
+        return P.fit_score_proxy(proxy, x, self.prune_block.norm2, self.prune_block.mlp, seed=seed)
 
     def forward_prefix(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Blocks [0, prune_after_block) (prune_point "attn": the last one's attention half
@@ -204,7 +219,7 @@ class Mercury(nn.Module):
         finish_prune_block is exactly blocks[:prune_after_block]."""
         if self.cfg.prune_point != "attn":
             return x
-        blk = self.backbone.blocks[self.prune_at - 1]
+        blk = self.prune_block
         return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))        # (B, T, D)
 
     def forward_head(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

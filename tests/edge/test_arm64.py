@@ -155,7 +155,7 @@ def test_codec_heads_agree_on_arm64(arm64_root, codec_export, cifar_test):
 def attn_export(ref_json, cifar_test, tmp_path_factory) -> Path:
     """Issue 14: the reference model at prune point attn, its score proxy fit on 256 real train
     images (as calibrate fits it), exported with fp32, int8 (QDQ) and int8-token heads."""
-    from mercury_onnx.calib.calibrate import fit_proxy, run_prefix
+    from mercury_onnx.calib.calibrate import run_prefix
     from mercury_onnx.calib.data import load_image_set, preprocess_for
     from mercury_onnx.export import export_model
     from mercury_onnx.models.checkpoint import mercury_from_any, save_mercury
@@ -166,7 +166,7 @@ def attn_export(ref_json, cifar_test, tmp_path_factory) -> Path:
     models = mercury_from_any(str(ref_json), keep_ratios=[0.25], prune_point="attn")
     train, _ = load_image_set(CIFAR_TRAIN, preprocess_for(models[0]), models[0].cfg.classes, count=256,
                               progress=False)
-    assert fit_proxy(models[0], run_prefix(models[0], train, progress=False)) is not None
+    assert models[0].fit_score_proxy(run_prefix(models[0], train, progress=False).x) is not None
     save_mercury(tmp / "attn", models)
     return export_model(tmp / "attn.json", tmp / "export", [0.25], int8_head=True, token_dtypes=["int8"],
                         calib_images=32, int8_select_images=32, validate_data=cifar_test, validate_images=16,

@@ -26,7 +26,7 @@ from .test_pruning_reference import reference_rows, reference_scores
 def ref(ref_json, cifar_test):
     """Reference backbone, attn-point wrappers at keep 0.5 / 0.25 (score proxy fit on 512 real
     train images, as calibrate does), an unpatched timm copy and 64 real test images."""
-    from mercury_onnx.calib.calibrate import fit_proxy, run_prefix
+    from mercury_onnx.calib.calibrate import run_prefix
     from mercury_onnx.calib.data import load_image_set, preprocess_for
 
     cfg = MercuryConfig.from_checkpoint_json(ref_json, keep_ratio=0.5, prune_point="attn")
@@ -36,9 +36,9 @@ def ref(ref_json, cifar_test):
     models = [build_mercury(MercuryConfig(**{**cfg.to_dict(), "keep_ratio": r}), backbone) for r in (0.5, 0.25)]
     train, _ = load_image_set(cifar_test.parent / "train", preprocess_for(models[0]), cfg.classes, count=512,
                               progress=False)
-    rep = fit_proxy(models[0], run_prefix(models[0], train, progress=False))
+    rep = models[0].fit_score_proxy(run_prefix(models[0], train, progress=False).x)
     assert rep["rank"] == 32 and rep["explained"] > 0.8, rep
-    assert fit_proxy(models[1], run_prefix(models[1], train.subset(range(8)), progress=False)) is None  # shared
+    assert models[1].fit_score_proxy(run_prefix(models[1], train.subset(range(8)), progress=False).x) is None  # shared
     images, _ = load_images(cifar_test, 64, (32, 32), cfg.mean, cfg.std)
     return models, vanilla, torch.from_numpy(images)
 
