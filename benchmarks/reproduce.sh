@@ -27,10 +27,12 @@
 #                ~3 min + ~6 min quiet
 #   runtime      token codec (benchmarks/codec.py) -> docs/results/runtime_codec.json; serve-tail vs
 #                bare onnxruntime under load (benchmarks/serve_load.py) -> docs/results/runtime_serve.json;
-#                serve-tail --engine ray (1 and 2 replicas) vs standalone on the DeiT-S tail, paired
-#                (needs the [scale] extra) -> docs/results/runtime_ray.json, and again with the old
+#                serve-tail --engine ray (1 and 2 replicas) vs standalone on the DeiT-B tail, paired
+#                (needs the [scale] extra) -> docs/results/runtime_ray_base.json, the same on the
+#                lighter DeiT-S tail -> docs/results/runtime_ray.json, and DeiT-S with the old
 #                shallow replica queue (--max-ongoing 16) -> docs/results/runtime_ray_queue16.json
-#                222 s measured quiet (sixth session) before the queue16 run, which adds ~4 min
+#                222 s measured quiet (sixth session) before the queue16 run, which adds ~4 min;
+#                the DeiT-B run ~6 min quiet (ninth session)
 #   bench        end to end on the 9 real uplink traces: DeiT-T/S/B modelled (Pi profile, RTX 4090),
 #                and the reference export with its committed accuracy -> docs/results/bench_*.json
 #                ~4 min quiet (about 25 s per bench run, plus one export)
@@ -151,6 +153,9 @@ section_runtime() {
   reference_export
   $PY benchmarks/codec.py --json "$RES/runtime_codec.json"
   $PY benchmarks/serve_load.py "$WORK/export_ref" --requests 320 --seconds 2 --json "$RES/runtime_serve.json"
+  [ -f "$WORK/export_base/manifest.json" ] || $MERCURY export deit_base_patch16_224 "$WORK/export_base" -r 0.5 --validate-images 8
+  $PY benchmarks/serve_load.py "$WORK/export_base" --engine ray --clients 32 --requests 96 --max-batch 8 --rounds 3 \
+    --json "$RES/runtime_ray_base.json"
   [ -f "$WORK/export_small/manifest.json" ] || $MERCURY export deit_small_patch16_224 "$WORK/export_small" -r 0.5 --validate-images 8
   $PY benchmarks/serve_load.py "$WORK/export_small" --engine ray --clients 32 --requests 96 --max-batch 8 --rounds 3 \
     --json "$RES/runtime_ray.json"
