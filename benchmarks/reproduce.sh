@@ -199,9 +199,12 @@ section_codec() {
     --codec 16x3 --codec 16x6 --rate-curve --image-codecs "" --json "$WORK/rate_mercury_more.json" --cache
   $MERCURY eval "$TEST" --checkpoint reference -r 1.0 -r 0.5 --methods main --codec 13x4 --codec 20x5 --codec e5 \
     --rate-curve --image-codecs "" --json "$RES/codec/rate_mercury_extra.json" --cache
+  $MERCURY eval "$TEST" --checkpoint reference -r 1.0 --methods main --codec 18x6 --codec 16x7 \
+    --rate-curve --image-codecs "" --json "$RES/codec/rate_mercury_q75.json" --cache
   $MERCURY eval "$TEST" --checkpoint reference -r 0.5 --methods vanilla --rate-curve --json "$WORK/rate_images.json" --cache
   $PY benchmarks/codec_report.py --merge "$RES/codec/rate_curve.json" --plot "$RES/codec/rate_curve.png" \
-    "$WORK/rate_mercury.json" "$WORK/rate_mercury_more.json" "$RES/codec/rate_mercury_extra.json" "$WORK/rate_images.json"
+    "$WORK/rate_mercury.json" "$WORK/rate_mercury_more.json" "$RES/codec/rate_mercury_extra.json" \
+    "$RES/codec/rate_mercury_q75.json" "$WORK/rate_images.json"
   $MERCURY calibrate "$REF" "$TRAIN" -r 0.5 -r 0.25 --temperature 1 --temperature 2 --images 5000 \
     --heldout 2000 --steps 480 --batch-size 32 --lr 3e-3 --jobs 2 --cache --codec 16x4 --out "$WORK/ref_codec16x4"
   $MERCURY eval "$TEST" --checkpoint "$WORK/ref_codec16x4" -r 0.5 -r 0.25 --methods main --codec 16x4 \
