@@ -3,24 +3,31 @@
 Candidates are fixed strategies (mobile-only, cloud-only-jpeg, Mercury at each keep ratio and
 token dtype), each known by its device compute, payload bytes, cloud compute and accuracy.
 
-What the device knows at a request's start: the rates (bytes / s) of its own recent transfers
-(the last `window`: Janus uses 10, the bench 30, which sees how often a bursty link stalls; a transfer still in flight that is already slower than the
-typical rate counts as bytes / elapsed-so-far, an upper bound on its rate, so an outage shows
-before the stuck transfer completes) and the last 100 RTTs it measured. Nothing later.
+What the device knows at a request's start: its own recent transfers, each (start, end,
+bytes) (the last `window`: Janus uses 10, the bench 30, which sees how often a bursty link
+stalls; a transfer still in flight that is already slower than the typical rate counts as
+bytes / elapsed-so-far, an upper bound on its rate, so an outage shows before the stuck
+transfer completes) and the last 100 RTTs it measured. Nothing later.
 
-The planner optimises the metric the bench reports. The next transfer's rate and RTT are
-taken to be one of the recent rates r_1..r_n and one of the recent RTTs t_1..t_m, all pairs
-equally likely (their empirical distributions), and an upload is hedged: if it has not
-answered after `timeout`, the device starts the full model (`hedge_factor` x the upload's
-latency at the median recent rate and RTT; with an SLO the local run meets, at the latest
-SLO - local, so that it still does). So an upload's latency is
+The planner optimises the metric the bench reports. The next upload starts in the link state
+one of the recent transfers saw and the RTT is one of the recent RTTs t_1..t_m. Its time T_i
+is what the recent transfers, replayed in time order from transfer i on (wrapping around),
+take to move its bytes: a payload no bigger than what transfer i moved takes payload / r_i,
+a bigger one also crosses the states that came after (a JPEG that starts in a short stall
+does not move all its bytes at the stall's rate). Transfers that overlap in time saw the same
+link, so each counts 1 / (the window transfers it overlaps, itself included): the several
+requests a device sends into one outage are one observation of it, not one each (once the
+outage is over; one still running counts in full). So an upload's latency is
 
-    U(r, t)  = device + payload / r + t + cloud
-    E[lat]   = mean_ij min(U(r_i, t_j), timeout + local)        (a local run: local, known)
-    P[miss]  = mean_ij [min(U(r_i, t_j), timeout + local) > SLO]
+    U(T, t)  = device + T + t + cloud
+    E[lat]   = sum_ij w_i min(U(T_i, t_j), timeout + local) / (m sum_i w_i)   (local: known)
+    P[miss]  = the same weights over [min(U(T_i, t_j), timeout + local) > SLO]
 
-(Without the cap, E over r of payload / r is payload / harmonic mean of the r_i: Janus'
-estimate; the cap is what the hedge buys.)
+and an upload is hedged: if it has not answered after `timeout`, the device starts the full
+model (`hedge_factor` x the upload's latency at the median recent rate and RTT; with an SLO
+the local run meets, at the latest SLO - local, so that it still does). (With equal weights and
+payloads no bigger than the recent transfers, E over i of payload / r_i is payload / the
+harmonic mean of the r_i: Janus' estimate; the cap is what the hedge buys.)
 
     without an SLO: the candidate with the lowest E[lat]
     with an SLO:    the highest accuracy x (1 - P[miss]), the chance of a correct answer in
@@ -72,6 +79,24 @@ def upload_ms(c: Candidate, rate_Bps, rtt_ms):
     return c.device_ms + c.payload_bytes / rate_Bps * 1e3 + rtt_ms + c.cloud_ms
 
 
+def replay_s(nbytes: float, start: np.ndarray, end: np.ndarray, moved: np.ndarray) -> np.ndarray:
+    """T_i: seconds to move nbytes starting in link sample i (start, end, bytes moved; time
+    order) and going on through the samples after it, wrapping around -> (n,)."""
+    n = moved.size
+    secs = np.maximum(end - start, 1e-9)
+    rate = np.tile(np.maximum(moved / secs, MIN_RATE_BPS), 2)
+    if moved.sum() <= 0:                                                # nothing got through at all
+        return np.full(n, nbytes / MIN_RATE_BPS)
+    laps, rest = divmod(float(nbytes), float(moved.sum()))            # whole passes over the window
+    if rest == 0.0 and laps > 0:
+        laps, rest = laps - 1, float(moved.sum())
+    cum_b = np.concatenate([[0.0], np.cumsum(np.tile(moved, 2))])     # (2n+1,): two passes
+    cum_s = np.concatenate([[0.0], np.cumsum(np.tile(secs, 2))])
+    target = cum_b[:n] + rest                                           # (n,) bytes to reach
+    j = np.clip(np.searchsorted(cum_b, target, side="left") - 1, np.arange(n), 2 * n - 1)   # the sample it ends in
+    return cum_s[j] - cum_s[:n] + (target - cum_b[j]) / rate[j] + laps * secs.sum()
+
+
 def proxy_accuracy(method: str, keep_ratio: float | None, token_dtype: str | None) -> float:
     if keep_ratio is None:
         return 1.0
@@ -101,16 +126,36 @@ class Planner:
         if len(self.rtts) > 2 * self.rtt_window:
             self.rtts = self.rtts[-2 * self.rtt_window:]
 
-    def rates_Bps(self, now_s: float) -> np.ndarray | None:
-        """Rates (bytes/s) of the last n transfers finished by now, plus those still running
-        that are already slower than the median of the finished ones (bytes / elapsed)."""
-        done = [n / max(e - s, 1e-9) for s, e, n in self.transfers if e <= now_s][-self.window:]
+    def link_samples(self, now_s: float) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """The transfers the estimate is made of, in time order: the last n finished by now,
+        plus those still running that are already slower than the median of the finished
+        ones (as bytes / elapsed so far). -> (starts s, ends s (now for a running one), bytes),
+        or None before the first transfer finishes."""
+        done = [(s, e, n) for s, e, n in self.transfers if e <= now_s][-self.window:]
         if not done:
             return None
-        med = float(np.median(done))
-        slow = [n / max(now_s - s, 1e-9) for s, e, n in self.transfers if s < now_s < e]
-        rates = (done + [r for r in slow if r < med])[-self.window:]
-        return np.maximum(np.array(rates), MIN_RATE_BPS)
+        med = float(np.median([n / max(e - s, 1e-9) for s, e, n in done]))
+        slow = [(s, now_s, n) for s, e, n in self.transfers if s < now_s < e and n / max(now_s - s, 1e-9) < med]
+        start, end, nbytes = np.array((done + slow)[-self.window:], dtype=np.float64).T
+        return start, end, nbytes
+
+    def rates_Bps(self, now_s: float) -> np.ndarray | None:
+        """Rates (bytes/s) of the link samples (`link_samples`)."""
+        smp = self.link_samples(now_s)
+        if smp is None:
+            return None
+        start, end, nbytes = smp
+        return np.maximum(nbytes / np.maximum(end - start, 1e-9), MIN_RATE_BPS)
+
+    def sample_weights(self, now_s: float) -> np.ndarray | None:
+        """Each link sample's weight: 1 / (the samples it overlaps in time, itself included),
+        1 for one still running (see the module docstring)."""
+        smp = self.link_samples(now_s)
+        if smp is None:
+            return None
+        start, end, _ = smp
+        overlaps = (start[:, None] < end[None, :]) & (start[None, :] < end[:, None])      # (n, n)
+        return np.where(end >= now_s, 1.0, 1.0 / overlaps.sum(1))
 
     def bandwidth_Bps(self, now_s: float) -> float | None:
         """Harmonic mean of the recent rates (the Janus estimate; E[bytes / r] = bytes / this)."""
@@ -123,31 +168,39 @@ class Planner:
         return np.array(known or [0.0])
 
     # --- the decision ------------------------------------------------------------
-    def outcomes_ms(self, c: Candidate, rates: np.ndarray | None, rtts: np.ndarray) -> tuple[np.ndarray, float]:
-        """(possible latencies of candidate c, one per recent rate x recent RTT, hedge
-        included; its timeout in ms)."""
+    def outcomes_ms(self, c: Candidate, samples, rtts: np.ndarray) -> tuple[np.ndarray, float]:
+        """(possible latencies of candidate c, (n link samples, m recent RTTs) flattened,
+        hedge included; its timeout in ms). samples: `link_samples` (None: none yet)."""
         if not c.offloads:
             return np.array([c.device_ms]), float("inf")
-        if rates is None:                            # never seen the link: no basis to upload
+        if samples is None:                          # never seen the link: no basis to upload
             return np.array([float("inf")]), float("inf")
-        upload = upload_ms(c, rates[:, None], rtts[None, :]).ravel()
+        tx_ms = replay_s(c.payload_bytes, *samples) * 1e3                          # (n,)
+        upload = (c.device_ms + tx_ms[:, None] + rtts[None, :] + c.cloud_ms).ravel()
         if self.local is None:
             return upload, float("inf")
         local_ms = self.candidates[self.local].device_ms
-        timeout = self.hedge_factor * upload_ms(c, float(np.median(rates)), float(np.median(rtts)))
+        start, end, moved = samples
+        median_rate = float(np.median(np.maximum(moved / np.maximum(end - start, 1e-9), MIN_RATE_BPS)))
+        timeout = self.hedge_factor * upload_ms(c, median_rate, float(np.median(rtts)))
         if self.slo_ms is not None and local_ms <= self.slo_ms:     # late enough to still make the SLO
             timeout = min(timeout, self.slo_ms - local_ms)
         return np.minimum(upload, timeout + local_ms), timeout
 
     def choose(self, now_s: float) -> Decision:
-        rates, rtt = self.rates_Bps(now_s), self.rtts_ms(now_s)
+        samples, rtt = self.link_samples(now_s), self.rtts_ms(now_s)
+        w = np.ones(1) if samples is None else self.sample_weights(now_s)
         cs = self.candidates
-        outs = [self.outcomes_ms(c, rates, rtt) for c in cs]
-        expected = [float(o.mean()) for o, _ in outs]
+        outs = [self.outcomes_ms(c, samples, rtt) for c in cs]
+
+        def mean(x):                                 # weighted over link samples, equal over RTTs
+            return float(x[0]) if x.size == 1 else float(x.reshape(w.size, -1).mean(1) @ w / w.sum())
+
+        expected = [mean(o) for o, _ in outs]
         if self.slo_ms is None:
             best = min(range(len(cs)), key=lambda i: (expected[i], cs[i].offloads))
         else:   # the chance of a correct answer in time; ties: one that can make it, fewer misses, faster
-            miss = [float((o > self.slo_ms).mean()) for o, _ in outs]
+            miss = [mean((o > self.slo_ms).astype(np.float64)) for o, _ in outs]
             can = [c.device_ms + c.cloud_ms <= self.slo_ms for c in cs]
             best = max(range(len(cs)), key=lambda i: (cs[i].accuracy * (1 - miss[i]), can[i], -miss[i], -expected[i]))
         race = None

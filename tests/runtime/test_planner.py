@@ -9,7 +9,7 @@ from mercury_onnx.runtime import bench as B
 from mercury_onnx.runtime import bench_setup as BS
 from mercury_onnx.runtime import bench_sim as BM
 from mercury_onnx.runtime.network import Trace, load_trace
-from mercury_onnx.runtime.planner import Candidate, Planner
+from mercury_onnx.runtime.planner import Candidate, Planner, replay_s
 from mercury_onnx.runtime.profiles import pi_profile, rtx4090_cloud
 from tests.conftest import CIFAR_TEST, TRACES
 
@@ -46,6 +46,42 @@ def test_expected_latency_is_over_recent_rates_with_the_hedge():
     assert p.candidates[d.index].label == "jpeg" and d.race is None
     # the point estimate (harmonic mean, 39.8 kB/s) would have predicted 424 ms and run locally
     assert 1 + 16_000 / p.bandwidth_Bps(10.0) * 1e3 + 21 > LOCAL.device_ms
+
+
+def test_a_big_upload_replays_the_states_after_a_stall():
+    start, end, moved = np.array([0.0, 1.0]), np.array([0.1, 1.01]), np.array([1_000.0, 100_000.0])
+    t = replay_s(16_000, start, end, moved)              # 10 kB/s for 0.1 s, then 10 MB/s
+    # from the stall: its 1 kB in 0.1 s, then 15 kB at 10 MB/s; at its own rate it would be 1.6 s
+    assert t[0] == pytest.approx(0.1 + 15_000 / 1e7)
+    assert t[1] == pytest.approx(16_000 / 1e7)
+    # no bigger than what a sample moved: bytes / its rate; more than the window: whole laps
+    assert replay_s(500, start, end, moved)[0] == pytest.approx(0.05)
+    assert replay_s(2 * 101_000 + 500, start, end, moved)[0] == pytest.approx(2 * 0.11 + 0.05)
+    assert (replay_s(10, start, end, np.zeros(2)) == 10.0).all()   # nothing got through: 1 B/s
+
+
+def test_transfers_stuck_in_one_outage_count_once():
+    merc = Candidate("mercury", "mercury", 180.0, 1_300, 1.0, 0.75)
+    p = Planner([Candidate("mobile-only", "mobile-only", 2000.0, 0.0, 0.0, 0.8), JPEG, merc], window=30)
+    p.observe_rtt(0.0, 20.0)
+    for k in range(10):                                   # 16 kB in 2 ms: 8 MB/s
+        p.observe_transfer(0.5 * k, 0.5 * k + 0.002, 16_000)
+    for k in range(6):                                    # six JPEGs sent into one outage, 5-9 s
+        p.observe_transfer(5.0 + 4.0 * k / 6, 9.0, 16_000)
+    for k in range(3):                                    # and the link is back
+        p.observe_transfer(9.5 + 0.5 * k, 9.5 + 0.5 * k + 0.002, 16_000)
+    w = p.sample_weights(11.0)
+    assert w[10:16] == pytest.approx(np.full(6, 1 / 6)) and (w[:10] == 1).all() and (w[16:] == 1).all()
+    # counted once per transfer, the outage would be 6 of 19 samples and send Mercury's small
+    # payload; counted once, the JPEG is the faster choice
+    outs = {c.label: p.outcomes_ms(c, p.link_samples(11.0), p.rtts_ms(11.0))[0] for c in p.candidates[1:]}
+    assert outs["mercury"].mean() < outs["jpeg"].mean()
+    d = p.choose(11.0)
+    assert p.candidates[d.index].label == "jpeg"
+    assert d.expected_ms == pytest.approx(outs["jpeg"] @ w / w.sum())
+    # while a transfer is still stuck, it counts in full
+    p.observe_transfer(11.0, 14.0, 16_000)
+    assert p.sample_weights(12.0)[-1] == 1.0
 
 
 def test_choice_follows_bandwidth_steps():
@@ -86,7 +122,7 @@ def test_slo_prefers_accuracy_then_falls_back():
     # (422 ms) would end at 150 ms through the local run; local itself takes 100 ms
     d = p2.choose(10.0)
     assert p2.candidates[d.index].label == "mobile-only"
-    assert p2.outcomes_ms(JPEG, p2.rates_Bps(10.0), p2.rtts_ms(10.0))[1] == pytest.approx(50.0)
+    assert p2.outcomes_ms(JPEG, p2.link_samples(10.0), p2.rtts_ms(10.0))[1] == pytest.approx(50.0)
 
 
 def stepped(segments):
