@@ -403,11 +403,25 @@ def render_codec_band(data: dict) -> str:
               f"cloud-only-jpeg mean payload: {jpeg}.\n")
 
 
+def _codec_export_runs(data: dict) -> list[tuple[str, str, dict]]:
+    """(model key, prune point, JSON) of codec-export bench runs: codec_wire/band_codec_<m>.json
+    (`block`) and prune_point_band/band_attn_codec_deit_<name>.json (`attn`), in MODELS order."""
+    names = {"tiny": "deit_t", "small": "deit_s", "base": "deit_b"}
+    out = []
+    for stem, d in data.items():
+        if stem.startswith("band_codec_"):
+            out.append((stem.removeprefix("band_codec_"), "block", d))
+        elif stem.startswith("band_attn_codec_deit_"):
+            out.append((names[stem.removeprefix("band_attn_codec_deit_")], "attn", d))
+    return sorted(out, key=lambda r: (r[1] != "block", list(MODELS).index(r[0])))
+
+
 def render_codec_planner(data: dict) -> str:
-    """`bench --json band_codec_<model>.json`: the planner, codec variants among its candidates,
-    against the best fixed strategy per trace (mean latency)."""
-    rows, runs, ok = [], 0, 0
-    for m, d in _by_model(data, "band_codec_"):
+    """`bench --json band_codec_<model>.json` (and the `attn` prune point's band_attn_codec_*):
+    the planner, codec variants among its candidates, against the best fixed strategy per
+    trace (mean latency)."""
+    rows, runs, ok = [], {}, {}
+    for m, point, d in _codec_export_runs(data):
         codecs = sorted({s["token_dtype"] for s in d["band"]["strategies"].values()
                          if s["method"] == "mercury" and s["token_dtype"].startswith("c")}, key=_codec_key)
         good = [t for t, p in d["planner"].items() if p["never_worse"]]
@@ -417,12 +431,14 @@ def render_codec_planner(data: dict) -> str:
             if not p["never_worse"]:
                 misses.append(f"{t}: {p['best_fixed']} {best:.2f} → {got:.2f} ms ({100 * (got / best - 1):+.1f}%)")
         if m != "ref":
-            runs, ok = runs + len(d["planner"]), ok + len(good)
-        rows.append([f"{MODELS[m]}, {'/'.join(c[1:] for c in codecs)}", f"{len(good)} / {len(d['planner'])}",
-                     "met" if not misses else "**missed**", "; ".join(misses) or "–"])
+            runs[point], ok[point] = runs.get(point, 0) + len(d["planner"]), ok.get(point, 0) + len(good)
+        rows.append([f"{MODELS[m]}, {'/'.join(c[1:] for c in codecs)}" + (", `attn`" if point == "attn" else ""),
+                     f"{len(good)} / {len(d['planner'])}", "met" if not misses else "**missed**", "; ".join(misses) or "–"])
+    counts = "; ".join(f"{ok[p]} of {runs[p]} trace runs" + (f" at the `{p}` prune point" if len(runs) > 1 else "")
+                       for p in runs)
     return (_table(["model, codecs", "traces never worse", "target: all", "misses (best fixed, its mean → planner mean)"],
                    rows, ["---", "---:", "---", "---"])
-            + f"\n224-px codec exports: never worse on {ok} of {runs} trace runs.\n")
+            + f"\n224-px codec exports: never worse on {counts}.\n")
 
 
 def render_resize_rule(data: dict) -> str:
