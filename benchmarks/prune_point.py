@@ -2,7 +2,7 @@
 `attn` (prune after block 1's attention; its MLP runs on the kept tokens only).
 
     .venv/bin/python benchmarks/prune_point.py [--models deit_base_patch16_224 ...] [--keep-ratio 0.25 ...]
-        [--reps 300] [--json docs/results/prune_point_latency.json]
+        [--reps 300] [--json docs/results/prune_point_latency.json] [--int8 IMAGES]
 
 For each model and keep ratio both heads are exported (the same backbone, HeadGraph as the
 exporter writes it) and run round-robin in a new random order each round (export_latency's
@@ -10,6 +10,8 @@ exporter writes it) and run round-robin in a new random order each round (export
 head's median, and attn / block as the median of the same-round ratios with its range over 4
 blocks of rounds (`paired`), beside the analytic FLOP ratio (runtime/vit_flops.py).
 Target (issue 14): attn head <= 0.65x the block head on DeiT-B and DeiT-S at keep 0.25.
+With --int8 IMAGES the exporter's int8 heads (what `export --int8-head` ships for ARM devices)
+are timed instead, for comparison: the target is read on the fp32 heads.
 Random weights for the 224 models (latency does not depend on them; the attn head's score
 proxy too, rank 32, random values); the reference model is
 ../shared/models/deit_tiny_patch4_32_cifar10.json.
@@ -37,6 +39,8 @@ from export_latency import DEFAULT_MODELS, interleaved, paired  # noqa: E402
 
 from mercury_onnx.export import graphs as G  # noqa: E402
 from mercury_onnx.export.convert import export_onnx  # noqa: E402
+from mercury_onnx.export.images import load_images  # noqa: E402
+from mercury_onnx.export.quantize import quantize_head  # noqa: E402
 from mercury_onnx.export.validate import session  # noqa: E402
 from mercury_onnx.models import build_mercury  # noqa: E402
 from mercury_onnx.models.checkpoint import mercury_from_any  # noqa: E402
@@ -45,7 +49,27 @@ from mercury_onnx.models.flops import head_flops_at  # noqa: E402
 TARGET = 0.65
 
 
-def bench(source: str, keep_ratio: float, reps: int, tmp: Path) -> dict:
+def int8_heads(models: dict, x: torch.Tensor, images: str, tmp: Path) -> dict:
+    """The exporter's QDQ int8 head (export/quantize.py: U8S8, 7-bit weights, per-channel or
+    per-tensor scales, whichever agrees more with fp32) of each fp32 head in tmp, calibrated
+    on 32 real images of `images` and chosen on 16 more. -> {name: int8 head file}."""
+    block = models["block"]
+    cfg = block.cfg
+    h, w = block.backbone.patch_embed.img_size
+    cal, _ = load_images(images, 32, (h, w), cfg.mean, cfg.std)
+    sel, _ = load_images(images, 16, (h, w), cfg.mean, cfg.std, offset=32)
+    tail = tmp / "tail.onnx"
+    with torch.no_grad():
+        tok, idx = block.forward_head(x)
+    export_onnx(G.TailGraph(block), (tok, idx), tail, *G.TAIL_IO)     # one tail: both heads send the same tokens
+    out = {}
+    for name in models:
+        out[name] = tmp / f"{name}_int8.onnx"
+        quantize_head(tmp / f"{name}.onnx", out[name], tail, cal, sel, None)
+    return out
+
+
+def bench(source: str, keep_ratio: float, reps: int, tmp: Path, int8_images: str | None = None) -> dict:
     block = mercury_from_any(source, keep_ratios=[keep_ratio])[0]
     cfg = copy.deepcopy(block.cfg)
     cfg.prune_point = "attn"
@@ -56,11 +80,13 @@ def bench(source: str, keep_ratio: float, reps: int, tmp: Path) -> dict:
             t.copy_(torch.randn(t.shape, generator=g) * 0.05)
     h, w = block.backbone.patch_embed.img_size
     x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
-    runs = {}
+    files = {}
     for name, m in (("block", block), ("attn", attn)):
-        f = tmp / f"{name}.onnx"
-        export_onnx(G.HeadGraph(m), (x,), f, *G.HEAD_IO)
-        runs[name] = (lambda s: lambda: s.run(None, {"images": x.numpy()}))(session(f, 1))
+        files[name] = tmp / f"{name}.onnx"
+        export_onnx(G.HeadGraph(m), (x,), files[name], *G.HEAD_IO)
+    if int8_images:
+        files = int8_heads({"block": block, "attn": attn}, x, int8_images, tmp)
+    runs = {name: (lambda s: lambda: s.run(None, {"images": x.numpy()}))(session(f, 1)) for name, f in files.items()}
     times = interleaved(runs, reps, warmup=5)
     ratio, lo, hi = paired(times["attn"], times["block"], lambda a, b: a / b)
     fb, fa = head_flops_at(block, "block"), head_flops_at(block, "attn")
@@ -77,6 +103,8 @@ def main() -> None:
     ap.add_argument("--keep-ratio", type=float, nargs="+", default=[0.25])
     ap.add_argument("--reps", type=int, default=300, help="paired rounds per model and keep ratio")
     ap.add_argument("--json", default=str(ROOT / "docs" / "results" / "prune_point_latency.json"))
+    ap.add_argument("--int8", metavar="IMAGES", help="time the exporter's int8 (QDQ) heads instead of the fp32 "
+                    "ones, calibrated on real images of this folder (e.g. ../shared/data/imagenet-sample)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     load = os.getloadavg()
@@ -85,7 +113,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for src in args.models:
             for r in args.keep_ratio:
-                row = bench(src, r, args.reps, Path(tmp))
+                row = bench(src, r, args.reps, Path(tmp), args.int8)
                 rows.append(row)
                 lo, hi = row["attn_vs_block_blocks"]
                 print(f"{row['model']} keep {r:g} (K={row['K']}): block {row['block_ms']:.3f} ms, attn "
@@ -95,7 +123,8 @@ def main() -> None:
            "machine": f"{os.cpu_count()}-core {platform.machine()} CPU, no GPU",
            "loadavg_start": load, "loadavg_end": os.getloadavg(), "minutes": round((time.time() - t0) / 60, 1),
            "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__,
-           "threads": 1, "batch": 1, "timer": "process CPU time", "target_attn_vs_block": TARGET, "rows": rows}
+           "threads": 1, "batch": 1, "timer": "process CPU time", "target_attn_vs_block": TARGET,
+           "head": "int8 (QDQ U8S8, export/quantize.py)" if args.int8 else "fp32", "rows": rows}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))

@@ -40,7 +40,7 @@
 #                regional+duplicate of it on all 10,000 test images -> docs/results/prune_point_accuracy_attn.json
 #                (block: accuracy.json); both points again with calibration seed 1
 #                -> prune_point_accuracy_{block,attn}_seed1.json; head latency of both points, paired (benchmarks/prune_point.py)
-#                -> docs/results/prune_point_latency.json
+#                -> docs/results/prune_point_latency.json, and of their int8 heads -> prune_point_latency_int8.json (~1 min)
 #                12.3 min calibration + 229 s eval measured quiet (sixth session), 43 s latency; the seed-1
 #                pair adds two calibrations and evals (run side by side: 38 min each, evals 5.5 min, eighth session)
 #   codec        rate-accuracy on all 10,000 test images: the shipped calibration with codecs 8x4, 10x4,
@@ -189,6 +189,8 @@ section_prune_point() {
   done
   $PY benchmarks/prune_point.py --models deit_base_patch16_224 deit_small_patch16_224 deit_tiny_patch16_224 "$REF" \
     --keep-ratio 0.25 0.5 --reps 300 --json "$RES/prune_point_latency.json"
+  $PY benchmarks/prune_point.py --models deit_base_patch16_224 deit_small_patch16_224 --keep-ratio 0.25 --reps 300 \
+    --int8 "$SHARED/data/imagenet-sample" --json "$RES/prune_point_latency_int8.json"
 }
 
 section_codec() {
