@@ -257,7 +257,7 @@ def _manifest(models, source: str, is_ckpt: bool, opts: ExportOptions, variants:
         "num_classes": num_classes,
         "prune_after_block": first.prune_at, "split_after_block": first.split,
         "prune_point": cfg.prune_point,
-        "score_proxy": ({"rank": cfg.score_proxy_rank, "fitted": bool(first.score_proxy.fitted)}
+        "score_proxy": ({"rank": cfg.score_proxy_rank, "kind": cfg.score_proxy_kind, "fitted": bool(first.score_proxy.fitted)}
                         if first.score_proxy is not None else None),
         "pruning": cfg.pruning, "score": cfg.score, "region_size": cfg.region_size,
         "reconstruction": cfg.reconstruction, "opset": opts.opset,

@@ -113,8 +113,9 @@ def load_mercury(path: str | Path, keep_tokens: list[int] | None = None, **overr
         raise ConfigError(f"{weights.name} was calibrated with prune_point={stored_point!r}; its meta-parameters "
                           f"fill tokens of that prune point, not of {overrides['prune_point']!r}. Calibrate "
                           f"a checkpoint with --prune-point {overrides['prune_point']}")
-    # checkpoints written before the score proxy scored the post-attention stream as it is
-    base = MercuryConfig.from_dict({"score_proxy_rank": 0, **info["config"], **overrides})
+    # checkpoints written before the score proxy scored the post-attention stream as it is, and
+    # those written before its gelu kind have a linear one
+    base = MercuryConfig.from_dict({"score_proxy_rank": 0, "score_proxy_kind": "linear", **info["config"], **overrides})
     bb_sd = {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
     backbone = None
     models = []

@@ -60,7 +60,7 @@ def info(
              "attention": "CLS attention a_i"}.get(first.cfg.score, first.cfg.score)
     proxy = first.score_proxy
     typer.echo(f"pruning          {first.cfg.pruning}, score {first.cfg.score} ({score})"
-               + (f", on the post-attention stream through a rank-{proxy.rank} score proxy "
+               + (f", on the post-attention stream through a {proxy.kind} score proxy of width {proxy.rank} "
                   f"({'fitted' if bool(proxy.fitted) else 'not fitted: calibrate fits it'})" if proxy is not None else ""))
     for m in models:
         l = g // m.cfg.region_size

@@ -44,8 +44,9 @@ class MercuryConfig:
     prune_after_block: int = 1             # prune after this many blocks (1 = after the first)
     prune_point: str = "block"             # "block": after the whole block (the paper's); "attn": after
                                            # its attention, so its MLP runs on the kept tokens only
-    score_proxy_rank: int = 32             # prune_point "attn": score x + a rank-r linear stand-in for the
+    score_proxy_rank: int = 32             # prune_point "attn": score x + a width-r stand-in for the
                                            # MLP half (pruning.ScoreProxy, fit by calibrate); 0 = score x
+    score_proxy_kind: str = "gelu"         # its kind: "gelu" (a small MLP) or "linear" (rank-r map)
     split_after_block: int | None = None   # device runs blocks [0, split); None = prune_after_block
     keep_ratio: float | None = 0.5         # fraction of the N patch tokens kept ...
     keep_tokens: int | None = None         # ... or K directly (wins over keep_ratio)
@@ -93,6 +94,8 @@ class MercuryConfig:
             raise ConfigError(f"unknown score {self.score!r}; choose from {SCORE_VARIANTS}")
         if self.prune_point not in PRUNE_POINTS:
             raise ConfigError(f"unknown prune_point {self.prune_point!r}; choose from {PRUNE_POINTS}")
+        if self.score_proxy_kind not in ("gelu", "linear"):
+            raise ConfigError(f"score_proxy_kind={self.score_proxy_kind!r}: choose gelu or linear")
         if not isinstance(self.score_proxy_rank, int) or self.score_proxy_rank < 0:
             raise ConfigError(f"score_proxy_rank={self.score_proxy_rank!r} must be an integer >= 0")
         if self.reconstruction not in RECONSTRUCTIONS:

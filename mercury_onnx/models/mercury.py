@@ -109,10 +109,10 @@ class Mercury(nn.Module):
         if cfg.uses_score_proxy:
             blk = self.prune_block
             if getattr(blk, "score_proxy", None) is None:
-                blk.score_proxy = P.ScoreProxy(self.dim, cfg.score_proxy_rank)
-            elif blk.score_proxy.rank != cfg.score_proxy_rank:
-                raise ConfigError(f"this backbone's score proxy has rank {blk.score_proxy.rank}, not "
-                                  f"score_proxy_rank={cfg.score_proxy_rank}")
+                blk.score_proxy = P.ScoreProxy(self.dim, cfg.score_proxy_rank, cfg.score_proxy_kind)
+            elif (blk.score_proxy.rank, blk.score_proxy.kind) != (cfg.score_proxy_rank, cfg.score_proxy_kind):
+                raise ConfigError(f"this backbone's score proxy is {blk.score_proxy.kind} of rank {blk.score_proxy.rank}, "
+                                  f"not score_proxy_kind={cfg.score_proxy_kind}, score_proxy_rank={cfg.score_proxy_rank}")
         if self.reads_attention:
             self.record_attention()
         self.schedule = (P.janus_schedule(self.num_patches, self.keep, len(self.prune_blocks))
@@ -183,7 +183,7 @@ class Mercury(nn.Module):
         return self.prune_block.score_proxy if self.cfg.uses_score_proxy else None
 
     def score_stream(self, x: torch.Tensor) -> torch.Tensor:
-        """What the selection scores: x, or with the score proxy x + norm2(x) A B + c."""
+        """What the selection scores: x, or with the score proxy x + its MLP stand-in."""
         proxy = self.score_proxy
         return x if proxy is None else proxy(x, self.prune_block.norm2)
 

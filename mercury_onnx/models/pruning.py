@@ -115,19 +115,24 @@ def selection_cost(x: torch.Tensor, cls_attn: torch.Tensor | None, variant: str 
 
 class ScoreProxy(torch.nn.Module):
     """What the prune point "attn" scores instead of the post-attention stream x: x plus a
-    rank-r linear stand-in for the MLP half it has not run yet,
+    width-r stand-in for the MLP half it has not run yet, a small MLP of its own (kind "gelu")
+    or a rank-r linear map (kind "linear", checkpoints before the gelu kind):
 
-        x + norm2(x) A B + c        A (D, r), B (r, D), c (D,): one LayerNorm, two thin MatMuls,
+        x + gelu(norm2(x) A + a0) B + c     A (D, r), a0 (r,), B (r, D), c (D,)
+        x + norm2(x) A B + c                (linear)
 
-    so the selection sees roughly the tokens that `block` would score (x + mlp(norm2(x))) for
-    4 (P+N) D r FLOPs instead of the MLP's 16 (P+N) D^2. All zeros (as built) it is the plain
-    stream, x; `fit_score_proxy` fits it by reduced-rank ridge regression on calibration
+    one LayerNorm and two thin MatMuls, so the selection sees roughly the tokens that `block`
+    would score (x + mlp(norm2(x))) for 4 (P+N) D r FLOPs instead of the MLP's 16 (P+N) D^2.
+    All zeros (as built) it is the plain stream, x; `fit_score_proxy` fits it on calibration
     tokens. It lives on the pruning block (`block.score_proxy`), so every Mercury wrapper on
     one backbone shares it and it is saved with the backbone's tensors."""
 
-    def __init__(self, dim: int, rank: int):
+    def __init__(self, dim: int, rank: int, kind: str = "gelu"):
         super().__init__()
+        self.kind = kind
         self.register_buffer("a", torch.zeros(dim, rank))
+        if kind == "gelu":
+            self.register_buffer("a0", torch.zeros(rank))
         self.register_buffer("b", torch.zeros(rank, dim))
         self.register_buffer("c", torch.zeros(dim))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
@@ -136,15 +141,20 @@ class ScoreProxy(torch.nn.Module):
     def rank(self) -> int:
         return self.a.shape[1]
 
+    def hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """norm2(x) (.., D) -> the width-r hidden layer (.., r)."""
+        return F.gelu(h @ self.a + self.a0) if self.kind == "gelu" else h @ self.a
+
     def forward(self, x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
-        return x + (norm(x) @ self.a) @ self.b + self.c                          # (B, T, D)
+        return x + self.hidden(norm(x)) @ self.b + self.c                        # (B, T, D)
 
 
 @torch.no_grad()
 def fit_score_proxy(proxy: ScoreProxy, x: torch.Tensor, norm: torch.nn.Module, mlp: torch.nn.Module,
                     max_rows: int = 65536, ridge: float = 1e-4, seed: int = 0) -> dict:
     """Fit proxy to the MLP half on post-attention tokens x (M, T, D) of calibration images:
-    h = norm(x), y = mlp(h); W = ridge regression of y on h (centred), then its best rank-r
+    h = norm(x), y = mlp(h). Kind "gelu": least squares by Adam (_fit_gelu_proxy). Kind
+    "linear": W = ridge regression of y on h (centred), then its best rank-r
     version for the fitted values (reduced-rank regression: W V_r V_r^T, V_r the top right
     singular vectors of h W). Up to max_rows token rows (seeded). Returns the fraction of
     y's variance the rank-r map explains."""
@@ -153,6 +163,8 @@ def fit_score_proxy(proxy: ScoreProxy, x: torch.Tensor, norm: torch.nn.Module, m
         rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:max_rows]]
     h = norm(rows.float()).double()
     y = mlp(h.float()).double()
+    if proxy.kind == "gelu":
+        return _fit_gelu_proxy(proxy, h.float(), y.float(), seed)
     mh, my = h.mean(0), y.mean(0)
     h, y = h - mh, y - my                                                        # (M, D)
     g = h.T @ h
@@ -162,7 +174,29 @@ def fit_score_proxy(proxy: ScoreProxy, x: torch.Tensor, norm: torch.nn.Module, m
     proxy.a.copy_(a), proxy.b.copy_(b), proxy.c.copy_(my - mh @ a @ b)
     proxy.fitted.fill_(True)
     explained = 1 - ((h @ a @ b - y) ** 2).sum() / (y ** 2).sum()
-    return {"rank": proxy.rank, "rows": len(rows), "explained": round(float(explained), 4)}
+    return {"rank": proxy.rank, "kind": "linear", "rows": len(rows), "explained": round(float(explained), 4)}
+
+
+def _fit_gelu_proxy(proxy: ScoreProxy, h: torch.Tensor, y: torch.Tensor, seed: int,
+                    steps: int = 1500, batch: int = 4096, lr: float = 3e-3) -> dict:
+    """Least squares of y (M, D) on gelu(h A + a0) B + c by Adam on batches of rows (seeded):
+    no closed form with the GELU. From A ~ N(0, 1/D), a0 = B = 0, c = mean(y)."""
+    g = torch.Generator().manual_seed(seed)
+    a = (torch.randn(proxy.a.shape, generator=g) / h.shape[1] ** 0.5).requires_grad_()
+    a0, b = torch.zeros_like(proxy.a0).requires_grad_(), torch.zeros_like(proxy.b).requires_grad_()
+    c = y.mean(0).clone().requires_grad_()
+    opt = torch.optim.Adam([a, a0, b, c], lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            i = torch.randint(0, len(h), (min(batch, len(h)),), generator=g)
+            loss = ((F.gelu(h[i] @ a + a0) @ b + c - y[i]) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    proxy.a.copy_(a), proxy.a0.copy_(a0), proxy.b.copy_(b), proxy.c.copy_(c)
+    proxy.fitted.fill_(True)
+    explained = 1 - ((proxy.hidden(h) @ proxy.b + proxy.c - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()
+    return {"rank": proxy.rank, "kind": "gelu", "rows": len(h), "explained": round(float(explained), 4)}
 
 
 # ---------------------------------------------------------------- selection

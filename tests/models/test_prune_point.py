@@ -37,7 +37,7 @@ def ref(ref_json, cifar_test):
     train, _ = load_image_set(cifar_test.parent / "train", preprocess_for(models[0]), cfg.classes, count=512,
                               progress=False)
     rep = models[0].fit_score_proxy(run_prefix(models[0], train, progress=False).x)
-    assert rep["rank"] == 32 and rep["explained"] > 0.8, rep
+    assert rep["rank"] == 32 and rep["kind"] == "gelu" and rep["explained"] > 0.9, rep
     assert models[1].fit_score_proxy(run_prefix(models[1], train.subset(range(8)), progress=False).x) is None  # shared
     images, _ = load_images(cifar_test, 64, (32, 32), cfg.mean, cfg.std)
     return models, vanilla, torch.from_numpy(images)
@@ -55,8 +55,9 @@ def test_attn_head_is_timm_block_with_the_mlp_on_kept_tokens(ref):
             tokens, idx = m.forward_head(images)
             # the selection is the float64 reference's, on the post-attention stream through the proxy
             scored = m.score_stream(prefix)
-            assert torch.allclose(scored, prefix + blk.norm2(prefix) @ m.score_proxy.a @ m.score_proxy.b
-                                  + m.score_proxy.c, atol=1e-5)
+            p = m.score_proxy                                          # the default kind, gelu
+            hidden = torch.nn.functional.gelu(blk.norm2(prefix) @ p.a + p.a0)
+            assert torch.allclose(scored, prefix + hidden @ p.b + p.c, atol=1e-5)
             assert torch.equal(idx, reference_rows(reference_scores(scored, cls_attn), m.keep, m.grid,
                                                    m.cfg.region_size))
             kept = torch.stack([prefix[b, [0] + (idx[b] + 1).tolist()] for b in range(len(idx))])
@@ -82,14 +83,15 @@ def test_score_proxy_selects_closer_to_the_whole_block(ref):
             proxy = m.score_proxy
             whole = reference_rows(reference_scores(prefix + blk.mlp(blk.norm2(prefix)), None), m.keep, m.grid,
                                    m.cfg.region_size)
-            saved = [t.clone() for t in (proxy.a, proxy.b, proxy.c)]
+            params = (proxy.a, proxy.a0, proxy.b, proxy.c)
+            saved = [t.clone() for t in params]
             try:
-                for t in (proxy.a, proxy.b, proxy.c):
+                for t in params:
                     t.zero_()
                 assert torch.equal(m.score_stream(prefix), prefix)
                 raw = rows(prefix)
             finally:
-                for t, v in zip((proxy.a, proxy.b, proxy.c), saved):
+                for t, v in zip(params, saved):
                     t.copy_(v)
             fitted = rows(prefix)
 
@@ -185,6 +187,19 @@ def test_checkpoint_refuses_the_other_prune_point(ref, tmp_path):
     (tmp_path / "old.json").write_text(json.dumps(meta))
     old = load_mercury(tmp_path / "old.json")[0]
     assert old.cfg.score_proxy_rank == 0 and old.score_proxy is None
+    # one written before the gelu kind (no score_proxy_kind in its JSON) has a linear proxy
+    lin = build_mercury(MercuryConfig(**{**models[0].cfg.to_dict(), "score_proxy_kind": "linear"}),
+                        create_backbone(models[0].cfg))
+    assert not hasattr(lin.score_proxy, "a0")
+    lin.score_proxy.b.normal_(generator=torch.Generator().manual_seed(0))
+    save_mercury(tmp_path / "lin", [lin])
+    meta = json.loads((tmp_path / "lin.json").read_text())
+    del meta["config"]["score_proxy_kind"]
+    (tmp_path / "lin.json").write_text(json.dumps(meta))
+    old_lin = load_mercury(tmp_path / "lin.json")[0]
+    assert old_lin.score_proxy.kind == "linear" and torch.equal(old_lin.score_proxy.b, lin.score_proxy.b)
+    with pytest.raises(ConfigError, match="score_proxy_kind=gelu"):   # one backbone, one proxy
+        build_mercury(MercuryConfig(**{**lin.cfg.to_dict(), "score_proxy_kind": "gelu"}), lin.backbone)
     with pytest.raises(ConfigError, match="unknown prune_point 'mlp'"):
         build_mercury(MercuryConfig(**{**models[0].cfg.to_dict(), "prune_point": "mlp"}), models[0].backbone)
 
