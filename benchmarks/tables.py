@@ -187,6 +187,16 @@ def render_prune_point_latency(data: dict) -> str:
               f"{data['timer']}; load average {la:.1f} at the start, {lb:.1f} at the end.\n")
 
 
+def render_score_proxy_overlap(data: dict) -> str:
+    """benchmarks/score_proxy_overlap.py --json: each proxy's share of block's kept tokens."""
+    labels = [k for k in data["rows"][0] if k not in ("keep_ratio", "K")]
+    explained = {k: f" (explains {v['explained']:.3f})" for k, v in data["fits"].items()}
+    rows = [[f"{label}{explained.get(label, '')}", *(f"{r[label]:.3f}" for r in data["rows"])] for label in labels]
+    return (_table(["score proxy (kind, width)", *(f"keep {r['keep_ratio']:g} (K={r['K']})" for r in data["rows"])],
+                   rows, ["---"] + ["---:"] * len(data["rows"]))
+            + f"\n{data['model']}; fit on {data['fit_images']}, compared on {data['test_images']}.\n")
+
+
 def render_ray_rounds(data: dict) -> str:
     """benchmarks/serve_load.py --engine ray --json: throughput per paired round, and the medians."""
     servers = ("standalone", "ray x1", "ray x2")
@@ -463,7 +473,7 @@ RENDERERS = {"rows": render_rows, "accuracy": render_accuracy, "bench_speedup": 
              "prune_point_accuracy": render_prune_point_accuracy, "prune_point_latency": render_prune_point_latency,
              "prune_point_seeds": render_prune_point_seeds,
              "prune_point_band": render_prune_point_band,
-             "prune_point_codec_band": render_prune_point_codec_band, "ray_rounds": render_ray_rounds, "ray_cores": render_ray_cores, "codec": render_codec, "codec_inloop": render_codec_inloop,
+             "prune_point_codec_band": render_prune_point_codec_band, "ray_rounds": render_ray_rounds, "score_proxy_overlap": render_score_proxy_overlap, "ray_cores": render_ray_cores, "codec": render_codec, "codec_inloop": render_codec_inloop,
              "codec_gap": render_codec_gap, "codec_speed": render_codec_speed, "codec_band": render_codec_band,
              "codec_planner": render_codec_planner, "resize_rule": render_resize_rule}
 

@@ -223,7 +223,7 @@ def _calibrate_here(source, data_dir, keep_ratio, images, heldout, steps, batch_
     held_pre = run_prefix(base, held) if held else None
     proxy = base.fit_score_proxy(train_pre.x, seed)   # prune point attn: before any head output is computed
     if proxy is not None:
-        typer.echo(f"score proxy: rank {proxy['rank']}, explains {proxy['explained']:.3f} of the MLP half "
+        typer.echo(f"score proxy: {proxy['kind']}, width {proxy['rank']}, explains {proxy['explained']:.3f} of the MLP half "
                    f"on {proxy['rows']} token rows")
     if codec_db:   # fit on the calibration images' head outputs, then train through it
         for m in models:

@@ -12,7 +12,7 @@ What is modified in the timm model, and why (ToMe-style, no fork):
 - With `prune_point="attn"` the pruning block's forward is taken apart into its two residual
   halves (timm's Block: x + attn(norm1(x)), then x + mlp(norm2(x))): selection runs on the
   stream after the attention half, and the MLP half runs on the kept tokens only. The score
-  reads that stream through a `ScoreProxy` (pruning.py), a rank-r linear stand-in for the MLP
+  reads that stream through a `ScoreProxy` (pruning.py), a width-r stand-in for the MLP
   half, attached to the pruning block as `score_proxy` (so it is shared by every wrapper on
   the backbone and saved with its tensors; calibrate fits it).
 - Nothing else. Prefix tokens (timm's `num_prefix_tokens`: the CLS, a distilled DeiT's
