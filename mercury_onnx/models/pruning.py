@@ -161,10 +161,11 @@ def fit_score_proxy(proxy: ScoreProxy, x: torch.Tensor, norm: torch.nn.Module, m
     rows = x.reshape(-1, x.shape[-1])
     if len(rows) > max_rows:
         rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:max_rows]]
-    h = norm(rows.float()).double()
-    y = mlp(h.float()).double()
+    h = norm(rows.float())
+    y = mlp(h)
     if proxy.kind == "gelu":
-        return _fit_gelu_proxy(proxy, h.float(), y.float(), seed)
+        return _fit_gelu_proxy(proxy, h, y, seed)
+    h, y = h.double(), y.double()
     mh, my = h.mean(0), y.mean(0)
     h, y = h - mh, y - my                                                        # (M, D)
     g = h.T @ h

@@ -79,14 +79,26 @@ def upload_ms(c: Candidate, rate_Bps, rtt_ms):
     return c.device_ms + c.payload_bytes / rate_Bps * 1e3 + rtt_ms + c.cloud_ms
 
 
+def sample_rates(start: np.ndarray, end: np.ndarray, moved: np.ndarray) -> np.ndarray:
+    """Rates (bytes/s) of link samples (start s, end s, bytes moved)."""
+    return np.maximum(moved / np.maximum(end - start, 1e-9), MIN_RATE_BPS)
+
+
+def overlap_weights(start: np.ndarray, end: np.ndarray, now_s: float) -> np.ndarray:
+    """Each link sample's weight: 1 / (the samples it overlaps in time, itself included), 1 for
+    one still running at now_s (see the module docstring)."""
+    overlaps = (start[:, None] < end[None, :]) & (start[None, :] < end[:, None])          # (n, n)
+    return np.where(end >= now_s, 1.0, 1.0 / overlaps.sum(1))
+
+
 def replay_s(nbytes: float, start: np.ndarray, end: np.ndarray, moved: np.ndarray) -> np.ndarray:
     """T_i: seconds to move nbytes starting in link sample i (start, end, bytes moved; time
     order) and going on through the samples after it, wrapping around -> (n,)."""
     n = moved.size
-    secs = np.maximum(end - start, 1e-9)
-    rate = np.tile(np.maximum(moved / secs, MIN_RATE_BPS), 2)
     if moved.sum() <= 0:                                                # nothing got through at all
         return np.full(n, nbytes / MIN_RATE_BPS)
+    secs = np.maximum(end - start, 1e-9)
+    rate = np.tile(sample_rates(start, end, moved), 2)
     laps, rest = divmod(float(nbytes), float(moved.sum()))            # whole passes over the window
     if rest == 0.0 and laps > 0:
         laps, rest = laps - 1, float(moved.sum())
@@ -144,18 +156,12 @@ class Planner:
         smp = self.link_samples(now_s)
         if smp is None:
             return None
-        start, end, nbytes = smp
-        return np.maximum(nbytes / np.maximum(end - start, 1e-9), MIN_RATE_BPS)
+        return sample_rates(*smp)
 
     def sample_weights(self, now_s: float) -> np.ndarray | None:
-        """Each link sample's weight: 1 / (the samples it overlaps in time, itself included),
-        1 for one still running (see the module docstring)."""
+        """The link samples' weights (`overlap_weights`)."""
         smp = self.link_samples(now_s)
-        if smp is None:
-            return None
-        start, end, _ = smp
-        overlaps = (start[:, None] < end[None, :]) & (start[None, :] < end[:, None])      # (n, n)
-        return np.where(end >= now_s, 1.0, 1.0 / overlaps.sum(1))
+        return None if smp is None else overlap_weights(smp[0], smp[1], now_s)
 
     def bandwidth_Bps(self, now_s: float) -> float | None:
         """Harmonic mean of the recent rates (the Janus estimate; E[bytes / r] = bytes / this)."""
@@ -180,16 +186,14 @@ class Planner:
         if self.local is None:
             return upload, float("inf")
         local_ms = self.candidates[self.local].device_ms
-        start, end, moved = samples
-        median_rate = float(np.median(np.maximum(moved / np.maximum(end - start, 1e-9), MIN_RATE_BPS)))
-        timeout = self.hedge_factor * upload_ms(c, median_rate, float(np.median(rtts)))
+        timeout = self.hedge_factor * upload_ms(c, float(np.median(sample_rates(*samples))), float(np.median(rtts)))
         if self.slo_ms is not None and local_ms <= self.slo_ms:     # late enough to still make the SLO
             timeout = min(timeout, self.slo_ms - local_ms)
         return np.minimum(upload, timeout + local_ms), timeout
 
     def choose(self, now_s: float) -> Decision:
         samples, rtt = self.link_samples(now_s), self.rtts_ms(now_s)
-        w = np.ones(1) if samples is None else self.sample_weights(now_s)
+        w = np.ones(1) if samples is None else overlap_weights(samples[0], samples[1], now_s)
         cs = self.candidates
         outs = [self.outcomes_ms(c, samples, rtt) for c in cs]
 
