@@ -116,6 +116,9 @@ def calibrate(
     score: Optional[str] = typer.Option(None, help="similarity (default), product or attention; default: the checkpoint's"),
     prune_point: Optional[str] = typer.Option(None, help="block (default: prune after the whole block) or attn "
                                               "(after its attention: its MLP runs on the kept tokens only)"),
+    score_proxy_width: Optional[int] = typer.Option(None, help="prune point attn: width of the score proxy, the "
+                                                    "fitted stand-in for the MLP half that the selection scores "
+                                                    "(default 32 / the checkpoint's)"),
     checkpoint: Optional[str] = typer.Option(None, help="backbone weights for a timm name"),
     img_size: Optional[int] = typer.Option(None), patch_size: Optional[int] = typer.Option(None),
     num_classes: Optional[int] = typer.Option(None),
@@ -133,6 +136,8 @@ def calibrate(
 
     if images < 1 or steps < 0 or batch_size < 1 or heldout < 0 or jobs < 1:
         fail("--images, --batch-size and --jobs must be >= 1, --steps and --heldout >= 0")
+    if score_proxy_width is not None and score_proxy_width < 1:
+        fail("--score-proxy-width must be >= 1")
     if temperature and choose_temperature:
         fail("give --temperature or --choose-temperature, not both")
     if choose_temperature and not heldout:
@@ -150,7 +155,8 @@ def calibrate(
         shared = [source, data_dir, "--images", images, "--heldout", heldout, "--steps", steps, "--batch-size",
                   batch_size, "--lr", lr, "--ce-weight", ce_weight, "--seed", seed]
         for flag, v in (("--reconstruction", reconstruction), ("--pruning", pruning), ("--score", score),
-                        ("--prune-point", prune_point), ("--checkpoint", checkpoint), ("--img-size", img_size),
+                        ("--prune-point", prune_point), ("--score-proxy-width", score_proxy_width),
+                        ("--checkpoint", checkpoint), ("--img-size", img_size),
                         ("--patch-size", patch_size), ("--num-classes", num_classes)):
             if v is not None:
                 shared += [flag, v]
@@ -175,7 +181,7 @@ def calibrate(
         models, per_k, train_n, held_n = _calibrate_here(
             source, data_dir, keep_ratio, images, heldout, steps, batch_size, lr, ce_weight, no_init, reconstruction,
             pruning, score, prune_point, checkpoint, img_size, patch_size, num_classes, seed, cache, temps,
-            choose_temperature, codec_db)
+            choose_temperature, codec_db, score_proxy_width)
     chosen = {k: rep["temperature_choice"]["chosen"] for k, rep in per_k.items()}
     report = {"data": str(data_dir), "images": train_n, "heldout_images": held_n,
               "steps": steps, "batch_size": batch_size, "lr": lr, "temperature_per_keep_tokens": chosen,
@@ -190,7 +196,7 @@ def calibrate(
 
 def _calibrate_here(source, data_dir, keep_ratio, images, heldout, steps, batch_size, lr, ce_weight, no_init,
                     reconstruction, pruning, score, prune_point, checkpoint, img_size, patch_size, num_classes, seed,
-                    cache, temps, choose_temperature, codec_db=None):
+                    cache, temps, choose_temperature, codec_db=None, score_proxy_width=None):
     """calibrate's work in this process: models, per-K reports, train and held-out image counts."""
     from ..formats.images import ImageError
     from ..models import ConfigError
@@ -202,7 +208,7 @@ def _calibrate_here(source, data_dir, keep_ratio, images, heldout, steps, batch_
     try:
         models, _ = _backbone_models(source, checkpoint, _overrides(img_size, patch_size, num_classes),
                                      keep_ratio, reconstruction=reconstruction, pruning=pruning, score=score,
-                                     prune_point=prune_point)
+                                     prune_point=prune_point, score_proxy_rank=score_proxy_width)
         base = models[0]
         if not base.recon.learned:
             fail(f"reconstruction {base.cfg.reconstruction!r} has nothing to learn; "

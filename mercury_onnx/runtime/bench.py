@@ -350,6 +350,8 @@ def run_bench(setup: ModelSetup, device: DeviceProfile, cloud: CloudProfile, ima
         rep["choices"] = {str(l): float(c / choice.size) for l, c in zip(labels, counts)}
         rep["fallback_rate"] = pout.fallback_rate
         rep["race_rate"] = pout.race_rate
+        rep["ahead_sent_rate"] = pout.ahead_sent_rate
+        rep["ahead_rate"] = pout.ahead_rate
         rep["accuracy_basis"] = "top1 from the eval JSON" if acc_known else "proxy (no eval JSON): keep ratio"
         planner_report[trace.name] = rep
         traces_info[trace.name] = {"source": trace.source, "rtt_source": trace.rtt_source,

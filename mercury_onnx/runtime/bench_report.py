@@ -54,7 +54,8 @@ def format_table(report: dict) -> str:
         lines.append("  chose: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in
                                              sorted(p["choices"].items(), key=lambda kv: -kv[1]))
                      + f"; answered by the local hedge {100 * p['fallback_rate']:.1f}%, by the upload "
-                       f"alongside a local run {100 * p.get('race_rate', 0.0):.1f}%")
+                       f"alongside a local run {100 * p.get('race_rate', 0.0):.1f}%, by the JPEG sent ahead of "
+                       f"a head {100 * p.get('ahead_rate', 0.0):.1f}% (sent {100 * p.get('ahead_sent_rate', 0.0):.1f}%)")
     vs = report.get("mercury_vs_mobile", {})
     if vs:
         lines += ["", "Mercury speed-up over mobile-only (mean / median latency):"]

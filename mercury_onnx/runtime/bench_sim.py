@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .network import Trace
-from .planner import Candidate, Planner, proxy_accuracy
+from .planner import Candidate, Planner, keep_ahead, proxy_accuracy
 from .profiles import DeviceProfile
 
 PROBE_BYTES = 16_000
@@ -78,6 +78,8 @@ class Outcome:
     accuracy: np.ndarray
     fallback_rate: float = 0.0     # planner only: share of requests the local hedge answered
     race_rate: float = 0.0         # planner only: share of requests a local run's upload alongside answered
+    ahead_sent_rate: float = 0.0   # planner only: share of requests with the JPEG sent ahead of a head
+    ahead_rate: float = 0.0        # planner only: share of requests that JPEG answered
 
 
 def run_fixed(st: Strategy, trace: Trace, req: Requests, device: DeviceProfile) -> Outcome:
@@ -122,7 +124,9 @@ def run_planner(strategies: list[Strategy], outcomes: list[Outcome], trace: Trac
     - a local run sends the request's own upload alongside (Decision.race, the JPEG): it keeps
       the bandwidth estimate fresh, and when it answers first the local run stops. The upload
       is given up when the local run answers or after PROBE_TIMEOUT_S, whichever is later; its
-      radio energy is counted. Without such a candidate a PROBE_BYTES probe is sent instead.
+      radio energy is counted. Without such a candidate a PROBE_BYTES probe is sent instead;
+    - an upload with the JPEG sent ahead (Decision.ahead, `upload_ahead`): the JPEG goes while
+      the head runs, and the head's payload only if the JPEG will not answer first.
 
     Before a stream's first request the device sends one PROBE_BYTES probe."""
     allowed = [i for i, st in enumerate(strategies) if st.method in ("mobile-only", "cloud-only-jpeg", "mercury")]
@@ -136,7 +140,7 @@ def run_planner(strategies: list[Strategy], outcomes: list[Outcome], trace: Trac
     choice = np.zeros((S, M), dtype=np.int64)
     fields = ("latency_ms", "device_ms", "tx_ms", "rtt_ms", "cloud_ms", "payload", "energy_mj", "accuracy")
     out = {f: np.zeros((S, M)) for f in fields}
-    fallbacks = races_won = 0
+    fallbacks = races_won = ahead_sent = ahead_won = 0
     radio_w, j_per_byte_mj = device.radio_base_w, device.radio_j_per_byte * 1e3
     for s in range(S):
         p = Planner(cands, slo_ms, window, hedge_factor=hedge_factor)
@@ -153,19 +157,25 @@ def run_planner(strategies: list[Strategy], outcomes: list[Outcome], trace: Trac
             for f in fields:
                 out[f][s, j] = getattr(o, f)[s, j]
             if strategies[i].offloads:
-                start = now + o.device_ms[s, j] / 1e3
-                p.observe_transfer(start, start + o.tx_ms[s, j] / 1e3, o.payload[s, j])
-                p.observe_rtt(now + o.latency_ms[s, j] / 1e3, o.rtt_ms[s, j])
-                if local is None or o.latency_ms[s, j] <= d.timeout_ms:
+                if d.ahead is None:
+                    start = now + o.device_ms[s, j] / 1e3
+                    p.observe_transfer(start, start + o.tx_ms[s, j] / 1e3, o.payload[s, j])
+                    p.observe_rtt(now + o.latency_ms[s, j] / 1e3, o.rtt_ms[s, j])
+                else:
+                    ahead_sent += 1
+                    ahead_won += upload_ahead(out, s, j, now, outcomes[allowed[d.ahead]], o, cands[d.ahead],
+                                              cands[d.index], trace, p, device)
+                lat = out["latency_ms"][s, j]
+                if local is None or lat <= d.timeout_ms:
                     continue
                 loc = strategies[local].device_ms        # late: start the full model here too
-                done = min(o.latency_ms[s, j], d.timeout_ms + loc)
+                done = min(lat, d.timeout_ms + loc)
                 out["latency_ms"][s, j] = done
                 out["energy_mj"][s, j] += (device.active_w - device.idle_w) * (done - d.timeout_ms)
-                if done < o.latency_ms[s, j]:             # the local run answered first
+                if done < lat:                            # the local run answered first
                     fallbacks += 1
-                    out["device_ms"][s, j] = o.device_ms[s, j] + loc
-                    out["tx_ms"][s, j] = d.timeout_ms - o.device_ms[s, j]
+                    out["tx_ms"][s, j] = d.timeout_ms - out["device_ms"][s, j]
+                    out["device_ms"][s, j] += loc
                     out["rtt_ms"][s, j] = out["cloud_ms"][s, j] = 0.0
                     out["accuracy"][s, j] = outcomes[local].accuracy[s, j]
                 continue
@@ -193,4 +203,41 @@ def run_planner(strategies: list[Strategy], outcomes: list[Outcome], trace: Trac
                 for f in ("latency_ms", "device_ms", "tx_ms", "rtt_ms", "cloud_ms", "payload", "accuracy"):
                     out[f][s, j] = getattr(r, f)[s, j]
     return Outcome(**{f: out[f] for f in fields}, fallback_rate=fallbacks / choice.size,
-                   race_rate=races_won / choice.size), choice
+                   race_rate=races_won / choice.size, ahead_sent_rate=ahead_sent / choice.size,
+                   ahead_rate=ahead_won / choice.size), choice
+
+
+def upload_ahead(out: dict, s: int, j: int, now: float, ob: Outcome, oa: Outcome, cb: Candidate, ca: Candidate,
+                 trace: Trace, p: Planner, device: DeviceProfile) -> bool:
+    """Request (s, j) as Decision.ahead runs it: the JPEG (outcome ob) is encoded and sent while
+    the head of the chosen upload (outcome oa) runs; when the head is done, the JPEG goes on if
+    it has finished or `keep_ahead` says it will answer first, else it is stopped and the head's
+    payload is sent. Writes the request's row of `out`; True when the JPEG answered."""
+    enc, head = ob.device_ms[s, j], oa.device_ms[s, j]
+    t0 = now + enc / 1e3                              # the JPEG starts (ob's transfer starts here too)
+    th = t0 + head / 1e3                              # the head is done
+    tx_b, pb = ob.tx_ms[s, j] / 1e3, ob.payload[s, j]
+    sent = pb if t0 + tx_b <= th else float(trace.bytes_until(th) - trace.bytes_until(t0))
+    keep = sent >= pb or keep_ahead(pb - sent, sent / (th - t0), cb, ca)
+    a_w, i_w, r_w, jb = device.active_w, device.idle_w, device.radio_base_w, device.radio_j_per_byte * 1e3
+    if keep:                                          # the JPEG answers; the head ran alongside for nothing
+        lat = ob.latency_ms[s, j]
+        p.observe_transfer(t0, t0 + tx_b, pb)
+        p.observe_rtt(now + lat / 1e3, ob.rtt_ms[s, j])
+        for f in ("latency_ms", "device_ms", "tx_ms", "rtt_ms", "cloud_ms", "payload", "accuracy"):
+            out[f][s, j] = getattr(ob, f)[s, j]
+        out["energy_mj"][s, j] = ob.energy_mj[s, j] + (a_w - i_w) * min(head, lat - enc)
+        return True
+    p.observe_transfer(t0, th, sent)                  # stopped: what it moved is a link sample too
+    tx_a = float(trace.transmit_s(oa.payload[s, j], th))
+    p.observe_transfer(th, th + tx_a, oa.payload[s, j])
+    rtt = oa.rtt_ms[s, j]
+    lat = enc + head + tx_a * 1e3 + rtt + oa.cloud_ms[s, j]
+    p.observe_rtt(now + lat / 1e3, rtt)
+    row = {"latency_ms": lat, "device_ms": enc + head, "tx_ms": tx_a * 1e3, "rtt_ms": rtt,
+           "cloud_ms": oa.cloud_ms[s, j], "payload": sent + oa.payload[s, j], "accuracy": oa.accuracy[s, j],
+           "energy_mj": a_w * (enc + head) + i_w * (lat - enc - head) + r_w * (th - t0 + tx_a) * 1e3
+           + jb * (sent + oa.payload[s, j])}
+    for f, v in row.items():
+        out[f][s, j] = v
+    return False

@@ -36,6 +36,14 @@ harmonic mean of the r_i: Janus' estimate; the cap is what the hedge buys.)
                     might, even when every recent sample says it will not), then the lowest
                     P[miss], then the lowest E[lat]
 
+Without an SLO an upload whose device compute is a head can have the JPEG sent ahead of it:
+the JPEG is encoded and sent while the head runs (the radio is idle then), and when the head is
+done the device keeps whichever will answer first (`keep_ahead`: the bytes the JPEG has left
+against the head's payload, on the same link). Its latency on each sample is
+min(U_jpeg, device_jpeg + U_head), so the pair's E[lat] is never above the JPEG's and is below
+the head's alone when the samples disagree about which is faster; it is chosen when it beats
+every candidate alone (`Decision.ahead`). Its cost is energy and bytes, not latency.
+
 When the device runs the full model locally, it still sends one transfer to measure the link:
 the request's own upload (the fastest candidate at least as accurate as the local run, i.e.
 the JPEG), so a link that turns out to be good answers first and the local run stops
@@ -72,6 +80,7 @@ class Decision:
     expected_ms: float               # its expected latency (E[lat] above)
     timeout_ms: float                # an upload not answered by then starts the local run (inf: never)
     race: int | None = None          # local run: the upload sent alongside it (None: none)
+    ahead: int | None = None         # upload: the one sent ahead while its device compute runs (None: none)
 
 
 def upload_ms(c: Candidate, rate_Bps, rtt_ms):
@@ -211,4 +220,33 @@ class Planner:
         if not cs[best].offloads:                   # measure the link with this request's own upload
             ups = [i for i, c in enumerate(cs) if c.offloads and c.accuracy >= cs[best].accuracy - 1e-12]
             race = min(ups, key=lambda i: expected[i]) if ups else None
+        elif self.slo_ms is None and samples is not None:
+            pair = self.upload_ahead(outs, mean)
+            if pair is not None and pair[2] < expected[best]:
+                a, b, e = pair
+                return Decision(a, e, outs[a][1] + cs[b].device_ms, ahead=b)
         return Decision(best, expected[best], outs[best][1], race)
+
+    def upload_ahead(self, outs, mean) -> tuple[int, int, float] | None:
+        """The best pair (a, b, E[lat]) of an upload a (Mercury: a head first) and the JPEG b sent
+        ahead while a's device compute runs, the CPU busy and the radio idle; when a's compute is
+        done the device keeps whichever will answer first (`keep_ahead`). Its latency on each link
+        sample is min(U_b, device_b + U_a) (the JPEG is encoded first). None without such a pair."""
+        cs, best = self.candidates, None
+        for b, cb in enumerate(cs):
+            if cb.method != "cloud-only-jpeg":
+                continue
+            for a, ca in enumerate(cs):
+                if ca.offloads and ca.device_ms > cb.device_ms and a != b:
+                    e = mean(np.minimum(outs[b][0], cb.device_ms + outs[a][0]))
+                    if best is None or e < best[2]:
+                        best = (a, b, e)
+        return best
+
+
+def keep_ahead(remaining_bytes: float, rate_Bps: float, ahead: Candidate, chosen: Candidate) -> bool:
+    """Once the chosen candidate's device compute is done: keep sending the upload that went
+    ahead (remaining_bytes left, moving at rate_Bps so far) rather than stop it and send the
+    chosen one's payload? Both would cross the same link from now on, so compare bytes, with the
+    cloud-compute difference at the current rate."""
+    return remaining_bytes - chosen.payload_bytes <= rate_Bps * (chosen.cloud_ms - ahead.cloud_ms) / 1e3

@@ -9,7 +9,7 @@ from mercury_onnx.runtime import bench as B
 from mercury_onnx.runtime import bench_setup as BS
 from mercury_onnx.runtime import bench_sim as BM
 from mercury_onnx.runtime.network import Trace, load_trace
-from mercury_onnx.runtime.planner import Candidate, Planner, replay_s
+from mercury_onnx.runtime.planner import Candidate, Planner, keep_ahead, replay_s
 from mercury_onnx.runtime.profiles import pi_profile, rtx4090_cloud
 from tests.conftest import CIFAR_TEST, TRACES
 
@@ -76,9 +76,11 @@ def test_transfers_stuck_in_one_outage_count_once():
     # payload; counted once, the JPEG is the faster choice
     outs = {c.label: p.outcomes_ms(c, p.link_samples(11.0), p.rtts_ms(11.0))[0] for c in p.candidates[1:]}
     assert outs["mercury"].mean() < outs["jpeg"].mean()
-    d = p.choose(11.0)
-    assert p.candidates[d.index].label == "jpeg"
-    assert d.expected_ms == pytest.approx(outs["jpeg"] @ w / w.sum())
+    jpeg, mercury = (outs[k] @ w / w.sum() for k in ("jpeg", "mercury"))
+    assert jpeg < mercury
+    d = p.choose(11.0)    # the JPEG goes first: alone, or ahead of Mercury's head (for the outage)
+    assert p.candidates[d.index if d.ahead is None else d.ahead].label == "jpeg"
+    assert d.expected_ms <= jpeg
     # while a transfer is still stuck, it counts in full
     p.observe_transfer(11.0, 14.0, 16_000)
     assert p.sample_weights(12.0)[-1] == 1.0
@@ -166,6 +168,59 @@ def test_a_local_run_is_raced_by_its_own_upload():
     assert out.energy_mj[0, 0] < outcomes[0].energy_mj[0, 0]        # the local run stopped early
     assert out.payload[0, 0] == 16_000
     assert (choice[0, 1:] == 1).all()                                 # then it uploads
+
+
+def test_a_close_call_sends_the_jpeg_ahead_of_the_head():
+    p = Planner([JPEG, MERC], window=4)
+    p.observe_rtt(0.0, 20.0)
+    for t, dur in enumerate([0.002, 0.2, 0.002, 0.2]):       # 8 MB/s and 80 kB/s in turn
+        p.observe_transfer(t, t + dur, 16_000)
+    d = p.choose(10.0)
+    # jpeg: 24 or 222 ms (mean 123); mercury: 31.5 or 81 ms (56.25); the JPEG sent while the
+    # head runs, and whichever answers first: min(24, 1 + 31.5) and min(222, 1 + 81) -> 53
+    assert (d.index, d.ahead) == (1, 0)
+    assert d.expected_ms == pytest.approx((24.0 + 82.0) / 2)
+    slow = Planner([JPEG, MERC], window=4)                   # Mercury faster on every sample:
+    slow.observe_rtt(0.0, 20.0)                              # the JPEG would only cost energy
+    for t in range(4):
+        slow.observe_transfer(t, t + 0.2, 16_000)
+    d = slow.choose(10.0)
+    assert (d.index, d.ahead) == (1, None) and d.expected_ms == pytest.approx(81.0)
+    p.slo_ms = 100.0                                         # with an SLO: not (accuracy mixes)
+    assert p.choose(10.0).ahead is None
+
+
+def test_keep_ahead_compares_the_bytes_left_on_the_same_link():
+    ahead, chosen = Candidate("jpeg", "cloud-only-jpeg", 1.0, 16_000, 1.0, 0.8), MERC
+    assert keep_ahead(4_000, 10e3, ahead, chosen)            # as many bytes left as Mercury's payload
+    assert not keep_ahead(4_001, 10e3, ahead, chosen)
+    slow_cloud = Candidate("jpeg", "cloud-only-jpeg", 1.0, 16_000, 100.0, 0.8)
+    # the full model takes 99 ms longer in the cloud: worth 990 B at 10 kB/s
+    assert keep_ahead(3_010, 10e3, slow_cloud, chosen) and not keep_ahead(3_011, 10e3, slow_cloud, chosen)
+
+
+@pytest.mark.parametrize("rate,jpeg_answers", [(50e6 / 8, True), (20e3, False)])
+def test_the_jpeg_ahead_answers_or_is_stopped_when_the_head_is_done(rate, jpeg_answers):
+    trace = stepped([(60.0, rate)])
+    jpeg = BM.Strategy("cloud-only-jpeg", None, None, 2.0, np.array([16_000.0]), 5.0, 0.8)
+    merc = BM.Strategy("mercury", 0.25, "codec", 50.0, np.array([1_000.0]), 3.0, 0.78)
+    req = BM.Requests(np.array([[1.0]]), np.array([[20.0]]), np.zeros((1, 1), int), np.array([0.0]))
+    device = pi_profile()
+    ob, oa = (BM.run_fixed(st, trace, req, device) for st in (jpeg, merc))
+    cb, ca = (Candidate(st.label, st.method, st.device_ms, 1.0, st.cloud_ms, st.top1) for st in (jpeg, merc))
+    cb.payload_bytes, ca.payload_bytes = 16_000, 1_000
+    out = {f: np.zeros((1, 1)) for f in ("latency_ms", "device_ms", "tx_ms", "rtt_ms", "cloud_ms", "payload",
+                                          "energy_mj", "accuracy")}
+    p = Planner([cb, ca])
+    assert BM.upload_ahead(out, 0, 0, 1.0, ob, oa, cb, ca, trace, p, device) == jpeg_answers
+    if jpeg_answers:        # 16 kB at 50 Mbps: sent in 2.6 ms, long before the 50 ms head is done
+        assert out["latency_ms"][0, 0] == pytest.approx(ob.latency_ms[0, 0])
+        assert out["payload"][0, 0] == 16_000 and out["energy_mj"][0, 0] > ob.energy_mj[0, 0]
+    else:                   # 20 kB/s: 1 kB sent by then, 15 kB left > 1 kB: stopped, Mercury sent
+        assert out["latency_ms"][0, 0] == pytest.approx(2.0 + 50.0 + 1_000 / rate * 1e3 + 20.0 + 3.0)
+        assert out["payload"][0, 0] == pytest.approx(rate * 0.05 + 1_000)
+        assert out["accuracy"][0, 0] == 0.78
+    assert len(p.transfers) == (1 if jpeg_answers else 2)    # what the device learns from
 
 
 @pytest.mark.skipif(not (TRACES.exists() and CIFAR_TEST.exists()), reason="shared data missing")
