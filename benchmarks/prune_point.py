@@ -13,7 +13,7 @@ Target (issue 14): attn head <= 0.65x the block head on DeiT-B and DeiT-S at kee
 With --int8 IMAGES the exporter's int8 heads (what `export --int8-head` ships for ARM devices)
 are timed instead, for comparison: the target is read on the fp32 heads.
 Random weights for the 224 models (latency does not depend on them; the attn head's score
-proxy too, rank 32, random values); the reference model is
+proxy too, at the default width, random values); the reference model is
 ../shared/models/deit_tiny_patch4_32_cifar10.json.
 """
 from __future__ import annotations

@@ -42,7 +42,9 @@
 #                -> prune_point_accuracy_{block,attn}_seed1.json; head latency of both points, paired (benchmarks/prune_point.py)
 #                -> docs/results/prune_point_latency.json, and of their int8 heads -> prune_point_latency_int8.json (~1 min)
 #                12.3 min calibration + 229 s eval measured quiet (sixth session), 43 s latency; the seed-1
-#                pair adds two calibrations and evals (run side by side: 38 min each, evals 5.5 min, eighth session)
+#                pair adds two calibrations and evals (run side by side: 38 min each, evals 5.5 min, eighth session);
+#                attn again at both seeds with the previous default proxy width 32 (--score-proxy-width 32)
+#                -> prune_point_accuracy_attn_w32{,_seed1}.json (two seeds side by side: 46-57 min, tenth session)
 #   codec        rate-accuracy on all 10,000 test images: the shipped calibration with codecs 8x4, 10x4,
 #                12x3, 12x4, 13x4, 16x3, 16x4, 16x6, 20x5, 24x4, e5 at keep 1.0 / 0.5 (/ 0.25) (codecs fit on 2,000 train
 #                images), and JPEG, WebP, AVIF of the test images -> docs/results/codec/rate_curve.{json,png};
@@ -187,6 +189,15 @@ section_prune_point() {
     $MERCURY eval "$TEST" --checkpoint "$WORK/ref_${point}_s1" -r 0.5 -r 0.25 --methods main \
       --json "$RES/prune_point_accuracy_${point}_seed1.json" --cache
   done
+  for seed in 0 1; do   # attn with the ninth session's default score-proxy width, 32 (the default is 64)
+    $MERCURY calibrate "$REF" "$TRAIN" -r 0.5 -r 0.25 --temperature 1 --temperature 2 --images 5000 --heldout 2000 \
+      --steps 480 --batch-size 32 --lr 3e-3 --jobs 2 --cache --prune-point attn --score-proxy-width 32 --seed $seed \
+      --out "$WORK/ref_attn_w32_s$seed"
+  done
+  $MERCURY eval "$TEST" --checkpoint "$WORK/ref_attn_w32_s0" -r 0.5 -r 0.25 --methods regional+duplicate \
+    --json "$RES/prune_point_accuracy_attn_w32.json" --cache
+  $MERCURY eval "$TEST" --checkpoint "$WORK/ref_attn_w32_s1" -r 0.5 -r 0.25 --methods main \
+    --json "$RES/prune_point_accuracy_attn_w32_seed1.json" --cache
   $PY benchmarks/prune_point.py --models deit_base_patch16_224 deit_small_patch16_224 deit_tiny_patch16_224 "$REF" \
     --keep-ratio 0.25 0.5 --reps 300 --json "$RES/prune_point_latency.json"
   $PY benchmarks/prune_point.py --models deit_base_patch16_224 deit_small_patch16_224 --keep-ratio 0.25 --reps 300 \

@@ -164,7 +164,9 @@ def render_prune_point_seeds(data: dict, block: str, attn0: str = "prune_point_a
         rows.append(row)
     rows.append(["mean", *(c for k in keeps for c in ("", "", f"**{sum(diffs[k]) / len(diffs[k]):+.2f}**"))])
     header = ["seed", *(c for k in keeps for c in (f"block, keep {k:g}", f"attn, keep {k:g}", "attn - block"))]
-    return _table(header, rows) + (f"\n{data['dataset']}, {data['images']} images, Mercury top-1 %; target: attn "
+    proxy = next(iter(data["calibration"]["per_keep_tokens"].values())).get("score_proxy") or {}
+    return _table(header, rows) + (f"\n{data['dataset']}, {data['images']} images, Mercury top-1 %; attn's score "
+                                   f"proxy: {proxy.get('kind', '-')}, width {proxy.get('rank', '-')}; target: attn "
                                    "within 0.2 pt of block, or better.\n")
 
 

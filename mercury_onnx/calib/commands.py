@@ -118,7 +118,7 @@ def calibrate(
                                               "(after its attention: its MLP runs on the kept tokens only)"),
     score_proxy_width: Optional[int] = typer.Option(None, help="prune point attn: width of the score proxy, the "
                                                     "fitted stand-in for the MLP half that the selection scores "
-                                                    "(default 32 / the checkpoint's)"),
+                                                    "(default 64 / the checkpoint's)"),
     checkpoint: Optional[str] = typer.Option(None, help="backbone weights for a timm name"),
     img_size: Optional[int] = typer.Option(None), patch_size: Optional[int] = typer.Option(None),
     num_classes: Optional[int] = typer.Option(None),

@@ -44,7 +44,7 @@ class MercuryConfig:
     prune_after_block: int = 1             # prune after this many blocks (1 = after the first)
     prune_point: str = "block"             # "block": after the whole block (the paper's); "attn": after
                                            # its attention, so its MLP runs on the kept tokens only
-    score_proxy_rank: int = 32             # prune_point "attn": score x + a width-r stand-in for the
+    score_proxy_rank: int = 64             # prune_point "attn": score x + a width-r stand-in for the
                                            # MLP half (pruning.ScoreProxy, fit by calibrate); 0 = score x
     score_proxy_kind: str = "gelu"         # its kind: "gelu" (a small MLP) or "linear" (rank-r map)
     split_after_block: int | None = None   # device runs blocks [0, split); None = prune_after_block

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 
 # the score proxy's rank an attn export has by default (MercuryConfig.score_proxy_rank; torch-free copy)
-SCORE_PROXY_RANK = 32
+SCORE_PROXY_RANK = 64
 
 # timm ViT/DeiT widths, depths (heads do not change the FLOPs)
 _WIDTHS = {"tiny": (192, 12), "small": (384, 12), "base": (768, 12), "large": (1024, 24), "huge": (1280, 32)}

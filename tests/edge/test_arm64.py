@@ -176,7 +176,7 @@ def attn_export(ref_json, cifar_test, tmp_path_factory) -> Path:
 def test_attn_heads_agree_on_arm64(arm64_root, attn_export, cifar_test):
     """Issue 14: the fp32, int8 and int8-token heads of prune point attn (score proxy fitted)
     select equal indices on aarch64 and x86_64."""
-    assert json.loads((attn_export / "manifest.json").read_text())["score_proxy"] == {"rank": 32, "kind": "gelu", "fitted": True}
+    assert json.loads((attn_export / "manifest.json").read_text())["score_proxy"] == {"rank": 64, "kind": "gelu", "fitted": True}
     r = sh("bash", CHECK, attn_export, cifar_test, MERCURY_ARM64_IMAGES=IMAGES)
     print(r.stdout)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -37,7 +37,7 @@ def ref(ref_json, cifar_test):
     train, _ = load_image_set(cifar_test.parent / "train", preprocess_for(models[0]), cfg.classes, count=512,
                               progress=False)
     rep = models[0].fit_score_proxy(run_prefix(models[0], train, progress=False).x)
-    assert rep["rank"] == 32 and rep["kind"] == "gelu" and rep["explained"] > 0.9, rep
+    assert rep["rank"] == MercuryConfig.score_proxy_rank == 64 and rep["kind"] == "gelu" and rep["explained"] > 0.9, rep
     assert models[1].fit_score_proxy(run_prefix(models[1], train.subset(range(8)), progress=False).x) is None  # shared
     images, _ = load_images(cifar_test, 64, (32, 32), cfg.mean, cfg.std)
     return models, vanilla, torch.from_numpy(images)
@@ -138,7 +138,7 @@ def test_attn_head_flops_by_count(name, keep):
     g = VF.VitGeometry.from_timm_name(name)
     n, k = g.num_patches, block.keep
     # same embedding, attention and selection; the MLP runs on 1+K rows instead of 1+N, and the
-    # score proxy's two thin matmuls (rank 32) on all 1+N rows
+    # score proxy's two thin matmuls (width 64) on all 1+N rows
     r = VF.SCORE_PROXY_RANK
     assert r == MercuryConfig.score_proxy_rank
     assert f["head"] - attn == VF.mlp_flops(1 + n, g.dim) - VF.mlp_flops(1 + k, g.dim) - 4 * (1 + n) * g.dim * r
@@ -152,7 +152,7 @@ def test_bench_setup_uses_the_prune_points_head_flops():
 
     flops = {p: graph_flops(setup_from_name("deit_base_patch16_224", [0.25], prune_point=p))[("head", 49)]
              for p in ("block", "attn")}
-    assert flops["attn"] / flops["block"] == pytest.approx(0.564, abs=0.002)   # 1.77 / 3.14 GFLOP
+    assert flops["attn"] / flops["block"] == pytest.approx(0.570, abs=0.002)   # 1.79 / 3.14 GFLOP (proxy width 64)
 
 
 def test_checkpoint_refuses_the_other_prune_point(ref, tmp_path):
@@ -226,7 +226,7 @@ def test_info_prints_the_head_flops_of_both_prune_points():
     r = CliRunner().invoke(app, ["info", "--model", "deit_tiny_patch16_224", "-r", "0.25"])
     assert r.exit_code == 0, r.output
     assert "head FLOPs     0.2621 G (prune point block)" in r.output
-    assert "0.1802 G with prune point attn (0.688x)" in r.output   # 0.1753 G + the score proxy's 0.0048
+    assert "0.1850 G with prune point attn (0.706x)" in r.output   # 0.1753 G + the score proxy's 0.0097 (width 64)
     r = CliRunner().invoke(app, ["info", "--model", "deit_tiny_patch16_224", "--prune-point", "mlp"])
     assert r.exit_code != 0 and "--prune-point 'mlp'" in r.output
 
