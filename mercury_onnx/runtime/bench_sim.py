@@ -218,7 +218,7 @@ def upload_ahead(out: dict, s: int, j: int, now: float, ob: Outcome, oa: Outcome
     th = t0 + head / 1e3                              # the head is done
     tx_b, pb = ob.tx_ms[s, j] / 1e3, ob.payload[s, j]
     sent = pb if t0 + tx_b <= th else float(trace.bytes_until(th) - trace.bytes_until(t0))
-    keep = sent >= pb or keep_ahead(pb - sent, sent / (th - t0), cb, ca)
+    keep = sent >= pb or keep_ahead(pb - sent, sent / (th - t0), cb, ca, oa.payload[s, j])
     a_w, i_w, r_w, jb = device.active_w, device.idle_w, device.radio_base_w, device.radio_j_per_byte * 1e3
     if keep:                                          # the JPEG answers; the head ran alongside for nothing
         lat = ob.latency_ms[s, j]

@@ -244,9 +244,12 @@ class Planner:
         return best
 
 
-def keep_ahead(remaining_bytes: float, rate_Bps: float, ahead: Candidate, chosen: Candidate) -> bool:
+def keep_ahead(remaining_bytes: float, rate_Bps: float, ahead: Candidate, chosen: Candidate,
+               payload_bytes: float | None = None) -> bool:
     """Once the chosen candidate's device compute is done: keep sending the upload that went
     ahead (remaining_bytes left, moving at rate_Bps so far) rather than stop it and send the
-    chosen one's payload? Both would cross the same link from now on, so compare bytes, with the
+    chosen one's payload (payload_bytes: its real size, known by then; default the candidate's
+    mean)? Both would cross the same link from now on, so compare bytes, with the
     cloud-compute difference at the current rate."""
-    return remaining_bytes - chosen.payload_bytes <= rate_Bps * (chosen.cloud_ms - ahead.cloud_ms) / 1e3
+    payload = chosen.payload_bytes if payload_bytes is None else payload_bytes
+    return remaining_bytes - payload <= rate_Bps * (chosen.cloud_ms - ahead.cloud_ms) / 1e3

@@ -197,6 +197,7 @@ def test_keep_ahead_compares_the_bytes_left_on_the_same_link():
     slow_cloud = Candidate("jpeg", "cloud-only-jpeg", 1.0, 16_000, 100.0, 0.8)
     # the full model takes 99 ms longer in the cloud: worth 990 B at 10 kB/s
     assert keep_ahead(3_010, 10e3, slow_cloud, chosen) and not keep_ahead(3_011, 10e3, slow_cloud, chosen)
+    assert not keep_ahead(4_000, 10e3, ahead, chosen, payload_bytes=3_999)   # this image's payload, not the mean
 
 
 @pytest.mark.parametrize("rate,jpeg_answers", [(50e6 / 8, True), (20e3, False)])
