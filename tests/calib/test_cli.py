@@ -85,6 +85,18 @@ def calibrated(ref_json, tmp_path_factory):
     return out, text
 
 
+def test_calibrate_sets_the_score_proxy_width(ref_json, tmp_path):
+    if not CIFAR_TRAIN.exists():
+        pytest.skip("CIFAR-10 train split missing")
+    out = tmp_path / "attn16"
+    res, text = _run("calibrate", ref_json, CIFAR_TRAIN, "-r", 0.25, "--out", out, "--images", 32, "--heldout", 0,
+                     "--steps", 1, "--batch-size", 16, "--prune-point", "attn", "--score-proxy-width", 16)
+    assert res.exit_code == 0, text
+    assert "score proxy: gelu, width 16" in text
+    m = load_mercury(out)[0]
+    assert m.cfg.score_proxy_rank == 16 and m.score_proxy.a.shape == (m.dim, 16) and bool(m.score_proxy.fitted)
+
+
 def test_calibrate_cli_writes_a_mercury_checkpoint(calibrated):
     out, _ = calibrated
     info = json.loads(out.with_suffix(".json").read_text())
@@ -171,6 +183,8 @@ def test_eval_onnx_matches_torch(ref_export, ref_json, cifar_test, tmp_path):
     (["calibrate", "REF", "TRAIN", "--out", "/tmp/x", "-r", 0.5, "-r", 0.25, "--temperature", 1,
       "--temperature", 2, "--temperature", 3], "once per -r"),
     (["calibrate", "REF", "TRAIN", "--out", "/tmp/x", "--heldout", 0, "--choose-temperature", 1], "--heldout > 0"),
+    (["calibrate", "REF", "TRAIN", "--out", "/tmp/x", "--prune-point", "attn", "--score-proxy-width", 0],
+     "--score-proxy-width must be >= 1"),
     (["eval", "TINY", "--checkpoint", "/nonexistent/ck.json"], "cannot read checkpoint JSON"),
     (["eval", "TINY", "--checkpoint", "REF", "--methods", "regional+duplicate,nope"], "unknown method(s) ['nope']"),
 ])
