@@ -12,6 +12,11 @@ blocks of rounds (`paired`), beside the analytic FLOP ratio (runtime/vit_flops.p
 Target (issue 14): attn head <= 0.65x the block head on DeiT-B and DeiT-S at keep 0.25.
 With --int8 IMAGES the exporter's int8 heads (what `export --int8-head` ships for ARM devices)
 are timed instead, for comparison: the target is read on the fp32 heads.
+With --warm K each round runs each head K times back to back (heads in a new random order each
+round) and times the last K - 1: the head finds its own weights in cache, as when a device runs
+one head over and over on a CPU whose cache holds them (not a Pi 4's 1 MB L2). Without it each
+round runs each head once, so it starts with the other head's weights in cache: the cold case,
+on which the target is read.
 Random weights for the 224 models (latency does not depend on them; the attn head's score
 proxy too, at the default width, random values); the reference model is
 ../shared/models/deit_tiny_patch4_32_cifar10.json.
@@ -23,6 +28,7 @@ import copy
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -69,7 +75,27 @@ def int8_heads(models: dict, x: torch.Tensor, images: str, tmp: Path) -> dict:
     return out
 
 
-def bench(source: str, keep_ratio: float, reps: int, tmp: Path, int8_images: str | None = None) -> dict:
+def back_to_back(fns: dict, reps: int, k: int, warmup: int = 2, seed: int = 0) -> dict[str, list[float]]:
+    """Seconds per call of each fn, warm: every round runs the fns in a new random order, each k
+    times in a row, and keeps the mean of its last k - 1 calls. Rounds pair as in `interleaved`."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    order, rng = list(fns), random.Random(seed)
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        rng.shuffle(order)
+        for name in order:
+            fns[name]()
+            t = time.process_time()
+            for _ in range(k - 1):
+                fns[name]()
+            times[name].append((time.process_time() - t) / (k - 1))
+    return times
+
+
+def bench(source: str, keep_ratio: float, reps: int, tmp: Path, int8_images: str | None = None,
+          warm: int = 0) -> dict:
     block = mercury_from_any(source, keep_ratios=[keep_ratio])[0]
     cfg = copy.deepcopy(block.cfg)
     cfg.prune_point = "attn"
@@ -87,7 +113,7 @@ def bench(source: str, keep_ratio: float, reps: int, tmp: Path, int8_images: str
     if int8_images:
         files = int8_heads({"block": block, "attn": attn}, x, int8_images, tmp)
     runs = {name: (lambda s: lambda: s.run(None, {"images": x.numpy()}))(session(f, 1)) for name, f in files.items()}
-    times = interleaved(runs, reps, warmup=5)
+    times = back_to_back(runs, reps, warm) if warm else interleaved(runs, reps, warmup=5)
     ratio, lo, hi = paired(times["attn"], times["block"], lambda a, b: a / b)
     fb, fa = head_flops_at(block, "block"), head_flops_at(block, "attn")
     return {"model": Path(source).stem, "img": h, "N": block.num_patches, "K": block.keep, "D": block.dim,
@@ -103,9 +129,13 @@ def main() -> None:
     ap.add_argument("--keep-ratio", type=float, nargs="+", default=[0.25])
     ap.add_argument("--reps", type=int, default=300, help="paired rounds per model and keep ratio")
     ap.add_argument("--json", default=str(ROOT / "docs" / "results" / "prune_point_latency.json"))
+    ap.add_argument("--warm", type=int, default=0, metavar="K", help="run each head K (>= 2) times back to back "
+                    "per round and time the last K - 1 (warm caches); default: once per round (cold)")
     ap.add_argument("--int8", metavar="IMAGES", help="time the exporter's int8 (QDQ) heads instead of the fp32 "
                     "ones, calibrated on real images of this folder (e.g. ../shared/data/imagenet-sample)")
     args = ap.parse_args()
+    if args.warm == 1 or args.warm < 0:
+        ap.error("--warm K needs K >= 2 (one call to warm up, the rest timed)")
     torch.set_num_threads(1)
     load = os.getloadavg()
     t0 = time.time()
@@ -113,7 +143,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for src in args.models:
             for r in args.keep_ratio:
-                row = bench(src, r, args.reps, Path(tmp), args.int8)
+                row = bench(src, r, args.reps, Path(tmp), args.int8, args.warm)
                 rows.append(row)
                 lo, hi = row["attn_vs_block_blocks"]
                 print(f"{row['model']} keep {r:g} (K={row['K']}): block {row['block_ms']:.3f} ms, attn "
@@ -124,7 +154,8 @@ def main() -> None:
            "loadavg_start": load, "loadavg_end": os.getloadavg(), "minutes": round((time.time() - t0) / 60, 1),
            "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__,
            "threads": 1, "batch": 1, "timer": "process CPU time", "target_attn_vs_block": TARGET,
-           "head": "int8 (QDQ U8S8, export/quantize.py)" if args.int8 else "fp32", "rows": rows}
+           "head": "int8 (QDQ U8S8, export/quantize.py)" if args.int8 else "fp32", "warm_runs": args.warm,
+           "rows": rows}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))

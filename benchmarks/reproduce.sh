@@ -200,6 +200,8 @@ section_prune_point() {
     --json "$RES/prune_point_accuracy_attn_w32_seed1.json" --cache
   $PY benchmarks/prune_point.py --models deit_base_patch16_224 deit_small_patch16_224 deit_tiny_patch16_224 "$REF" \
     --keep-ratio 0.25 0.5 --reps 300 --json "$RES/prune_point_latency.json"
+  $PY benchmarks/prune_point.py --models deit_base_patch16_224 deit_small_patch16_224 deit_tiny_patch16_224 "$REF" \
+    --keep-ratio 0.25 0.5 --reps 300 --warm 4 --json "$RES/prune_point_latency_warm.json"   # warm caches (~2 min)
   $PY benchmarks/prune_point.py --models deit_base_patch16_224 deit_small_patch16_224 --keep-ratio 0.25 --reps 300 \
     --int8 "$SHARED/data/imagenet-sample" --json "$RES/prune_point_latency_int8.json"
   $PY benchmarks/score_proxy_overlap.py --json "$RES/score_proxy_overlap.json"   # each proxy vs block's selection
