@@ -72,13 +72,14 @@ class VanillaTail(nn.Module):
         return b.forward_head(b.norm(x))
 
 
-def interleaved(fns: dict, reps: int, warmup: int = 2, seed: int = 0) -> dict[str, list[float]]:
+def interleaved(fns: dict, reps: int, warmup: int = 2, seed: int = 0, warm: int = 0) -> dict[str, list[float]]:
     """Seconds per call of each fn, one list per fn, timed round-robin in a new random order
     every round: whatever runs right after another job finds cold caches, and a fixed order
     would always hand that to the same fn (with torch in the loop, it made the head look
     ~0.3 ms slower than the head without pruning that ran after it). Round i of every list is
     the same round, so A[i] - B[i] and A[i] / B[i] are paired: slow drifts of a shared machine
-    (minutes of other load) cancel, where a ratio of two medians keeps them."""
+    (minutes of other load) cancel, where a ratio of two medians keeps them. warm=K (>= 2): in
+    its turn each fn runs K times in a row and the mean of the last K - 1 counts (warm caches)."""
     for _ in range(warmup):
         for f in fns.values():
             f()
@@ -87,9 +88,12 @@ def interleaved(fns: dict, reps: int, warmup: int = 2, seed: int = 0) -> dict[st
     for _ in range(reps):
         rng.shuffle(order)
         for k in order:
+            if warm:
+                fns[k]()
             t = time.process_time()
-            fns[k]()
-            times[k].append(time.process_time() - t)
+            for _ in range(max(warm - 1, 1)):
+                fns[k]()
+            times[k].append((time.process_time() - t) / max(warm - 1, 1))
     return times
 
 

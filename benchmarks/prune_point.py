@@ -28,7 +28,6 @@ import copy
 import json
 import os
 import platform
-import random
 import statistics
 import sys
 import tempfile
@@ -75,25 +74,6 @@ def int8_heads(models: dict, x: torch.Tensor, images: str, tmp: Path) -> dict:
     return out
 
 
-def back_to_back(fns: dict, reps: int, k: int, warmup: int = 2, seed: int = 0) -> dict[str, list[float]]:
-    """Seconds per call of each fn, warm: every round runs the fns in a new random order, each k
-    times in a row, and keeps the mean of its last k - 1 calls. Rounds pair as in `interleaved`."""
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    order, rng = list(fns), random.Random(seed)
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        rng.shuffle(order)
-        for name in order:
-            fns[name]()
-            t = time.process_time()
-            for _ in range(k - 1):
-                fns[name]()
-            times[name].append((time.process_time() - t) / (k - 1))
-    return times
-
-
 def bench(source: str, keep_ratio: float, reps: int, tmp: Path, int8_images: str | None = None,
           warm: int = 0) -> dict:
     block = mercury_from_any(source, keep_ratios=[keep_ratio])[0]
@@ -113,7 +93,7 @@ def bench(source: str, keep_ratio: float, reps: int, tmp: Path, int8_images: str
     if int8_images:
         files = int8_heads({"block": block, "attn": attn}, x, int8_images, tmp)
     runs = {name: (lambda s: lambda: s.run(None, {"images": x.numpy()}))(session(f, 1)) for name, f in files.items()}
-    times = back_to_back(runs, reps, warm) if warm else interleaved(runs, reps, warmup=5)
+    times = interleaved(runs, reps, warmup=5, warm=warm)
     ratio, lo, hi = paired(times["attn"], times["block"], lambda a, b: a / b)
     fb, fa = head_flops_at(block, "block"), head_flops_at(block, "attn")
     return {"model": Path(source).stem, "img": h, "N": block.num_patches, "K": block.keep, "D": block.dim,
