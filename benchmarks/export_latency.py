@@ -85,15 +85,16 @@ def interleaved(fns: dict, reps: int, warmup: int = 2, seed: int = 0, warm: int 
             f()
     order, rng = list(fns), random.Random(seed)
     times = {k: [] for k in fns}
+    timed = max(warm - 1, 1)                                     # calls timed per fn and round
     for _ in range(reps):
         rng.shuffle(order)
         for k in order:
             if warm:
                 fns[k]()
             t = time.process_time()
-            for _ in range(max(warm - 1, 1)):
+            for _ in range(timed):
                 fns[k]()
-            times[k].append((time.process_time() - t) / max(warm - 1, 1))
+            times[k].append((time.process_time() - t) / timed)
     return times
 
 

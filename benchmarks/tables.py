@@ -422,14 +422,10 @@ def render_codec_band(data: dict) -> str:
 def _codec_export_runs(data: dict) -> list[tuple[str, str, dict]]:
     """(model key, prune point, JSON) of codec-export bench runs: codec_wire/band_codec_<m>.json
     (`block`) and prune_point_band/band_attn_codec_deit_<name>.json (`attn`), in MODELS order."""
-    names = {"tiny": "deit_t", "small": "deit_s", "base": "deit_b"}
-    out = []
-    for stem, d in data.items():
-        if stem.startswith("band_codec_"):
-            out.append((stem.removeprefix("band_codec_"), "block", d))
-        elif stem.startswith("band_attn_codec_deit_"):
-            out.append((names[stem.removeprefix("band_attn_codec_deit_")], "attn", d))
-    return sorted(out, key=lambda r: (r[1] != "block", list(MODELS).index(r[0])))
+    attn = [(m, "attn", data[f"band_attn_codec_deit_{name}"])
+            for m, name in (("deit_t", "tiny"), ("deit_s", "small"), ("deit_b", "base"))   # MODELS order
+            if f"band_attn_codec_deit_{name}" in data]
+    return [(m, "block", d) for m, d in _by_model(data, "band_codec_")] + attn
 
 
 def render_codec_planner(data: dict) -> str:

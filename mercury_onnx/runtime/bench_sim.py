@@ -21,6 +21,10 @@ from .network import Trace
 from .planner import Candidate, Planner, keep_ahead, proxy_accuracy
 from .profiles import DeviceProfile
 
+# an Outcome's per-request arrays; an answer from another path takes all but the energy from it
+FIELDS = ("latency_ms", "device_ms", "tx_ms", "rtt_ms", "cloud_ms", "payload", "energy_mj", "accuracy")
+ANSWER_FIELDS = tuple(f for f in FIELDS if f != "energy_mj")
+
 PROBE_BYTES = 16_000
 PROBE_TIMEOUT_S = 1.0          # a probe is abandoned (radio off) after this long
 
@@ -138,8 +142,7 @@ def run_planner(strategies: list[Strategy], outcomes: list[Outcome], trace: Trac
              for i in allowed]
     S, M = req.start_s.shape
     choice = np.zeros((S, M), dtype=np.int64)
-    fields = ("latency_ms", "device_ms", "tx_ms", "rtt_ms", "cloud_ms", "payload", "energy_mj", "accuracy")
-    out = {f: np.zeros((S, M)) for f in fields}
+    out = {f: np.zeros((S, M)) for f in FIELDS}
     fallbacks = races_won = ahead_sent = ahead_won = 0
     radio_w, j_per_byte_mj = device.radio_base_w, device.radio_j_per_byte * 1e3
     for s in range(S):
@@ -154,7 +157,7 @@ def run_planner(strategies: list[Strategy], outcomes: list[Outcome], trace: Trac
             i = allowed[d.index]
             choice[s, j] = i
             o = outcomes[i]
-            for f in fields:
+            for f in FIELDS:
                 out[f][s, j] = getattr(o, f)[s, j]
             if strategies[i].offloads:
                 if d.ahead is None:
@@ -200,9 +203,9 @@ def run_planner(strategies: list[Strategy], outcomes: list[Outcome], trace: Trac
             out["payload"][s, j] = sent
             if won:
                 races_won += 1
-                for f in ("latency_ms", "device_ms", "tx_ms", "rtt_ms", "cloud_ms", "payload", "accuracy"):
+                for f in ANSWER_FIELDS:
                     out[f][s, j] = getattr(r, f)[s, j]
-    return Outcome(**{f: out[f] for f in fields}, fallback_rate=fallbacks / choice.size,
+    return Outcome(**{f: out[f] for f in FIELDS}, fallback_rate=fallbacks / choice.size,
                    race_rate=races_won / choice.size, ahead_sent_rate=ahead_sent / choice.size,
                    ahead_rate=ahead_won / choice.size), choice
 
@@ -224,7 +227,7 @@ def upload_ahead(out: dict, s: int, j: int, now: float, ob: Outcome, oa: Outcome
         lat = ob.latency_ms[s, j]
         p.observe_transfer(t0, t0 + tx_b, pb)
         p.observe_rtt(now + lat / 1e3, ob.rtt_ms[s, j])
-        for f in ("latency_ms", "device_ms", "tx_ms", "rtt_ms", "cloud_ms", "payload", "accuracy"):
+        for f in ANSWER_FIELDS:
             out[f][s, j] = getattr(ob, f)[s, j]
         out["energy_mj"][s, j] = ob.energy_mj[s, j] + (a_w - i_w) * min(head, lat - enc)
         return True

@@ -237,7 +237,7 @@ class Planner:
             if cb.method != "cloud-only-jpeg":
                 continue
             for a, ca in enumerate(cs):
-                if ca.offloads and ca.device_ms > cb.device_ms and a != b:
+                if ca.offloads and ca.device_ms > cb.device_ms:
                     e = mean(np.minimum(outs[b][0], cb.device_ms + outs[a][0]))
                     if best is None or e < best[2]:
                         best = (a, b, e)

@@ -210,8 +210,7 @@ def test_the_jpeg_ahead_answers_or_is_stopped_when_the_head_is_done(rate, jpeg_a
     ob, oa = (BM.run_fixed(st, trace, req, device) for st in (jpeg, merc))
     cb, ca = (Candidate(st.label, st.method, st.device_ms, 1.0, st.cloud_ms, st.top1) for st in (jpeg, merc))
     cb.payload_bytes, ca.payload_bytes = 16_000, 1_000
-    out = {f: np.zeros((1, 1)) for f in ("latency_ms", "device_ms", "tx_ms", "rtt_ms", "cloud_ms", "payload",
-                                          "energy_mj", "accuracy")}
+    out = {f: np.zeros((1, 1)) for f in BM.FIELDS}
     p = Planner([cb, ca])
     assert BM.upload_ahead(out, 0, 0, 1.0, ob, oa, cb, ca, trace, p, device) == jpeg_answers
     if jpeg_answers:        # 16 kB at 50 Mbps: sent in 2.6 ms, long before the 50 ms head is done
