@@ -74,8 +74,9 @@ def int8_heads(models: dict, x: torch.Tensor, images: str, tmp: Path) -> dict:
     return out
 
 
-def bench(source: str, keep_ratio: float, reps: int, tmp: Path, int8_images: str | None = None,
-          warm: int = 0) -> dict:
+def both_points(source: str, keep_ratio: float):
+    """The `block` and `attn` wrappers of one backbone at keep_ratio (the attn score proxy given
+    random values of a fitted one's size) and a random input batch of 1. -> block, attn, x."""
     block = mercury_from_any(source, keep_ratios=[keep_ratio])[0]
     cfg = copy.deepcopy(block.cfg)
     cfg.prune_point = "attn"
@@ -85,7 +86,13 @@ def bench(source: str, keep_ratio: float, reps: int, tmp: Path, int8_images: str
         for t in (attn.score_proxy.a, attn.score_proxy.b):
             t.copy_(torch.randn(t.shape, generator=g) * 0.05)
     h, w = block.backbone.patch_embed.img_size
-    x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
+    return block, attn, torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
+
+
+def bench(source: str, keep_ratio: float, reps: int, tmp: Path, int8_images: str | None = None,
+          warm: int = 0) -> dict:
+    block, attn, x = both_points(source, keep_ratio)
+    h = x.shape[2]
     files = {}
     for name, m in (("block", block), ("attn", attn)):
         files[name] = tmp / f"{name}.onnx"
