@@ -9,7 +9,8 @@ random order every round as process CPU time (export_latency.interleaved). Print
 ms of each and the median over rounds of codec/plain - 1 (the share the projection adds),
 with its range over 4 blocks of rounds. Target (issue 13): <= 3%.
 Codecs are fit on real images (CIFAR-10 train for the reference model; for DeiT-B, random
-weights, the imagenet-sample photos), and run on one real image.
+weights made trained-like by export_latency.trained_like, the imagenet-sample photos), and run
+on one real image.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from export_latency import interleaved, paired  # noqa: E402
+from export_latency import interleaved, paired, trained_like  # noqa: E402
 
 from mercury_onnx.export import graphs as G  # noqa: E402
 from mercury_onnx.export.convert import export_onnx  # noqa: E402
@@ -59,6 +60,7 @@ def images_for(m, n: int, offset: int = 0) -> np.ndarray:
 def bench(source: str, keep: float, name: str, reps: int, tmp: Path) -> dict:
     torch.manual_seed(0)
     (m,) = mercury_from_any(source, keep_ratios=[keep])
+    trained_like(m)
     fit = torch.from_numpy(images_for(m, 250 if m.num_patches > 64 else 1000))
     with torch.no_grad():
         outs = [m.forward_head(fit[s: s + 50]) for s in range(0, len(fit), 50)]

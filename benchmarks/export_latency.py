@@ -8,8 +8,9 @@ The graphs being compared are timed interleaved (a round of A, B, C, ..., in a n
 each round) at batch 1 with one thread, as process CPU time (time.process_time): the machine
 is shared, and wall time would count the time other processes hold the cores. Medians are
 reported; the pruning and the tail ratio are paired round by round (see `paired`).
-Random weights for the 224 models (latency does not depend on them); the reference model is
-../shared/models/deit_tiny_patch4_32_cifar10.json.
+Random weights for the 224 models (latency does not depend on their values), made trained-like
+(`trained_like`: non-zero biases, so the graph has the ops a trained checkpoint's has); the
+reference model is ../shared/models/deit_tiny_patch4_32_cifar10.json.
 Targets: head ONNX <= 0.85x torch eager; pruning <= 3% of the head; tail <= 1.02x vanilla tail.
 The pruning's kernels are counted in onnxruntime's optimised graphs (head minus head without
 pruning); --profile adds onnxruntime's per-kernel profile of the head's pruning kernels.
@@ -41,6 +42,24 @@ from mercury_onnx.models.checkpoint import mercury_from_any  # noqa: E402
 REF = ROOT.parent / "shared" / "models" / "deit_tiny_patch4_32_cifar10.json"
 KEEP_FROM = "<!-- kept on rerun: hand-written notes below -->"
 DEFAULT_MODELS = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224", str(REF)]
+
+
+def trained_like(mercury, seed: int = 0) -> None:
+    """In place: small random values for every bias and norm affine of a randomly initialised
+    backbone, as training leaves them. timm initialises each bias to 0 and each norm to weight 1,
+    bias 0, and the exporter drops an add of zeros: such a head has no bias adds (a Linear becomes
+    a bare MatMul where a trained checkpoint's is a Gemm or MatMul + Add), a graph no trained model
+    exports, and it timed faster than the trained-like one (docs/results/prune_point.md). Backbones
+    loaded from a checkpoint or the hub are left as they are."""
+    if mercury.cfg.checkpoint is not None or mercury.cfg.pretrained:
+        return
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in mercury.backbone.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+            elif "norm" in name and name.endswith(".weight"):
+                p.copy_(1 + 0.02 * torch.randn(p.shape, generator=g))
 
 
 class HeadNoPrune(nn.Module):
@@ -151,6 +170,7 @@ def profile_kernels(path: Path, x, names: set[str], threads: int, runs: int = 20
 def bench_model(source: str, keep_ratio: float, reps: int, head_reps: int, threads: int, tmp: Path,
                 profile: bool = False) -> dict:
     m = mercury_from_any(source, keep_ratios=[keep_ratio])[0]
+    trained_like(m)
     h, w = m.backbone.patch_embed.img_size
     x = torch.randn(1, 3, h, w)
     with torch.no_grad():
@@ -217,8 +237,6 @@ def table(rows: list[dict]) -> dict:
 
 
 def to_markdown(rows: list[dict], args, cmd: str) -> str:
-    ms = lambda s: f"{1e3 * s:.2f}"   # noqa: E731
-    ok = lambda v, t: "yes" if v <= t else "**no**"   # noqa: E731
     lines = [
         "# Export latency (issue 4)", "",
         f"Command: `{cmd}`  ",
@@ -230,7 +248,7 @@ def to_markdown(rows: list[dict], args, cmd: str) -> str:
         "over rounds of the same-round ratio (paired: the machine's slow drifts cancel); in brackets the "
         "range of that median over 4 consecutive blocks of rounds. "
         "All figures measured; "
-        "224 models have random weights (latency does not depend on them).", "",
+        "224 models have random weights, trained-like (non-zero biases: the graph a trained checkpoint exports).", "",
     ]
     t = table(rows)
     lines += ["| " + " | ".join(t["columns"]) + " |", "|" + "|".join(["---"] * len(t["columns"])) + "|"]

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from export_latency import HeadNoPrune, interleaved, paired  # noqa: E402
+from export_latency import HeadNoPrune, interleaved, paired, trained_like  # noqa: E402
 
 from mercury_onnx.export import graphs as G  # noqa: E402
 from mercury_onnx.export.convert import export_onnx  # noqa: E402
@@ -42,6 +42,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     m = mercury_from_any(args.model, keep_ratios=[args.keep_ratio])[0]
+    trained_like(m)
     h, w = m.backbone.patch_embed.img_size
     x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
     tmp = Path(tempfile.mkdtemp())

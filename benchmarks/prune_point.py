@@ -17,8 +17,10 @@ round) and times the last K - 1: the head finds its own weights in cache, as whe
 one head over and over on a CPU whose cache holds them (not a Pi 4's 1 MB L2). Without it each
 round runs each head once, so it starts with the other head's weights in cache: the cold case,
 on which the target is read.
-Random weights for the 224 models (latency does not depend on them; the attn head's score
-proxy too, at the default width, random values); the reference model is
+Random weights for the 224 models (latency does not depend on their values), made trained-like
+by export_latency.trained_like (non-zero biases: zero ones drop out of the export, a graph no
+trained checkpoint has); the attn head's score proxy, at the default width, gets random values
+too (all four of its tensors); the reference model is
 ../shared/models/deit_tiny_patch4_32_cifar10.json.
 """
 from __future__ import annotations
@@ -40,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from export_latency import DEFAULT_MODELS, interleaved, paired  # noqa: E402
+from export_latency import DEFAULT_MODELS, interleaved, paired, profile_kernels, trained_like  # noqa: E402
 
 from mercury_onnx.export import graphs as G  # noqa: E402
 from mercury_onnx.export.convert import export_onnx  # noqa: E402
@@ -52,6 +54,57 @@ from mercury_onnx.models.checkpoint import mercury_from_any  # noqa: E402
 from mercury_onnx.models.flops import head_flops_at  # noqa: E402
 
 TARGET = 0.65
+PARTS = ("embedding", "attention", "MLP", "score proxy", "selection, glue")
+PART_KEYS = (("score proxy", ("score_proxy",)), ("MLP", ("/mlp/", "norm2")), ("attention", ("/attn/", "norm1")),
+             ("embedding", ("patch_embed",)))
+
+
+def _named_part(names) -> str | None:
+    s = " ".join(names)
+    return next((part for part, keys in PART_KEYS if any(k in s for k in keys)), None)
+
+
+def kernel_parts(path: Path) -> dict[str, str]:
+    """{kernel: part of the head (PARTS)} for onnxruntime's optimised graph of `path`, by the
+    names the exporter gave each node and its outputs (timm's module paths). A node onnxruntime
+    made itself (a fusion, a layout change: a name without '/') takes its outputs' part or else
+    that of the nodes around it; a residual add goes with its branch. What names no part is
+    "selection, glue": the pruning (scores, selection, gather), the CLS concat and position add,
+    shape glue."""
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.log_severity_level = 1, 3
+    so.optimized_model_filepath = str(path.with_suffix(".opt.onnx"))
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    nodes = onnx.load(so.optimized_model_filepath).graph.node
+    part = {n.name: _named_part([n.name, *n.output]) for n in nodes}
+    made = [n for n in nodes if not n.name.startswith("/") and part[n.name] is None]
+    producer = {o: n.name for n in nodes for o in n.output}
+    consumers = {}
+    for n in nodes:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.name)
+    for _ in range(len(made)):                  # spread along chains of onnxruntime-made nodes
+        for n in made:
+            if part[n.name] is None:
+                near = [c for o in n.output for c in consumers.get(o, [])] + [producer[i] for i in n.input if i in producer]
+                part[n.name] = next((part[k] for k in near if part[k] is not None), None)
+    for n in nodes:                             # a residual add x + f(x) goes with f
+        if part[n.name] is None and n.op_type == "Add" and n.input[1] in producer:
+            part[n.name] = part[producer[n.input[1]]]
+    return {k: v or "selection, glue" for k, v in part.items()}
+
+
+def head_parts(path: Path, x, runs: int = 200) -> dict[str, float]:
+    """onnxruntime's profile of `path` (runs back to back: warm), the medians of its kernels
+    summed by part of the head (kernel_parts) -> {part: us}, and "total"."""
+    parts = kernel_parts(path)
+    out = dict.fromkeys(PARTS, 0.0)
+    for name, _, us in profile_kernels(path, x, set(parts), 1, runs):
+        out[parts[name]] += us
+    return {**{k: round(v, 1) for k, v in out.items()}, "total": round(sum(out.values()), 1)}
 
 
 def int8_heads(models: dict, x: torch.Tensor, images: str, tmp: Path) -> dict:
@@ -75,22 +128,25 @@ def int8_heads(models: dict, x: torch.Tensor, images: str, tmp: Path) -> dict:
 
 
 def both_points(source: str, keep_ratio: float):
-    """The `block` and `attn` wrappers of one backbone at keep_ratio (the attn score proxy given
-    random values of a fitted one's size) and a random input batch of 1. -> block, attn, x."""
+    """The `block` and `attn` wrappers of one backbone at keep_ratio (a random backbone made
+    trained-like; the attn score proxy given random values of a fitted one's size) and a random
+    input batch of 1. -> block, attn, x."""
     block = mercury_from_any(source, keep_ratios=[keep_ratio])[0]
+    trained_like(block)
     cfg = copy.deepcopy(block.cfg)
     cfg.prune_point = "attn"
     attn = build_mercury(cfg, block.backbone)
     if attn.score_proxy is not None:   # unfitted it is zeros; time it with real-looking values
         g = torch.Generator().manual_seed(1)
-        for t in (attn.score_proxy.a, attn.score_proxy.b):
-            t.copy_(torch.randn(t.shape, generator=g) * 0.05)
+        for t in attn.score_proxy.buffers():   # its biases too: a fitted proxy's are not 0
+            if t.is_floating_point():
+                t.copy_(torch.randn(t.shape, generator=g) * 0.05)
     h, w = block.backbone.patch_embed.img_size
     return block, attn, torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
 
 
 def bench(source: str, keep_ratio: float, reps: int, tmp: Path, int8_images: str | None = None,
-          warm: int = 0) -> dict:
+          warm: int = 0, profile: bool = False) -> dict:
     block, attn, x = both_points(source, keep_ratio)
     h = x.shape[2]
     files = {}
@@ -103,11 +159,13 @@ def bench(source: str, keep_ratio: float, reps: int, tmp: Path, int8_images: str
     times = interleaved(runs, reps, warmup=5, warm=warm)
     ratio, lo, hi = paired(times["attn"], times["block"], lambda a, b: a / b)
     fb, fa = head_flops_at(block, "block"), head_flops_at(block, "attn")
+    parts = {name: head_parts(f, x.numpy()) for name, f in files.items()} if profile else None
     return {"model": Path(source).stem, "img": h, "N": block.num_patches, "K": block.keep, "D": block.dim,
+            "P": block.backbone.num_prefix_tokens,
             "keep_ratio": keep_ratio, "rounds": reps,
             "block_ms": 1e3 * statistics.median(times["block"]), "attn_ms": 1e3 * statistics.median(times["attn"]),
             "attn_vs_block": ratio, "attn_vs_block_blocks": [lo, hi],
-            "block_gflops": fb / 1e9, "attn_gflops": fa / 1e9, "flop_ratio": fa / fb}
+            "block_gflops": fb / 1e9, "attn_gflops": fa / 1e9, "flop_ratio": fa / fb, "profile_us": parts}
 
 
 def main() -> None:
@@ -118,6 +176,8 @@ def main() -> None:
     ap.add_argument("--json", default=str(ROOT / "docs" / "results" / "prune_point_latency.json"))
     ap.add_argument("--warm", type=int, default=0, metavar="K", help="run each head K (>= 2) times back to back "
                     "per round and time the last K - 1 (warm caches); default: once per round (cold)")
+    ap.add_argument("--profile", action="store_true", help="add onnxruntime's kernel profile of both heads, "
+                    "summed by part of the head (patch embedding, attention, MLP, score proxy, the rest)")
     ap.add_argument("--int8", metavar="IMAGES", help="time the exporter's int8 (QDQ) heads instead of the fp32 "
                     "ones, calibrated on real images of this folder (e.g. ../shared/data/imagenet-sample)")
     args = ap.parse_args()
@@ -130,12 +190,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for src in args.models:
             for r in args.keep_ratio:
-                row = bench(src, r, args.reps, Path(tmp), args.int8, args.warm)
+                row = bench(src, r, args.reps, Path(tmp), args.int8, args.warm, args.profile)
                 rows.append(row)
                 lo, hi = row["attn_vs_block_blocks"]
                 print(f"{row['model']} keep {r:g} (K={row['K']}): block {row['block_ms']:.3f} ms, attn "
                       f"{row['attn_ms']:.3f} ms, attn/block {row['attn_vs_block']:.3f} (blocks {lo:.3f}-{hi:.3f}), "
                       f"FLOPs {row['attn_gflops']:.4f}/{row['block_gflops']:.4f} G = {row['flop_ratio']:.3f}", flush=True)
+                for name, p in (row["profile_us"] or {}).items():
+                    print(f"  {name} head profile (us): " + ", ".join(f"{k} {v:.0f}" for k, v in p.items()))
     out = {"command": "python benchmarks/prune_point.py " + " ".join(sys.argv[1:]),
            "machine": f"{os.cpu_count()}-core {platform.machine()} CPU, no GPU",
            "loadavg_start": load, "loadavg_end": os.getloadavg(), "minutes": round((time.time() - t0) / 60, 1),

@@ -45,8 +45,9 @@
 #                pair adds two calibrations and evals (run side by side: 38 min each, evals 5.5 min, eighth session);
 #                attn again at both seeds with the previous default proxy width 32 (--score-proxy-width 32)
 #                -> prune_point_accuracy_attn_w32{,_seed1}.json (two seeds side by side: 46-57 min, tenth session);
-#                warm-cache head latency -> prune_point_latency_warm.json, the fused attention kernel tried and not
-#                kept -> fused_attention.json
+#                warm-cache head latency -> prune_point_latency_warm.json, the heads' kernel time by part of the
+#                head -> prune_point_profile.json (~1 min), the fused attention kernel tried and not kept
+#                -> fused_attention.json
 #   codec        rate-accuracy on all 10,000 test images: the shipped calibration with codecs 8x4, 10x4,
 #                12x3, 12x4, 13x4, 16x3, 16x4, 16x6, 20x5, 24x4, e5 at keep 1.0 / 0.5 (/ 0.25) (codecs fit on 2,000 train
 #                images), and JPEG, WebP, AVIF of the test images -> docs/results/codec/rate_curve.{json,png};
@@ -206,6 +207,8 @@ section_prune_point() {
     --keep-ratio 0.25 0.5 --reps 300 --warm 4 --json "$RES/prune_point_latency_warm.json"   # warm caches (~2 min)
   $PY benchmarks/prune_point.py --models deit_base_patch16_224 deit_small_patch16_224 --keep-ratio 0.25 --reps 300 \
     --int8 "$SHARED/data/imagenet-sample" --json "$RES/prune_point_latency_int8.json"
+  $PY benchmarks/prune_point.py --models deit_base_patch16_224 deit_small_patch16_224 deit_tiny_patch16_224 "$REF" \
+    --keep-ratio 0.25 --reps 100 --profile --json "$RES/prune_point_profile.json"   # kernel time by part of the head
   $PY benchmarks/score_proxy_overlap.py --json "$RES/score_proxy_overlap.json"   # each proxy vs block's selection
   $PY benchmarks/fused_attention.py --json "$RES/fused_attention.json"   # tried, not kept (~1 min)
 }

@@ -192,6 +192,28 @@ def render_prune_point_latency(data: dict) -> str:
               + f"load average {la:.1f} at the start, {lb:.1f} at the end.\n")
 
 
+def render_prune_point_profile(data: dict) -> str:
+    """benchmarks/prune_point.py --profile --json: both heads' kernel time by part of the head."""
+    parts = list(data["rows"][0]["profile_us"]["block"])[:-1]
+    rows = []
+    for r in data["rows"]:
+        b, a = r["profile_us"]["block"], r["profile_us"]["attn"]
+        rows_share = (r["K"] + r.get("P", 1)) / (r["N"] + r.get("P", 1))
+        scaled = a["total"] - a["MLP"] + b["MLP"] * rows_share     # attn, its MLP at block's time per row
+        for name, p in (("block", b), ("attn", a)):
+            rows.append([f"{r['model']}, keep {r['keep_ratio']:g}" if name == "block" else "", f"`{name}`",
+                         *(f"{p[k] / 1e3:.2f}" for k in parts), f"{p['total'] / 1e3:.2f}",
+                         "" if name == "block" else f"{a['total'] / b['total']:.3f}",
+                         "" if name == "block" else f"{scaled / b['total']:.3f}",
+                         "" if name == "block" else f"{r['flop_ratio']:.3f}"])
+    return (_table(["model", "head", *(f"{k} ms" for k in parts), "total ms", "attn / block",
+                    "attn / block, its MLP at block's time per row", "FLOP ratio"],
+                   rows, ["---", "---"] + ["---:"] * (len(parts) + 4))
+            + f"\nonnxruntime {data['onnxruntime']} profile, 1 thread, batch 1: medians of each kernel over 200 runs back "
+              "to back (warm), summed by part of the head (benchmarks/prune_point.py kernel_parts; residual adds go "
+              "with their branch).\n")
+
+
 def render_score_proxy_overlap(data: dict) -> str:
     """benchmarks/score_proxy_overlap.py --json: each proxy's share of block's kept tokens."""
     labels = [k for k in data["rows"][0] if k not in ("keep_ratio", "K")]
@@ -472,6 +494,7 @@ def render_resize_rule(data: dict) -> str:
 RENDERERS = {"rows": render_rows, "accuracy": render_accuracy, "bench_speedup": render_bench_speedup,
              "bench_planner": render_bench_planner, "bench_top1": render_bench_top1,
              "prune_point_accuracy": render_prune_point_accuracy, "prune_point_latency": render_prune_point_latency,
+             "prune_point_profile": render_prune_point_profile,
              "prune_point_seeds": render_prune_point_seeds,
              "prune_point_band": render_prune_point_band,
              "prune_point_codec_band": render_prune_point_codec_band, "ray_rounds": render_ray_rounds, "score_proxy_overlap": render_score_proxy_overlap, "ray_cores": render_ray_cores, "codec": render_codec, "codec_inloop": render_codec_inloop,
