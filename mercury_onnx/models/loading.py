@@ -4,7 +4,10 @@ Three ways to get weights, as a user would expect from timm:
 - `checkpoint`: a local .safetensors / .pth(.tar) state dict (the reference checkpoint in
   ../shared/models/ is one);
 - `pretrained=True`: timm's hub download (needs network; fails with a clear message here);
-- neither: timm's random init (fine for latency work, say so in results).
+- neither: timm's random init (for latency work; say so in results). Its biases are all zero,
+  and the ONNX exporter drops an add of zeros, so its graph lacks the bias adds a trained
+  checkpoint's has; the latency benchmarks give them values first (benchmarks/export_latency.py
+  `trained_like`).
 """
 from __future__ import annotations
 
