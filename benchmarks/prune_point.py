@@ -107,6 +107,39 @@ def head_parts(path: Path, x, runs: int = 200) -> dict[str, float]:
     return {**{k: round(v, 1) for k, v in out.items()}, "total": round(sum(out.values()), 1)}
 
 
+def plot_profile(rows: list[dict], path: Path) -> None:
+    """Both heads of each row as horizontal bars of kernel time, stacked by part of the head,
+    each model's bars scaled to its block head (= 1): what the attn head saves is the MLP."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9.5, 0.8 + 0.55 * 2 * len(rows)))
+    labels, colours = [], dict(zip(PARTS, ("tab:gray", "tab:blue", "tab:orange", "tab:green", "tab:purple")))
+    for i, r in enumerate(rows):
+        full = r["profile_us"]["block"]["total"]
+        for j, name in enumerate(("block", "attn")):
+            y, left = -(2 * i + j) - 0.4 * i, 0.0
+            for part in PARTS:
+                w = r["profile_us"][name][part] / full
+                ax.barh(y, w, left=left, color=colours[part], label=part if i == 0 and j == 0 else None)
+                left += w
+            ax.text(left + 0.01, y, f"{left:.3f}" + (f"  (FLOPs {r['flop_ratio']:.3f})" if name == "attn" else ""),
+                    va="center", fontsize=7)
+            labels.append((y, f"{r['model'].replace('_patch16_224', '')} {name}"))
+    ax.set_yticks([y for y, _ in labels], [t for _, t in labels], fontsize=7)
+    ax.axvline(TARGET, color="k", ls=":", lw=1, label=f"target {TARGET:g}")
+    ax.set_xlim(0, 1.15)
+    ax.set_xlabel("kernel time, share of the block head's (onnxruntime profile, 1 thread)")
+    ax.set_title(f"Head kernel time by part, keep {rows[0]['keep_ratio']:g} (warm profile; the target is read "
+                 "on timed heads, cold)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def int8_heads(models: dict, x: torch.Tensor, images: str, tmp: Path) -> dict:
     """The exporter's QDQ int8 head (export/quantize.py: U8S8, 7-bit weights, per-channel or
     per-tensor scales, whichever agrees more with fp32) of each fp32 head in tmp, calibrated
@@ -178,11 +211,14 @@ def main() -> None:
                     "per round and time the last K - 1 (warm caches); default: once per round (cold)")
     ap.add_argument("--profile", action="store_true", help="add onnxruntime's kernel profile of both heads, "
                     "summed by part of the head (patch embedding, attention, MLP, score proxy, the rest)")
+    ap.add_argument("--plot", metavar="PNG", help="with --profile: draw it (stacked bars, each model's block head = 1)")
     ap.add_argument("--int8", metavar="IMAGES", help="time the exporter's int8 (QDQ) heads instead of the fp32 "
                     "ones, calibrated on real images of this folder (e.g. ../shared/data/imagenet-sample)")
     args = ap.parse_args()
     if args.warm == 1 or args.warm < 0:
         ap.error("--warm K needs K >= 2 (one call to warm up, the rest timed)")
+    if args.plot and not args.profile:
+        ap.error("--plot draws the profile: add --profile")
     torch.set_num_threads(1)
     load = os.getloadavg()
     t0 = time.time()
@@ -209,6 +245,9 @@ def main() -> None:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))
         print(f"wrote {args.json}")
+    if args.plot:
+        plot_profile(rows, Path(args.plot))
+        print(f"wrote {args.plot}")
 
 
 if __name__ == "__main__":

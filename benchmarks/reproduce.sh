@@ -46,7 +46,7 @@
 #                attn again at both seeds with the previous default proxy width 32 (--score-proxy-width 32)
 #                -> prune_point_accuracy_attn_w32{,_seed1}.json (two seeds side by side: 46-57 min, tenth session);
 #                warm-cache head latency -> prune_point_latency_warm.json, the heads' kernel time by part of the
-#                head -> prune_point_profile.json (~1 min), the fused attention kernel tried and not kept
+#                head -> prune_point_profile.{json,png} (~1 min), the fused attention kernel tried and not kept
 #                -> fused_attention.json
 #   codec        rate-accuracy on all 10,000 test images: the shipped calibration with codecs 8x4, 10x4,
 #                12x3, 12x4, 13x4, 16x3, 16x4, 16x6, 20x5, 24x4, e5 at keep 1.0 / 0.5 (/ 0.25) (codecs fit on 2,000 train
@@ -208,7 +208,8 @@ section_prune_point() {
   $PY benchmarks/prune_point.py --models deit_base_patch16_224 deit_small_patch16_224 --keep-ratio 0.25 --reps 300 \
     --int8 "$SHARED/data/imagenet-sample" --json "$RES/prune_point_latency_int8.json"
   $PY benchmarks/prune_point.py --models deit_base_patch16_224 deit_small_patch16_224 deit_tiny_patch16_224 "$REF" \
-    --keep-ratio 0.25 --reps 100 --profile --json "$RES/prune_point_profile.json"   # kernel time by part of the head
+    --keep-ratio 0.25 --reps 100 --profile --json "$RES/prune_point_profile.json" \
+    --plot "$RES/prune_point_profile.png"   # kernel time by part of the head
   $PY benchmarks/score_proxy_overlap.py --json "$RES/score_proxy_overlap.json"   # each proxy vs block's selection
   $PY benchmarks/fused_attention.py --json "$RES/fused_attention.json"   # tried, not kept (~1 min)
 }
