@@ -125,9 +125,9 @@ def paired(a: list[float], b: list[float], fn, blocks: int = 4) -> tuple[float, 
     return statistics.median(vals), min(per_block), max(per_block)
 
 
-def pruning_kernels(path: Path, threads: int) -> list[str]:
-    """Names of the kernels onnxruntime runs for the head's pruning: the nodes of its optimised
-    graph that the block output (the tensor the kept tokens are gathered from) does not need."""
+def optimised_nodes(path: Path, threads: int = 1):
+    """The nodes of onnxruntime's optimised graph of `path` (its kernels, by name), in execution
+    order; the graph is written beside it as .opt.onnx."""
     import onnx
     import onnxruntime as ort
 
@@ -135,7 +135,13 @@ def pruning_kernels(path: Path, threads: int) -> list[str]:
     so.intra_op_num_threads, so.log_severity_level = threads, 3
     so.optimized_model_filepath = str(path.with_suffix(".opt.onnx"))
     ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    nodes = onnx.load(so.optimized_model_filepath).graph.node
+    return onnx.load(so.optimized_model_filepath).graph.node
+
+
+def pruning_kernels(path: Path, threads: int) -> list[str]:
+    """Names of the kernels onnxruntime runs for the head's pruning: the nodes of its optimised
+    graph that the block output (the tensor the kept tokens are gathered from) does not need."""
+    nodes = optimised_nodes(path, threads)
     producer = {o: n for n in nodes for o in n.output}
     gather = producer["tokens"]
     assert gather.op_type.startswith("Gather"), f"tokens come from {gather.op_type}, not a gather"

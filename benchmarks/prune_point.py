@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from export_latency import DEFAULT_MODELS, interleaved, paired, profile_kernels, trained_like  # noqa: E402
+from export_latency import (DEFAULT_MODELS, interleaved, optimised_nodes, paired, profile_kernels,  # noqa: E402
+                            trained_like)
 
 from mercury_onnx.export import graphs as G  # noqa: E402
 from mercury_onnx.export.convert import export_onnx  # noqa: E402
@@ -71,14 +72,7 @@ def kernel_parts(path: Path) -> dict[str, str]:
     that of the nodes around it; a residual add goes with its branch. What names no part is
     "selection, glue": the pruning (scores, selection, gather), the CLS concat and position add,
     shape glue."""
-    import onnx
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.log_severity_level = 1, 3
-    so.optimized_model_filepath = str(path.with_suffix(".opt.onnx"))
-    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    nodes = onnx.load(so.optimized_model_filepath).graph.node
+    nodes = optimised_nodes(path)
     part = {n.name: _named_part([n.name, *n.output]) for n in nodes}
     made = [n for n in nodes if not n.name.startswith("/") and part[n.name] is None]
     producer = {o: n.name for n in nodes for o in n.output}

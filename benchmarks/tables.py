@@ -198,14 +198,13 @@ def render_prune_point_profile(data: dict) -> str:
     rows = []
     for r in data["rows"]:
         b, a = r["profile_us"]["block"], r["profile_us"]["attn"]
-        rows_share = (r["K"] + r.get("P", 1)) / (r["N"] + r.get("P", 1))
-        scaled = a["total"] - a["MLP"] + b["MLP"] * rows_share     # attn, its MLP at block's time per row
+        mlp_rows = (r["K"] + r["P"]) / (r["N"] + r["P"])           # the attn MLP's rows / the block MLP's
+        scaled = a["total"] - a["MLP"] + b["MLP"] * mlp_rows        # attn, its MLP at block's time per row
+        ratios = [f"{a['total'] / b['total']:.3f}", f"{scaled / b['total']:.3f}", f"{r['flop_ratio']:.3f}"]
         for name, p in (("block", b), ("attn", a)):
             rows.append([f"{r['model']}, keep {r['keep_ratio']:g}" if name == "block" else "", f"`{name}`",
                          *(f"{p[k] / 1e3:.2f}" for k in parts), f"{p['total'] / 1e3:.2f}",
-                         "" if name == "block" else f"{a['total'] / b['total']:.3f}",
-                         "" if name == "block" else f"{scaled / b['total']:.3f}",
-                         "" if name == "block" else f"{r['flop_ratio']:.3f}"])
+                         *(["", "", ""] if name == "block" else ratios)])
     return (_table(["model", "head", *(f"{k} ms" for k in parts), "total ms", "attn / block",
                     "attn / block, its MLP at block's time per row", "FLOP ratio"],
                    rows, ["---", "---"] + ["---:"] * (len(parts) + 4))

@@ -9,6 +9,7 @@ from collections import Counter
 
 import onnx
 import pytest
+import torch
 
 from .conftest import ROOT
 
@@ -76,7 +77,7 @@ def test_trained_like_keeps_the_bias_adds(tmp_path):
         m = mercury_from_any("deit_tiny_patch16_224", keep_ratios=[0.25])[0]
         if kind == "trained-like":
             trained_like(m)
-        x = prune_point.torch.randn(1, 3, 224, 224)
+        x = torch.randn(1, 3, 224, 224)
         export_onnx(G.HeadGraph(m), (x,), tmp_path / "h.onnx", ["images"], ["tokens", "indices"])
         ops[kind] = Counter(n.op_type for n in onnx.load(tmp_path / "h.onnx").graph.node)
     assert ops["timm init"]["Gemm"] < ops["trained-like"]["Gemm"]      # qkv, proj, fc1, fc2 keep their bias
